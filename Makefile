@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install
+# the CPU build of PyTorch first (a plain `pip install torch` would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint clean
+
+$(VENV)/.stamp-run: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-run
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.stamp-run
+	$(VENV)/bin/torchslim demo
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) torchslim-demo .pytest_cache

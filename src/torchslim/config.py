@@ -1,0 +1,173 @@
+"""Base class for method configs: frozen dataclasses validated on construction.
+
+Each compression method has one config class (``IntQuant``, ``MagnitudePruning``, ``KD`` ...)
+registered by name so recipes and ``.slim`` manifests can round-trip it with
+``to_dict``/``from_dict``. Validation errors name the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar, TypeVar
+
+from torchslim.errors import ConfigError
+
+_CONFIGS: dict[str, type[Config]] = {}
+
+C = TypeVar("C", bound="type[Config]")
+
+
+def register_config(name: str):
+    """Class decorator: register a config class under ``name`` for ``Config.from_dict``.
+
+    Args:
+        name: the ``type`` string used in dicts, recipes and manifests.
+
+    Returns:
+        The decorator, which returns the class unchanged apart from ``config_name``.
+
+    Raises:
+        ValueError: if ``name`` is already taken by another class.
+    """
+
+    def decorate(cls):
+        if name in _CONFIGS and _CONFIGS[name] is not cls:
+            raise ValueError(f"config name {name!r} is already registered by {_CONFIGS[name].__name__}")
+        cls.config_name = name
+        _CONFIGS[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_configs() -> dict[str, type[Config]]:
+    """Return a copy of the name -> config class registry."""
+    return dict(_CONFIGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base for all method configs. Subclasses override :meth:`validate`."""
+
+    config_name: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+
+    def fail(self, field: str, value: Any, allowed: str) -> ConfigError:
+        """Build the standard error for ``field`` (the caller raises it)."""
+        return ConfigError(f"{type(self).__name__}.{field} = {value!r} is invalid: expected {allowed}")
+
+    # --- validators -------------------------------------------------------------------------
+    def check_int(self, field: str, lo: int | None = None, hi: int | None = None) -> None:
+        """Require an int (not bool) in ``[lo, hi]`` (either bound optional)."""
+        value = getattr(self, field)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            raise self.fail(field, value, _describe_range("an integer", lo, hi, True, True))
+
+    def check_float(
+        self,
+        field: str,
+        lo: float | None = None,
+        hi: float | None = None,
+        *,
+        lo_inclusive: bool = True,
+        hi_inclusive: bool = True,
+    ) -> None:
+        """Require a finite real number within the given bounds."""
+        value = getattr(self, field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and lo is not None:
+            ok = value >= lo if lo_inclusive else value > lo
+        if ok and hi is not None:
+            ok = value <= hi if hi_inclusive else value < hi
+        if not ok:
+            raise self.fail(field, value, _describe_range("a number", lo, hi, lo_inclusive, hi_inclusive))
+
+    def check_choice(self, field: str, choices: Iterable[Any]) -> None:
+        """Require the field's value to be one of ``choices``."""
+        choices = tuple(choices)
+        value = getattr(self, field)
+        if value not in choices:
+            raise self.fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON/YAML-safe dict with a ``type`` key; inverse of :meth:`from_dict`."""
+        out: dict[str, Any] = {"type": self.config_name}
+        for f in dataclasses.fields(self):
+            out[f.name] = _to_plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build a config from a dict made by :meth:`to_dict` (or written in a recipe).
+
+        Args:
+            data: mapping with the field values; ``type`` picks the class when called on
+                ``Config`` itself and must match the class otherwise.
+
+        Returns:
+            A validated config instance.
+
+        Raises:
+            ConfigError: unknown ``type``, unknown field, or an invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}: {data!r}")
+        data = dict(data)
+        name = data.pop("type", None)
+        target = cls
+        if cls is Config:
+            if name not in _CONFIGS:
+                raise ConfigError(
+                    f"config type = {name!r} is invalid: expected one of {', '.join(sorted(_CONFIGS))}"
+                )
+            target = _CONFIGS[name]
+        elif name is not None and name != cls.config_name:
+            raise ConfigError(f"config type = {name!r} is invalid: expected {cls.config_name!r}")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{target.__name__}.{unknown[0]} is not a field: expected one of {', '.join(sorted(fields))}"
+            )
+        kwargs = {}
+        for key, value in data.items():
+            default = fields[key].default
+            # YAML/JSON give lists where the dataclass uses tuples.
+            if isinstance(value, list) and isinstance(default, tuple):
+                value = tuple(value)
+            kwargs[key] = value
+        return target(**kwargs)
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _describe_range(kind: str, lo, hi, lo_inclusive: bool, hi_inclusive: bool) -> str:
+    if lo is None and hi is None:
+        return kind
+    if hi is None:
+        return f"{kind} {'>=' if lo_inclusive else '>'} {lo}"
+    if lo is None:
+        return f"{kind} {'<=' if hi_inclusive else '<'} {hi}"
+    return f"{kind} in {'[' if lo_inclusive else '('}{lo}, {hi}{']' if hi_inclusive else ')'}"
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    return value
