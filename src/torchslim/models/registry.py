@@ -49,7 +49,12 @@ def list_models() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_MODELS.items())}
 
 
-def _resolve(spec: str, trust: bool) -> tuple[Callable[..., nn.Module], str]:
+def resolve_factory(spec: str, trust: bool) -> tuple[Callable[..., nn.Module], str]:
+    """Find the factory for ``spec``; returns it with its full name (``torchslim.models:lenet5``).
+
+    Raises:
+        ModelError: unknown name, untrusted ``module:callable``, or nothing callable there.
+    """
     name = spec[len(BUILTIN_PREFIX):] if spec.startswith(BUILTIN_PREFIX) else spec
     if name in _MODELS:
         return _MODELS[name][0], BUILTIN_PREFIX + name
@@ -86,7 +91,7 @@ def create_model(spec: str, *, trust_factory: bool = True, **kwargs: Any) -> nn.
     Raises:
         ModelError: unknown name, untrusted or missing factory, or the factory failed.
     """
-    factory, full_name = _resolve(spec, trust_factory)
+    factory, full_name = resolve_factory(spec, trust_factory)
     try:
         model = factory(**kwargs)
     except TypeError as exc:

@@ -1,0 +1,69 @@
+"""torchslim: compress and accelerate PyTorch models, and prove it with measurements.
+
+The public API is re-exported here lazily (PEP 562), so ``import torchslim`` stays cheap and never
+imports optional runtimes (onnxruntime, transformers, triton).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from torchslim._version import __version__
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Config": "torchslim.config",
+    "register_config": "torchslim.config",
+    "TorchSlimError": "torchslim.errors",
+    "ConfigError": "torchslim.errors",
+    "DataError": "torchslim.errors",
+    "ModelError": "torchslim.errors",
+    "ArtifactError": "torchslim.errors",
+    "MissingDependencyError": "torchslim.errors",
+    "load_data": "torchslim.data",
+    "DataSplits": "torchslim.data",
+    "create_model": "torchslim.models",
+    "list_models": "torchslim.models",
+    "register_model": "torchslim.models",
+    "TrainConfig": "torchslim.train",
+    "train": "torchslim.train",
+    "evaluate": "torchslim.train",
+    "save": "torchslim.artifact",
+    "load": "torchslim.artifact",
+    "read_manifest": "torchslim.artifact",
+    "measure": "torchslim.measure",
+    "Measurement": "torchslim.measure",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchslim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from torchslim.artifact import load, read_manifest, save  # noqa: F401
+    from torchslim.config import Config, register_config  # noqa: F401
+    from torchslim.data import DataSplits, load_data  # noqa: F401
+    from torchslim.errors import (  # noqa: F401
+        ArtifactError,
+        ConfigError,
+        DataError,
+        MissingDependencyError,
+        ModelError,
+        TorchSlimError,
+    )
+    from torchslim.measure import Measurement, measure  # noqa: F401
+    from torchslim.models import create_model, list_models, register_model  # noqa: F401
+    from torchslim.train import TrainConfig, evaluate, train  # noqa: F401

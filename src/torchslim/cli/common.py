@@ -1,0 +1,54 @@
+"""Helpers shared by the CLI commands: console, JSON output, tables, option parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from torchslim.errors import ConfigError
+
+
+def console() -> Console:
+    """A Rich console on stdout (plain text when stdout is not a terminal)."""
+    return Console(soft_wrap=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout, nothing else (for scripts)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def parse_int_list(option: str, text: str) -> tuple[int, ...]:
+    """Parse ``"1,32"`` into ``(1, 32)``.
+
+    Args:
+        option: the option name, for the error message (``--batch-sizes``).
+        text: comma-separated positive integers.
+
+    Returns:
+        The integers in order.
+
+    Raises:
+        ConfigError: if an item is not a positive integer.
+    """
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise ConfigError(f"{option} = {text!r} is invalid: expected comma-separated positive integers, e.g. 1,32")
+        values.append(int(item))
+    return tuple(values)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """Build a Rich table with right-aligned columns after the first."""
+    result = Table(title=title, title_justify="left")
+    for index, name in enumerate(columns):
+        result.add_column(name, justify="left" if index == 0 else "right")
+    for row in rows:
+        result.add_row(*[str(cell) for cell in row])
+    return result

@@ -1,0 +1,93 @@
+"""Entry point of the ``torchslim`` command: the Typer app and the error policy.
+
+User errors (bad flags, bad values, missing or corrupted files) print one line ``error: ...`` on
+stderr and exit with code 2; ``--verbose`` adds the traceback. Bugs still show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+import typer
+
+from torchslim._version import __version__
+from torchslim.cli import inspect_cmd, models_cmd, run_cmd
+from torchslim.errors import TorchSlimError
+
+app = typer.Typer(
+    name="torchslim",
+    help="Compress and accelerate PyTorch models; every claim measured on the real artifact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (TorchSlimError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"torchslim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """torchslim: quantization, pruning and distillation with measured results."""
+
+
+app.command("demo")(run_cmd.demo)
+app.command("train")(run_cmd.train)
+app.command("eval")(inspect_cmd.eval_)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("models")(models_cmd.models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn user errors into a one-line message with exit code 2.
+
+    Args:
+        argv: arguments without the program name (defaults to ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code (also used by ``sys.exit`` when run as a script).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or "-v" in args
+    try:
+        result = app(args=args, prog_name="torchslim", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except USER_ERRORS as exc:
+        if verbose:
+            traceback.print_exc()
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)) and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -1,0 +1,1 @@
+"""Multi-stage jobs: the demo now; recipes and the budget planner build on it."""
