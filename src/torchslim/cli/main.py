@@ -35,7 +35,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors (anywhere on the line)."),
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         The process exit code (also used by ``sys.exit`` when run as a script).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in args or "-v" in args
+    # --verbose is accepted anywhere on the line (before or after the command name).
+    verbose = any(a in ("--verbose", "-v") for a in args)
+    args = [a for a in args if a not in ("--verbose", "-v")]
     try:
         result = app(args=args, prog_name="torchslim", standalone_mode=False)
     except click.ClickException as exc:
