@@ -113,7 +113,9 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor | 
         elif isinstance(batch, (tuple, list)) and batch:
             yield batch[0], (batch[1] if len(batch) > 1 else None)
         else:
-            raise DataError(f"a batch must be a tensor or an (inputs, targets) pair, got {type(batch).__name__}")
+            raise DataError(
+                f"a batch must be a tensor or an (inputs, targets) pair, got {type(batch).__name__}"
+            )
 
 
 def first_input(data: Any) -> Tensor | None:

@@ -66,7 +66,9 @@ def fidelity(model: nn.Module, reference: nn.Module, inputs_or_dataset: Any, bat
             out = logits(model(inputs.to(device))).float().cpu()
             ref = logits(reference(inputs.to(ref_device))).float().cpu()
             if out.shape != ref.shape:
-                raise DataError(f"fidelity: model output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+                raise DataError(
+                    f"fidelity: model output shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+                )
             agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
             cos = F.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1)
             cosine_sum += float(cos.clamp(-1.0, 1.0).sum())

@@ -65,7 +65,9 @@ def parameter_stats(model: nn.Module) -> dict[str, int]:
 
 def _checked_stats(stats: object, name: str) -> dict[str, int]:
     if not isinstance(stats, dict) or any(key not in stats for key in _STAT_KEYS):
-        raise ModelError(f"{name}.slim_stats() returned {stats!r}: expected a dict with keys {', '.join(_STAT_KEYS)}")
+        raise ModelError(
+            f"{name}.slim_stats() returned {stats!r}: expected a dict with keys {', '.join(_STAT_KEYS)}"
+        )
     out = {key: int(stats[key]) for key in _STAT_KEYS}
     if any(value < 0 for value in out.values()):
         raise ModelError(f"{name}.slim_stats() returned negative counts: {out}")

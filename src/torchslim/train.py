@@ -1,0 +1,656 @@
+"""THE training loop: train, fine-tune after pruning, QAT and distillation all run through :func:`train`.
+
+One loop, with the pieces every stage needs: validated inputs (empty data, labels outside the model's
+outputs and NaN/Inf inputs fail before any work), a ``loss_fn`` hook (distillation plugs its teacher in
+there), per-epoch evaluation, a Rich progress bar on interactive terminals, and atomic checkpoints that
+resume bit-for-bit: a run killed at any step and resumed gives the same parameters as one that was never
+interrupted (same seed, CPU).
+
+Determinism: ``torch.manual_seed(config.seed)`` at the start; the shuffle order of epoch ``e`` comes from
+its own generator seeded with ``seed * 1000003 + e``, so a resumed run regenerates the order and skips
+the steps already done; the global torch RNG (dropout) is saved in the checkpoint and restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
+
+from torchslim.config import Config, register_config
+from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
+from torchslim.fileio import atomic_path
+
+__all__ = [
+    "RECOMMENDED",
+    "LossFn",
+    "TrainConfig",
+    "TrainResult",
+    "default_loss",
+    "evaluate",
+    "recommended_config",
+    "set_seed",
+    "train",
+]
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_SHUFFLE_MULTIPLIER = 1000003
+# Config fields that may differ between a checkpoint and the run resuming it (they do not change the
+# math of the steps already taken): epochs may grow, checkpoints may be written more or less often.
+_RESUMABLE_CHANGES = ("epochs", "checkpoint_every")
+
+
+@register_config("train")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Settings of :func:`train`.
+
+    Attributes:
+        epochs: passes over the training data (>= 1).
+        batch_size: samples per optimizer step (>= 1); the last batch of an epoch may be smaller.
+        lr: learning rate (> 0).
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum in [0, 1) (ignored by Adam/AdamW).
+        weight_decay: L2 (Adam, SGD) or decoupled (AdamW) weight decay (>= 0).
+        scheduler: ``"none"``, ``"cosine"`` (to 0 over ``epochs``) or ``"step"`` (times ``gamma`` every
+            ``step_size`` epochs); both step once per epoch.
+        step_size: epochs between ``"step"`` decays (>= 1).
+        gamma: ``"step"`` decay factor in (0, 1].
+        seed: seed of the torch RNG and of the per-epoch shuffle order (>= 0).
+        checkpoint_every: write a checkpoint every this many optimizer steps (>= 0); 0 writes one only at
+            each epoch end. Only used when ``train`` gets a ``checkpoint_path``.
+        max_grad_norm: clip the global gradient norm to this value (> 0), or None for no clipping.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    step_size: int = 10
+    gamma: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = None
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        self.check_int("epochs", 1)
+        self.check_int("batch_size", 1)
+        self.check_float("lr", 0, lo_inclusive=False)
+        self.check_choice("optimizer", ("adam", "adamw", "sgd"))
+        self.check_float("momentum", 0, 1, hi_inclusive=False)
+        self.check_float("weight_decay", 0)
+        self.check_choice("scheduler", ("none", "cosine", "step"))
+        self.check_int("step_size", 1)
+        self.check_float("gamma", 0, 1, lo_inclusive=False)
+        self.check_int("seed", 0)
+        self.check_int("checkpoint_every", 0)
+        if self.max_grad_norm is not None:
+            self.check_float("max_grad_norm", 0, lo_inclusive=False)
+
+
+# Settings used by ``torchslim train`` for the reference models on the embedded digits data (1437 train
+# images, 28x28). Measured on 2 CPU cores; see tests/test_train.py for the accuracy each one reaches.
+RECOMMENDED: dict[str, TrainConfig] = {
+    "lenet5": TrainConfig(epochs=12, batch_size=64, lr=1e-3, optimizer="adam", scheduler="cosine"),
+    "lenet300": TrainConfig(epochs=15, batch_size=64, lr=1e-3, optimizer="adam", scheduler="cosine"),
+    "resnet": TrainConfig(epochs=8, batch_size=64, lr=1e-3, optimizer="adam", scheduler="cosine"),
+    "student_mlp": TrainConfig(epochs=20, batch_size=64, lr=3e-3, optimizer="adam", scheduler="cosine"),
+    "student_cnn": TrainConfig(epochs=15, batch_size=64, lr=3e-3, optimizer="adam", scheduler="cosine"),
+}
+
+
+def recommended_config(model_name: str) -> TrainConfig:
+    """Return the recommended :class:`TrainConfig` for a registered model name (defaults otherwise).
+
+    Args:
+        model_name: ``lenet5``, ``torchslim.models:lenet5`` or any other spec.
+
+    Returns:
+        The entry of :data:`RECOMMENDED`, or ``TrainConfig()`` for models without one.
+    """
+    name = model_name.rpartition(":")[2] if model_name.startswith("torchslim.models:") else model_name
+    return RECOMMENDED.get(name, TrainConfig())
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        history: one dict per epoch: ``epoch`` (1-based), ``train_loss`` (mean over samples),
+            ``train_accuracy`` (None when the loss function's model output could not be scored),
+            ``eval_accuracy`` (None without ``eval_data``), ``lr`` (used during the epoch), ``seconds``.
+        final_accuracy: ``eval_accuracy`` of the last epoch, or None without ``eval_data``.
+        steps: total optimizer steps, including those done before a resume.
+        resumed_from: global step the run resumed from, or None for a fresh run.
+    """
+
+    history: list[dict[str, Any]]
+    final_accuracy: float | None
+    steps: int
+    resumed_from: int | None = None
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (CPU and CUDA).
+
+    Args:
+        seed: a non-negative integer.
+    """
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a core dependency
+        pass
+    torch.manual_seed(seed)
+
+
+def default_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``model(inputs)`` against class-index ``targets`` (the default ``loss_fn``)."""
+    return F.cross_entropy(model(inputs), targets)
+
+
+# --- data helpers ------------------------------------------------------------------------------------
+def _tensors_of(data: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors behind a TensorDataset (or a Subset of one), or None for other datasets."""
+    if isinstance(data, TensorDataset):
+        return tuple(data.tensors)
+    if isinstance(data, Subset):
+        inner = _tensors_of(data.dataset)
+        if inner is None:
+            return None
+        index = torch.as_tensor(list(data.indices), dtype=torch.long)
+        return tuple(t[index] for t in inner)
+    return None
+
+
+def _length(data: Any, name: str) -> int:
+    try:
+        return len(data)
+    except TypeError as exc:
+        kind = type(data).__name__
+        raise DataError(f"{name} must be a map-style Dataset with a length, got {kind}") from exc
+
+
+def _loader(data: Dataset, batch_size: int, order: list[int] | None = None) -> DataLoader:
+    """A single-process loader over ``order`` (default: dataset order), without touching the global RNG."""
+    indices = order if order is not None else list(range(len(data)))
+    # A DataLoader draws a base seed from the global RNG unless given its own generator.
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(data, TensorDataset):
+        # One indexing op per batch instead of per sample + collate.
+        sampler = BatchSampler(indices, batch_size, drop_last=False)
+        return DataLoader(data, sampler=sampler, batch_size=None, generator=generator)
+    return DataLoader(data, sampler=indices, batch_size=batch_size, shuffle=False, generator=generator)
+
+
+def _split_batch(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise DataError(f"{name} must yield (inputs, targets) pairs, got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _output_width(model: nn.Module, sample: torch.Tensor, name: str) -> int | None:
+    """Number of classes the model predicts, from one sample in eval mode (train/eval mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model(sample[:1].to(_device_of(model)))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{name}: the model does not accept inputs of shape {tuple(sample.shape[1:])} ({first_line}); "
+            "expected the input shape the model was built for"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if isinstance(output, torch.Tensor) and output.ndim == 2:
+        return int(output.shape[1])
+    return None
+
+
+def _check_inputs(inputs: torch.Tensor, name: str, offset: int = 0) -> None:
+    if inputs.is_floating_point() or inputs.is_complex():
+        finite = torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0]) + offset
+            raise DataError(
+                f"{name} has NaN or Inf inputs (first at sample {bad}); expected finite values: "
+                "clean or re-normalise the data"
+            )
+
+
+def _check_labels(labels: torch.Tensor, classes: int | None, name: str) -> None:
+    if classes is None or labels.is_floating_point() or labels.is_complex() or labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        bad = lo if lo < 0 else hi
+        raise DataError(
+            f"{name} has label {bad} but the model outputs {classes} classes: "
+            f"expected labels in [0, {classes})"
+        )
+
+
+def _check_data(data: Dataset, name: str, model: nn.Module | None) -> tuple[int, int | None]:
+    """Validate a dataset up front; return (length, number of model outputs or None)."""
+    length = _length(data, name)
+    if length == 0:
+        raise DataError(f"{name} is empty: expected at least one (input, target) sample")
+    tensors = _tensors_of(data)
+    if tensors is not None and len(tensors) < 2:
+        raise DataError(f"{name} must hold (inputs, targets) tensors, got {len(tensors)} tensor(s)")
+    classes = None
+    if model is not None:
+        sample = tensors[0][:1] if tensors is not None else _split_batch(data[0], name)[0].unsqueeze(0)
+        classes = _output_width(model, sample, name)
+    if tensors is not None:
+        _check_inputs(tensors[0], name)
+        _check_labels(tensors[1], classes, name)
+    return length, classes
+
+
+# --- optimizer and scheduler -------------------------------------------------------------------------
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    return None
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        # weights_only=True: a checkpoint is tensors and plain data; never unpickle arbitrary objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TorchSlimError(
+            f"cannot resume from checkpoint {str(path)!r}: it is not a torchslim checkpoint of tensors and "
+            f"plain data (loaded with weights_only=True; {detail}). Remove it or pass resume=False with "
+            "another path"
+        ) from exc
+    required = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "history", "rng", "config")
+    missing = [key for key in required if not (isinstance(state, dict) and key in state)]
+    if missing:
+        raise TorchSlimError(
+            f"cannot resume from checkpoint {str(path)!r}: missing {', '.join(missing)}; "
+            "expected a checkpoint written by torchslim.train"
+        )
+    return state
+
+
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    current = config.to_dict()
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != current.get(key):
+            raise TorchSlimError(
+                f"cannot resume from checkpoint {str(path)!r}: TrainConfig.{key} = {current.get(key)!r} but "
+                f"the checkpoint was written with {key} = {saved.get(key)!r}; use the same settings "
+                "(only epochs may grow) or start a new run"
+            )
+    if config.epochs < int(saved.get("epochs", 0)):
+        raise TorchSlimError(
+            f"cannot resume from checkpoint {str(path)!r}: TrainConfig.epochs = {config.epochs} is less than "
+            f"the checkpoint's epochs = {saved['epochs']}; epochs may only grow on resume"
+        )
+
+
+# --- progress ----------------------------------------------------------------------------------------
+def _want_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return bool(progress)
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class _Progress:
+    """A Rich progress bar per epoch (or nothing, when disabled)."""
+
+    def __init__(self, enabled: bool, epochs: int) -> None:
+        self.enabled = enabled
+        self.epochs = epochs
+        self.bar = None
+        self.task = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[acc]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start_epoch(self, epoch: int, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.task = self.bar.add_task(
+                f"epoch {epoch + 1}/{self.epochs}", total=total, completed=done, loss="-", acc=""
+            )
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            acc = record["eval_accuracy"]
+            text = "" if acc is None else f"eval acc {acc:.2%}"
+            self.bar.update(self.task, loss=f"{record['train_loss']:.4f}", acc=text)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    train_data: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    eval_data: Dataset | None = None,
+    loss_fn: LossFn | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train_data``.
+
+    Args:
+        model: the model to train (on its own device); left in eval mode at the end.
+        train_data: a map-style dataset of ``(inputs, targets)``; a ``TensorDataset`` (or a ``Subset`` of
+            one) is checked up front for NaN/Inf inputs and labels outside the model's outputs.
+        config: a :class:`TrainConfig` (defaults to ``TrainConfig()``).
+        eval_data: a dataset scored with :func:`evaluate` after every epoch.
+        loss_fn: ``loss_fn(model, inputs, targets) -> scalar tensor``; default cross-entropy of
+            ``model(inputs)``. Distillation passes a loss that also calls its teacher. The training
+            accuracy is scored from the last ``model(...)`` output the loss computed.
+        checkpoint_path: write a checkpoint here (atomically) every ``config.checkpoint_every`` steps and
+            at each epoch end; the file is left in place at the end. An existing file is never
+            overwritten unless ``resume`` is true.
+        resume: continue from ``checkpoint_path`` when it exists (start fresh when it does not). The
+            config must match the checkpoint's, except that ``epochs`` may grow and
+            ``checkpoint_every`` may change.
+        progress: show a Rich progress bar; None shows it only on an interactive stderr outside CI.
+        on_epoch_end: called with each epoch's history dict after the epoch's checkpoint is written.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ConfigError: ``config`` is not a TrainConfig.
+        DataError: empty data, NaN/Inf inputs, labels outside ``[0, outputs)``, or inputs the model
+            does not accept.
+        ModelError: the model has no trainable parameters.
+        TorchSlimError: the loss became NaN/Inf, or the checkpoint cannot be used to resume.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable as loss_fn(model, inputs, targets), got {loss_fn!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(f"{type(model).__name__} has no trainable parameters: nothing to train")
+
+    # Validate everything before any work.
+    num_samples, classes = _check_data(train_data, "train_data", model)
+    tensor_data = _tensors_of(train_data) is not None
+    if eval_data is not None:
+        _check_data(eval_data, "eval_data", model)
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None:
+        directory = path.parent if str(path.parent) else Path(".")
+        if not directory.is_dir():
+            raise TorchSlimError(
+                f"checkpoint_path {str(path)!r}: directory {str(directory)!r} does not exist"
+            )
+        if path.exists() and not resume:
+            raise TorchSlimError(
+                f"checkpoint {str(path)!r} already exists: pass resume=True to continue from it, "
+                "or remove it (or choose another path) to start over"
+            )
+    loss_fn = loss_fn or default_loss
+
+    device = _device_of(model)
+    steps_per_epoch = math.ceil(num_samples / config.batch_size)
+    set_seed(config.seed)
+    optimizer = _make_optimizer(params, config)
+    scheduler = _make_scheduler(optimizer, config)
+
+    start_epoch, skip_steps, global_step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    running = {"loss_sum": 0.0, "correct": 0, "scored": 0, "count": 0}
+    resumed_from = None
+    if path is not None and resume and path.exists():
+        state = _load_checkpoint(path)
+        _check_resume_config(state["config"], config, path)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+                if config.scheduler == "cosine":
+                    scheduler.T_max = config.epochs  # epochs may have grown
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TorchSlimError(
+                f"cannot resume from checkpoint {str(path)!r}: it does not match this model or optimizer "
+                f"({exc})"
+            ) from exc
+        torch.set_rng_state(state["rng"])
+        start_epoch, skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
+        global_step = int(state["global_step"])
+        history = [dict(record) for record in state["history"]]
+        if skip_steps and state.get("running"):
+            running = dict(state["running"])
+        resumed_from = global_step
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if path is None:
+            return
+        _save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "history": [dict(record) for record in history],
+                "running": dict(running),
+                "rng": torch.get_rng_state(),
+                "config": config.to_dict(),
+            },
+        )
+
+    # Capture the model's output inside loss_fn to score training accuracy without a second forward.
+    captured: list[Any] = [None]
+    hook = model.register_forward_hook(lambda _module, _inputs, output: captured.__setitem__(0, output))
+    try:
+        with _Progress(_want_progress(progress), config.epochs) as bar:
+            for epoch in range(start_epoch, config.epochs):
+                started = time.perf_counter()
+                model.train()
+                order = _epoch_order(num_samples, config.seed, epoch)
+                done = skip_steps
+                skip_steps = 0
+                bar.start_epoch(epoch, steps_per_epoch, done)
+                lr = optimizer.param_groups[0]["lr"]
+                remaining = order[done * config.batch_size:]
+                for inputs, targets in _batches(train_data, remaining, config.batch_size):
+                    if not tensor_data:
+                        _check_inputs(inputs, "train_data")
+                        _check_labels(targets, classes, "train_data")
+                    inputs = inputs.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    captured[0] = None
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model, inputs, targets)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                        raise TorchSlimError(f"loss_fn must return a scalar tensor, got {shape}")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TorchSlimError(
+                            f"the loss became {value} at epoch {epoch + 1}, step {done + 1} (global step "
+                            f"{global_step + 1}): training diverged; lower the learning rate (lr = {lr:g}) "
+                            "or set max_grad_norm"
+                        )
+                    loss.backward()
+                    if config.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    done += 1
+                    global_step += 1
+                    batch = int(targets.shape[0])
+                    running["loss_sum"] += value * batch
+                    running["count"] += batch
+                    correct = _count_correct(captured[0], targets)
+                    if correct is not None:
+                        running["correct"] += correct
+                        running["scored"] += batch
+                    bar.step(value)
+                    if config.checkpoint_every and global_step % config.checkpoint_every == 0:
+                        if done < steps_per_epoch:  # the epoch end writes one anyway
+                            checkpoint(epoch, done)
+
+                eval_accuracy = None
+                if eval_data is not None:
+                    eval_accuracy = evaluate(model, eval_data)
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": running["loss_sum"] / max(running["count"], 1),
+                    "train_accuracy": running["correct"] / running["scored"] if running["scored"] else None,
+                    "eval_accuracy": eval_accuracy,
+                    "lr": float(lr),
+                    "seconds": time.perf_counter() - started,
+                }
+                history.append(record)
+                running = {"loss_sum": 0.0, "correct": 0, "scored": 0, "count": 0}
+                if scheduler is not None:
+                    scheduler.step()
+                checkpoint(epoch + 1, 0)
+                bar.end_epoch(record)
+                if on_epoch_end is not None:
+                    on_epoch_end(dict(record))
+    finally:
+        hook.remove()
+        model.eval()
+
+    final = history[-1]["eval_accuracy"] if history else None
+    return TrainResult(history=history, final_accuracy=final, steps=global_step, resumed_from=resumed_from)
+
+
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffle order of ``epoch``: a function of (seed, epoch) only, so a resumed run regenerates it."""
+    generator = torch.Generator().manual_seed(seed * _SHUFFLE_MULTIPLIER + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def _batches(data: Dataset, order: list[int], batch_size: int):
+    for batch in _loader(data, batch_size, order):
+        yield _split_batch(batch, "train_data")
+
+
+def _count_correct(output: Any, targets: torch.Tensor) -> int | None:
+    if not isinstance(output, torch.Tensor) or output.ndim != 2 or targets.ndim != 1:
+        return None
+    if output.shape[0] != targets.shape[0] or targets.is_floating_point():
+        return None
+    return int((output.detach().argmax(dim=1) == targets).sum())
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``data``.
+
+    Runs in eval mode under ``torch.inference_mode`` and restores the model's train/eval mode.
+
+    Args:
+        model: a classifier returning logits of shape (batch, classes).
+        data: a map-style dataset of ``(inputs, label)`` with integer labels.
+        batch_size: samples per forward pass (>= 1).
+
+    Returns:
+        The fraction of samples whose arg-max logit equals the label, in [0, 1].
+
+    Raises:
+        DataError: if ``data`` is empty or the model output is not (batch, classes) logits.
+        ConfigError: if ``batch_size`` < 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"evaluate batch_size = {batch_size!r} is invalid: expected an integer >= 1")
+    total = _length(data, "data")
+    if total == 0:
+        raise DataError("cannot evaluate on empty data: expected at least one (input, label) sample")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.inference_mode():
+            for batch in _loader(data, batch_size):
+                inputs, targets = _split_batch(batch, "data")
+                output = model(inputs.to(device))
+                if not isinstance(output, torch.Tensor) or output.ndim != 2:
+                    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                    raise DataError(f"evaluate expects (batch, classes) logits from the model, got {shape}")
+                correct += int((output.argmax(dim=1) == targets.to(device)).sum())
+    finally:
+        model.train(was_training)
+    return correct / total
