@@ -87,7 +87,7 @@ def test_fidelity_perturbed_model_in_between_and_same_for_all_inputs():
     from_loader = fidelity(noisy, model, DataLoader(TensorDataset(x), batch_size=64))
     for other in (from_dataset, from_loader):
         assert other["agreement"] == from_tensor["agreement"]
-        assert other["cosine"] == pytest.approx(from_tensor["cosine"], abs=1e-9)
+        assert other["cosine"] == pytest.approx(from_tensor["cosine"], abs=1e-6)  # float32 batching
 
 
 def test_fidelity_empty_inputs_raise():

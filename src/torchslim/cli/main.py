@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import traceback
 
-import click
 import typer
 
 from torchslim._version import __version__
@@ -64,19 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     verbose = any(a in ("--verbose", "-v") for a in args)
     args = [a for a in args if a not in ("--verbose", "-v")]
     try:
-        result = app(args=args, prog_name="torchslim", standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+        # Standalone mode: Typer itself reports usage errors (exit 2) and --help/--version (exit 0)
+        # through SystemExit; our own errors propagate to the handler below.
+        app(args=args, prog_name="torchslim", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except USER_ERRORS as exc:
         if verbose:
             traceback.print_exc()
         typer.echo(f"error: {_one_line(exc)}", err=True)
         return 2
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:

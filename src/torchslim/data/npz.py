@@ -28,12 +28,11 @@ def _features(array: np.ndarray, name: str) -> torch.Tensor:
     if len(array) == 0:
         raise DataError(f"array {name!r} has 0 samples; expected at least one")
     check_finite(array, f"array {name!r}")
-    if array.dtype == np.uint8:
-        x = torch.from_numpy(array.astype(np.float32) / 255.0)
-    else:
-        x = torch.from_numpy(array.astype(np.float32))
-        # float64 values beyond float32's range become Inf when cast.
-        check_finite(x, f"array {name!r} (as float32)")
+    limit = float(np.finfo(np.float32).max)
+    if array.dtype.kind == "f" and float(np.abs(array).max()) > limit:
+        raise DataError(f"array {name!r} has values beyond +-{limit:.4g}; expected numbers that fit float32")
+    scale = 255.0 if array.dtype == np.uint8 else 1.0
+    x = torch.from_numpy(array.astype(np.float32) / np.float32(scale))
     return x.unsqueeze(1) if array.ndim == 3 else x
 
 

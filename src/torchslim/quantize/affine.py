@@ -30,19 +30,24 @@ def qmax_of(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def grouped_view(weight: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
+def grouped_view(
+    weight: torch.Tensor, granularity: str, group_size: int | None = None, pad: bool = False
+) -> torch.Tensor:
     """View ``weight`` as ``(rows, groups, group_size)`` for the given granularity.
 
     Args:
         weight: a Linear/Conv weight (output channels first) or any tensor for ``"tensor"``.
         granularity: ``"tensor"``, ``"channel"`` or ``"group"``.
         group_size: elements per group along the input dimension (``"group"`` only).
+        pad: when the group size does not divide the input dimension, pad each row with zeros to
+            the next multiple (the last group is partial) instead of raising.
 
     Returns:
-        A 3-D view (or copy for non-contiguous input) of the weight.
+        A 3-D view (or padded copy) of the weight.
 
     Raises:
-        ConfigError: unknown granularity, or a group size that does not divide the input dimension.
+        ConfigError: unknown granularity, or a group size that does not divide the input dimension
+            while ``pad`` is false.
     """
     if granularity == "tensor":
         return weight.reshape(1, 1, -1)
@@ -52,10 +57,13 @@ def grouped_view(weight: torch.Tensor, granularity: str, group_size: int | None 
         return matrix.unsqueeze(1)
     if granularity == "group":
         fan_in = matrix.shape[1]
+        if group_size and fan_in % group_size and pad:
+            matrix = torch.nn.functional.pad(matrix, (0, group_size - fan_in % group_size))
+            fan_in = matrix.shape[1]
         if not group_size or fan_in % group_size:
             raise ConfigError(
                 f"group_size = {group_size!r} is invalid for a weight of shape {tuple(weight.shape)}: "
-                f"expected a divisor of its input dimension {fan_in}"
+                f"expected a divisor of its input dimension {fan_in} (or padding on)"
             )
         return matrix.reshape(rows, fan_in // group_size, group_size)
     raise ConfigError(f"granularity = {granularity!r} is invalid: expected one of {', '.join(GRANULARITIES)}")

@@ -76,6 +76,10 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     data = packed.reshape(-1)[:need]
     if bits == 8:
         return data.clone()
+    if 8 % bits == 0:  # fast path (1, 2, 4 bits): whole values per byte, no bit stream needed
+        mask = (1 << bits) - 1
+        parts = [(data >> (bits * i)) & mask for i in range(8 // bits)]
+        return torch.stack(parts, dim=1).reshape(-1)[:numel]
     shifts = torch.arange(8, device=data.device, dtype=torch.int32)
     stream = ((data.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(-1)[: numel * bits]
     weights = 1 << torch.arange(bits, device=data.device, dtype=torch.int32)

@@ -1,0 +1,222 @@
+"""Quantization configs and the in-place verb ``quantize_``.
+
+Each config class has one handler that turns a Linear/Conv module into its compressed layer; the
+handlers live in a registry keyed by config type, so a new method is one config + one handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from torchslim.config import Config, register_config
+from torchslim.errors import ConfigError
+from torchslim.quantize.affine import GRANULARITIES, ROUNDINGS
+from torchslim.quantize.layers import (
+    HALF_DTYPES,
+    SCALE_DTYPES,
+    SUPPORTED_TYPES,
+    CodebookLayer,
+    HalfLayer,
+    IntQuantLayer,
+    describe_layer,
+)
+
+
+@register_config("int")
+@dataclasses.dataclass(frozen=True)
+class IntQuant(Config):
+    """Weight-only k-bit integer quantization, ``q = clamp(floor(W/scale + B), 0, 2**bits - 1)``.
+
+    Args:
+        bits: code width, 2..8.
+        granularity: ``"tensor"``, ``"channel"`` (per output channel) or ``"group"`` (groups of
+            ``group_size`` along the input dimension of each output channel).
+        group_size: elements per group (``"group"`` only).
+        symmetric: fixed zero point ``2**(bits-1)`` (no zero points stored) instead of min/max.
+        rounding: ``"nearest"`` (``B = zero_point + 0.5``, default) or ``"floor"`` (the seed's
+            literal ``floor(W*K + B)`` with ``B = zero_point``; biased low by half a step).
+        scale_dtype: storage dtype of the scales.
+        pad: pad rows whose input dimension is not a multiple of ``group_size`` (else an error).
+    """
+
+    bits: int = 4
+    granularity: str = "channel"
+    group_size: int = 128
+    symmetric: bool = False
+    rounding: str = "nearest"
+    scale_dtype: str = "float16"
+    pad: bool = True
+
+    def validate(self) -> None:
+        self.check_int("bits", 2, 8)
+        self.check_choice("granularity", GRANULARITIES)
+        self.check_int("group_size", 2)
+        self.check_choice("symmetric", (True, False))
+        self.check_choice("rounding", ROUNDINGS)
+        self.check_choice("scale_dtype", tuple(SCALE_DTYPES))
+        self.check_choice("pad", (True, False))
+
+
+@register_config("codebook")
+@dataclasses.dataclass(frozen=True)
+class CodebookQuant(Config):
+    """Weight sharing: k-means over each layer's weights into ``2**bits`` shared values.
+
+    Args:
+        bits: index width, 2..8 (a codebook of ``2**bits`` float32 values per layer).
+        iterations: Lloyd iterations of the 1-D k-means.
+    """
+
+    bits: int = 4
+    iterations: int = 30
+
+    def validate(self) -> None:
+        self.check_int("bits", 2, 8)
+        self.check_int("iterations", 1, 1000)
+
+
+@register_config("half")
+@dataclasses.dataclass(frozen=True)
+class HalfPrecision(Config):
+    """Half precision (the seed's "half-integer" quantization): weights stored in 16 bits.
+
+    Args:
+        dtype: ``"fp16"`` or ``"bf16"``.
+    """
+
+    dtype: str = "fp16"
+
+    def validate(self) -> None:
+        self.check_choice("dtype", tuple(HALF_DTYPES))
+
+
+_HANDLERS: dict[type[Config], Callable[[nn.Module, Config], nn.Module]] = {}
+
+
+def quantization_handler(config_type: type[Config]) -> Callable:
+    """Decorator: register ``fn(module, config) -> replacement`` for a config class."""
+
+    def decorate(fn: Callable[[nn.Module, Config], nn.Module]) -> Callable[[nn.Module, Config], nn.Module]:
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return decorate
+
+
+@quantization_handler(IntQuant)
+def _int_quant(module: nn.Module, config: IntQuant) -> nn.Module:
+    return IntQuantLayer.from_float(module, config.bits, config.granularity, config.group_size, config.symmetric,
+                                    config.rounding, config.scale_dtype)
+
+
+@quantization_handler(CodebookQuant)
+def _codebook(module: nn.Module, config: CodebookQuant) -> nn.Module:
+    return CodebookLayer.from_float(module, config.bits, config.iterations)
+
+
+@quantization_handler(HalfPrecision)
+def _half(module: nn.Module, config: HalfPrecision) -> nn.Module:
+    return HalfLayer.from_float(module, config.dtype)
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    """Which layers were quantized (with their config) and which were skipped (with the reason)."""
+
+    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layer(s)"]
+        lines += [f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} layer(s)")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def quantize_(
+    model: nn.Module,
+    config: Config,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    overrides: Mapping[str, Config | None] | None = None,
+) -> QuantizeReport:
+    """Replace the model's Linear/Conv layers by quantized layers, in place.
+
+    Everything is checked before the first layer changes, so an error leaves the model untouched.
+
+    Args:
+        model: the model to quantize.
+        config: ``IntQuant``, ``CodebookQuant`` or ``HalfPrecision`` (default for every layer).
+        filter_fn: ``filter_fn(module, name) -> bool``; layers for which it is false are skipped.
+        overrides: per-layer configs by module name; ``None`` skips that layer (mixed precision:
+            ``{"0": IntQuant(bits=8), "7": None}``).
+
+    Returns:
+        A :class:`QuantizeReport`; every layer with weights that was not quantized is listed in
+        ``skipped`` with the reason.
+
+    Raises:
+        ConfigError: an unsupported config type, an override naming no layer, or a group size that
+            does not divide a layer's input dimension while ``pad`` is off.
+    """
+    overrides = dict(overrides or {})
+    names = {name for name, _ in model.named_modules()}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"overrides names layer {unknown[0]!r}, which the model does not have: "
+                          f"expected one of {', '.join(n for n in sorted(names) if n)}")
+    report = QuantizeReport()
+    plan: list[tuple[str, nn.Module, Config]] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if not isinstance(module, SUPPORTED_TYPES):
+            if _owns_parameters(module):
+                report.skipped[name] = f"{type(module).__name__} is not supported (kept as is)"
+            continue
+        chosen = overrides.get(name, config)
+        if chosen is None:
+            report.skipped[name] = "override is None"
+            continue
+        if type(chosen) not in _HANDLERS:
+            raise ConfigError(f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+                              f"{', '.join(c.__name__ for c in _HANDLERS)}")
+        if filter_fn is not None and not filter_fn(module, name):
+            report.skipped[name] = "filter_fn returned False"
+            continue
+        try:
+            describe_layer(module)
+        except ConfigError as exc:
+            report.skipped[name] = str(exc)
+            continue
+        _check_groups(name, module, chosen)
+        plan.append((name, module, chosen))
+    for name, module, chosen in plan:
+        _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+        report.quantized[name] = chosen.to_dict()
+    return report
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _check_groups(name: str, module: nn.Module, config: Config) -> None:
+    if isinstance(config, IntQuant) and config.granularity == "group" and not config.pad:
+        fan_in = module.weight[0].numel()
+        if fan_in % config.group_size:
+            raise ConfigError(
+                f"IntQuant.group_size = {config.group_size} is invalid for layer {name!r} with input dimension "
+                f"{fan_in}: expected a divisor of {fan_in}, or pad=True"
+            )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,328 @@
+"""Modules that hold compressed weights and rebuild them in ``forward``.
+
+``IntQuantLayer`` stores k-bit codes packed into bytes plus per-(row, group) scales and zero
+points; ``CodebookLayer`` stores packed indices into a small learnable codebook (weight sharing);
+``HalfLayer`` stores 16-bit floats. Each replaces an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
+and computes the same operation with the rebuilt weight, in the input's dtype. The saved ``.slim``
+file holds exactly these buffers, so its bytes show the compression.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, quantize_affine
+from torchslim.quantize.packing import pack, packed_size, unpack
+
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def describe_layer(module: nn.Module) -> dict[str, Any]:
+    """The operation a Linear/Conv performs, as constructor arguments of a replacement layer.
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` with ``padding_mode="zeros"``.
+
+    Returns:
+        ``{"op", "weight_shape", "bias", "conv"}`` (``conv`` holds stride/padding/dilation/groups).
+
+    Raises:
+        ConfigError: for other module types or padding modes (the caller reports it as skipped).
+    """
+    if isinstance(module, nn.Linear):
+        return {"op": "linear", "weight_shape": list(module.weight.shape), "bias": module.bias is not None, "conv": {}}
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ConfigError(f"padding_mode={module.padding_mode!r}, padding={module.padding!r} is not supported")
+        conv = {"stride": list(module.stride), "padding": list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups}
+        op = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+        return {"op": op, "weight_shape": list(module.weight.shape), "bias": module.bias is not None, "conv": conv}
+    raise ConfigError(f"{type(module).__name__} is not supported: expected Linear, Conv1d or Conv2d")
+
+
+class _WeightOnlyLayer(nn.Module):
+    """Shared plumbing: the op (linear/conv), its bias and its constructor spec."""
+
+    def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None) -> None:
+        super().__init__()
+        if op not in ("linear", "conv1d", "conv2d"):
+            raise ConfigError(f"op = {op!r} is invalid: expected 'linear', 'conv1d' or 'conv2d'")
+        self.op = op
+        self.weight_shape = [int(d) for d in weight_shape]
+        self.conv = dict(conv or {})
+        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
+
+    def _layer_spec(self) -> dict[str, Any]:
+        return {"op": self.op, "weight_shape": list(self.weight_shape), "bias": self.bias is not None,
+                "conv": dict(self.conv)}
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Apply the layer's op with ``weight`` (cast to the input's dtype)."""
+        weight = weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.op == "linear":
+            return F.linear(x, weight, bias)
+        conv = F.conv1d if self.op == "conv1d" else F.conv2d
+        return conv(x, weight, bias, **self.conv)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.weight_shape)
+
+    def _bias_bits(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * self.bias.element_size() * 8
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}, weight_shape={tuple(self.weight_shape)}, bias={self.bias is not None}"
+
+
+class IntQuantLayer(_WeightOnlyLayer):
+    """k-bit affine-quantized weight, packed; dequantized on the fly in ``forward``.
+
+    Buffers: ``packed`` (uint8 bit stream of the codes, padded groups included), ``scale``
+    (``(rows, groups)`` in ``scale_dtype``), ``zero_point`` (packed ``bits``-bit codes; empty when
+    symmetric, since the zero point is then fixed at ``2**(bits-1)``).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        weight_shape: list[int],
+        bias: bool,
+        conv: dict[str, Any] | None,
+        bits: int,
+        granularity: str,
+        group_size: int | None,
+        symmetric: bool,
+        scale_dtype: str = "float16",
+    ) -> None:
+        super().__init__(op, weight_shape, bias, conv)
+        self.bits, self.granularity, self.group_size = bits, granularity, group_size
+        self.symmetric, self.scale_dtype = symmetric, scale_dtype
+        rows, groups, group_len = self._grouped_shape()
+        self.register_buffer("packed", torch.zeros(packed_size(rows * groups * group_len, bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(rows, groups, dtype=SCALE_DTYPES[scale_dtype]))
+        zp_bytes = 0 if symmetric else packed_size(rows * groups, bits)
+        self.register_buffer("zero_point", torch.zeros(zp_bytes, dtype=torch.uint8))
+
+    def _grouped_shape(self) -> tuple[int, int, int]:
+        fan_in = self.numel // self.weight_shape[0]
+        if self.granularity == "tensor":
+            return 1, 1, self.numel
+        if self.granularity == "channel":
+            return self.weight_shape[0], 1, fan_in
+        groups = -(-fan_in // self.group_size)
+        return self.weight_shape[0], groups, self.group_size
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool,
+                   rounding: str = "nearest", scale_dtype: str = "float16") -> IntQuantLayer:
+        """Quantize a Linear/Conv module's weight; the bias is kept in float32."""
+        layer = cls(**describe_layer(module), bits=bits, granularity=granularity, group_size=group_size,
+                    symmetric=symmetric, scale_dtype=scale_dtype)
+        grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
+        scale, zero_point = compute_qparams(grouped, bits, symmetric, SCALE_DTYPES[scale_dtype])
+        scale = _clamp_to_dtype(scale)
+        codes = quantize_affine(grouped, scale, zero_point, bits, rounding)
+        layer.packed.copy_(pack(codes, bits))
+        layer.scale.copy_(scale)
+        if not symmetric:
+            layer.zero_point.copy_(pack(zero_point, bits))
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach().float())
+        return layer.to(module.weight.device)
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked codes shaped ``(rows, groups, group_size)`` (uint8)."""
+        rows, groups, group_len = self._grouped_shape()
+        return unpack(self.packed, self.bits, rows * groups * group_len).reshape(rows, groups, group_len)
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points shaped like ``scale`` (int32)."""
+        if self.symmetric:
+            return torch.full(self.scale.shape, 1 << (self.bits - 1), dtype=torch.int32, device=self.scale.device)
+        return unpack(self.zero_point, self.bits, self.scale.numel()).reshape(self.scale.shape).to(torch.int32)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rebuild the float weight ``(q - zero_point) * scale`` in its original shape."""
+        restored = dequantize_affine(self.codes(), self.scale, self.zero_points(), dtype)
+        rows = self.weight_shape[0]
+        fan_in = self.numel // rows
+        return restored.reshape(rows, -1)[:, :fan_in].reshape(self.weight_shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
+        return {**self._layer_spec(), "bits": self.bits, "granularity": self.granularity,
+                "group_size": self.group_size, "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+
+    def slim_stats(self) -> dict[str, int]:
+        """Logical parameter count and the bits actually stored (codes, scales, zero points, bias)."""
+        stored = (self.packed.numel() + self.zero_point.numel()) * 8
+        stored += self.scale.numel() * self.scale.element_size() * 8
+        nonzero = int(torch.count_nonzero(self.dequantize_weight()))
+        bias = 0 if self.bias is None else self.bias.numel()
+        nonzero += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
+        return {"parameters": self.numel + bias, "nonzero": nonzero, "storage_bits": stored + self._bias_bits()}
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return (f"{super().extra_repr()}, bits={self.bits}, granularity={self.granularity}{group}, "
+                f"symmetric={self.symmetric}")
+
+
+class CodebookLayer(_WeightOnlyLayer):
+    """Weight sharing (Deep Compression): packed ``bits``-bit indices into a learnable codebook.
+
+    When the original weight had exact zeros (it was pruned), entry 0 of the codebook is pinned to
+    0.0 so the sparsity survives clustering and fine-tuning.
+    """
+
+    def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None, bits: int,
+                 pinned_zero: bool = False) -> None:
+        super().__init__(op, weight_shape, bias, conv)
+        self.bits, self.pinned_zero = bits, pinned_zero
+        self.codebook = nn.Parameter(torch.zeros((1 << bits) - int(pinned_zero)))
+        self.register_buffer("packed", torch.zeros(packed_size(self.numel, bits), dtype=torch.uint8))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: int, iterations: int = 30) -> CodebookLayer:
+        """Cluster a Linear/Conv weight with 1-D k-means (linear initialisation, Lloyd iterations)."""
+        weight = module.weight.detach().float().reshape(-1)
+        pinned = bool((weight == 0).any())
+        layer = cls(**describe_layer(module), bits=bits, pinned_zero=pinned)
+        values = weight[weight != 0] if pinned else weight
+        centroids = kmeans_1d(values, layer.codebook.numel(), iterations)
+        full = torch.cat([centroids.new_zeros(1), centroids]) if pinned else centroids
+        indices = nearest_centroid(weight, full)
+        if pinned:
+            indices = torch.where(weight == 0, torch.zeros_like(indices), indices)
+        layer.codebook.data.copy_(centroids)
+        layer.packed.copy_(pack(indices, bits))
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach().float())
+        return layer.to(module.weight.device)
+
+    def full_codebook(self) -> torch.Tensor:
+        """The codebook with the pinned zero entry (if any) in front."""
+        if self.pinned_zero:
+            return torch.cat([self.codebook.new_zeros(1), self.codebook])
+        return self.codebook
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rebuild the weight by codebook lookup; differentiable w.r.t. the codebook."""
+        indices = unpack(self.packed, self.bits, self.numel).long()
+        return self.full_codebook()[indices].reshape(self.weight_shape).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
+        return {**self._layer_spec(), "bits": self.bits, "pinned_zero": self.pinned_zero}
+
+    def slim_stats(self) -> dict[str, int]:
+        """Logical parameter count and the bits stored (indices, codebook, bias)."""
+        stored = self.packed.numel() * 8 + self.codebook.numel() * 32 + self._bias_bits()
+        nonzero = int(torch.count_nonzero(self.dequantize_weight()))
+        bias = 0 if self.bias is None else self.bias.numel()
+        nonzero += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
+        return {"parameters": self.numel + bias, "nonzero": nonzero, "storage_bits": stored}
+
+
+class HalfLayer(_WeightOnlyLayer):
+    """Weight and bias stored in 16 bits (fp16 or bf16); computed in the input's dtype."""
+
+    def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None,
+                 dtype: str = "fp16") -> None:
+        super().__init__(op, weight_shape, bias, conv)
+        self.dtype_name = dtype
+        half = HALF_DTYPES[dtype]
+        self.weight = nn.Parameter(torch.zeros(self.weight_shape, dtype=half))
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.zeros(self.weight_shape[0], dtype=half))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, dtype: str = "fp16") -> HalfLayer:
+        """Round a Linear/Conv module's weight and bias to 16 bits."""
+        layer = cls(**describe_layer(module), dtype=dtype)
+        layer.weight.data.copy_(module.weight.detach())
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach())
+        return layer.to(module.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.weight)
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
+        return {**self._layer_spec(), "dtype": self.dtype_name}
+
+
+def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
+    """1-D k-means with linear initialisation over ``[min, max]`` (Han et al. 2016's best init).
+
+    Args:
+        values: the numbers to cluster (any shape; flattened).
+        k: number of centroids.
+        iterations: Lloyd iterations (stops early when assignments no longer change).
+
+    Returns:
+        ``k`` sorted centroids (float32). Empty clusters keep their previous centroid.
+    """
+    data = values.reshape(-1).float()
+    if data.numel() == 0:
+        return torch.zeros(k)
+    centroids = torch.linspace(float(data.min()), float(data.max()), k)
+    previous = None
+    for _ in range(iterations):
+        assignment = nearest_centroid(data, centroids)
+        if previous is not None and torch.equal(assignment, previous):
+            break
+        sums = torch.zeros(k).index_add_(0, assignment, data)
+        counts = torch.zeros(k).index_add_(0, assignment, torch.ones_like(data))
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        centroids, _ = torch.sort(centroids)
+        previous = assignment
+    return centroids
+
+
+def nearest_centroid(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of ``sorted_centroids`` for each value (ties go to the lower one)."""
+    midpoints = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
+    return torch.bucketize(values.reshape(-1).float(), midpoints.float())
+
+
+def _clamp_to_dtype(scale: torch.Tensor) -> torch.Tensor:
+    """Keep scales positive and finite in their storage dtype (fp16 underflows below ~6e-8)."""
+    info = torch.finfo(scale.dtype)
+    return scale.float().clamp(min=info.tiny, max=info.max).to(scale.dtype)
+
+
+def _register_codecs() -> None:
+    from torchslim.artifact import register_module_codec
+
+    for cls in (IntQuantLayer, CodebookLayer, HalfLayer):
+        register_module_codec(cls, f"{__name__}:{cls.__name__}", lambda m: m.spec(), lambda spec, c=cls: c(**spec))
+
+
+_register_codecs()
