@@ -130,7 +130,10 @@ def save(
         data = safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
     except Exception as exc:  # safetensors raises several types; the cause is chained
         raise ArtifactError(f"save({str(path)!r}): cannot serialise the tensors: {exc}") from exc
-    return atomic_write_bytes(path, data)
+    try:
+        return atomic_write_bytes(path, data)
+    except OSError as exc:  # disk full, permissions...: the old file is untouched
+        raise ArtifactError(f"save: cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -204,6 +207,10 @@ def _spec(codec, module: nn.Module, name: str) -> dict[str, Any]:
     return _plain(spec, f"modules[{name!r}].spec")
 
 
+def _type_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def _ref_spec(codec, reference: nn.Module, name: str) -> dict[str, Any] | None:
     """Spec of the factory's module, or None if the codec cannot describe it (e.g. on meta)."""
     try:
@@ -244,17 +251,17 @@ def _changed_modules(model: nn.Module, factory: dict[str, Any]) -> dict[str, dic
         if ref is None or type(ref) is not type(module):
             found = "is absent" if ref is None else f"is a {type(ref).__name__}"
             raise ArtifactError(
-                f"save: module {name or '<root>'!r} is a {type(module).__module__}.{type(module).__qualname__},"
-                f" but in the model built by factory {factory['name']!r} it {found}; torchslim cannot "
-                "rebuild it: "
-                "register a codec with torchslim.artifact.register_module_codec "
+                f"save: module {name or '<root>'!r} is a {_type_name(module)}, but in the model built by "
+                f"factory {factory['name']!r} it {found}; torchslim cannot rebuild it: register a codec "
+                "with torchslim.artifact.register_module_codec "
                 f"(registered: {', '.join(sorted(registered_codecs()))})"
             )
     for name, ref in ref_modules.items():
         if name not in seen and not replaced(name):
             raise ArtifactError(
                 f"save: module {name!r} ({type(ref).__name__}) of the model built by factory "
-                f"{factory['name']!r} is missing from the saved model; replace it (e.g. with nn.Identity) instead of deleting it"
+                f"{factory['name']!r} is missing from the saved model; replace it (e.g. with nn.Identity) "
+                "instead of deleting it"
             )
     # Rebuild as load will and compare the tensors, so a file that cannot load is never written.
     rebuilt = _replace_modules(reference, changed, "save", meta=on_meta)
@@ -453,7 +460,7 @@ def _decode_all(
 
 def _decode_one(name: str, entry: dict[str, Any], fetch, available: set[str], where: str) -> torch.Tensor:
     encoding = ENCODINGS.get(entry["encoding"])
-    label = f"{where}: {name}"
+    label = f"{where}: tensor {name!r}"
     if encoding is None:
         return decode_tensor(entry["encoding"], {}, torch.float32, (), label)  # raises the standard message
     expected = [stored_key(name, suffix) for suffix in encoding.parts]

@@ -53,7 +53,8 @@ class Encoding:
             ``f"{tensor_name}.{suffix}"``.
         cost: bytes this encoding needs for a tensor, or None if it cannot store it.
         encode: suffix -> array to store.
-        decode: ``(parts, dtype, shape, where) -> tensor``; raises ArtifactError naming ``where``.
+        decode: ``(parts, dtype, shape, where) -> tensor``; raises ArtifactError starting with ``where``
+            (e.g. ``"model.slim: tensor 'fc1.weight'"``).
     """
 
     name: str
@@ -70,7 +71,7 @@ def _expect(
     if part.dtype not in dtypes or tuple(part.shape) != shape:
         wanted = " or ".join(dtype_name(d) for d in dtypes)
         raise ArtifactError(
-            f"tensor {where!r}: stored {what} has dtype {dtype_name(part.dtype)} and shape "
+            f"{where}: stored {what} has dtype {dtype_name(part.dtype)} and shape "
             f"{list(part.shape)}, expected {wanted} and {list(shape)}"
         )
 
@@ -138,7 +139,7 @@ def _coo_decode(parts, dtype, shape, where):
     indices, values = parts["indices"], parts["values"]
     if indices.dim() != 1:
         raise ArtifactError(
-            f"tensor {where!r}: stored indices have shape {list(indices.shape)}, expected 1-D"
+            f"{where}: stored indices have shape {list(indices.shape)}, expected 1-D"
         )
     _expect(indices, where, "indices", (torch.int32, torch.int64), (indices.numel(),))
     _expect(values, where, "values", dtype, (indices.numel(),))
@@ -146,11 +147,11 @@ def _coo_decode(parts, dtype, shape, where):
     if flat_index.numel():
         if int(flat_index.min()) < 0 or int(flat_index.max()) >= numel:
             raise ArtifactError(
-                f"tensor {where!r}: stored indices fall outside [0, {numel}) (corrupted file)"
+                f"{where}: stored indices fall outside [0, {numel}) (corrupted file)"
             )
         if flat_index.numel() > 1 and not bool((flat_index[1:] > flat_index[:-1]).all()):
             raise ArtifactError(
-                f"tensor {where!r}: stored indices are not strictly increasing (corrupted file)"
+                f"{where}: stored indices are not strictly increasing (corrupted file)"
             )
     present = torch.zeros(numel, dtype=torch.bool)
     present[flat_index] = True
@@ -168,7 +169,7 @@ def _scatter(
     bits_dtype = _BITS_DTYPES.get(probe.element_size())
     if bits_dtype is None:
         raise ArtifactError(
-            f"tensor {where!r}: dtype {dtype_name(dtype)} cannot be stored sparsely (corrupted file)"
+            f"{where}: dtype {dtype_name(dtype)} cannot be stored sparsely (corrupted file)"
         )
     out = torch.zeros(numel, dtype=bits_dtype)
     out[present] = values.contiguous().view(bits_dtype)
@@ -193,7 +194,7 @@ def parse_dtype(name: object, where: str) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(
-            f"tensor {where!r}: dtype {name!r} is not a torch dtype (e.g. 'float32', 'uint8')"
+            f"{where}: dtype {name!r} is not a torch dtype (e.g. 'float32', 'uint8')"
         )
     return dtype
 
@@ -244,7 +245,7 @@ def decode_tensor(
     encoding = ENCODINGS.get(encoding_name) if isinstance(encoding_name, str) else None
     if encoding is None:
         raise ArtifactError(
-            f"tensor {where!r}: encoding {encoding_name!r} is unknown: expected one of "
+            f"{where}: encoding {encoding_name!r} is unknown: expected one of "
             f"{', '.join(ENCODINGS)} "
             "(a newer torchslim may have written this file; upgrade torchslim)"
         )

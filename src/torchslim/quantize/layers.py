@@ -126,12 +126,39 @@ class IntQuantLayer(_WeightOnlyLayer):
     @classmethod
     def from_float(cls, module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool,
                    rounding: str = "nearest", scale_dtype: str = "float16") -> IntQuantLayer:
-        """Quantize a Linear/Conv module's weight; the bias is kept in float32."""
-        layer = cls(**describe_layer(module), bits=bits, granularity=granularity, group_size=group_size,
-                    symmetric=symmetric, scale_dtype=scale_dtype)
+        """Quantize a Linear/Conv module's weight with min/max scales; the bias stays float32."""
         grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
         scale, zero_point = compute_qparams(grouped, bits, symmetric, SCALE_DTYPES[scale_dtype])
-        scale = _clamp_to_dtype(scale)
+        return cls.from_qparams(module, scale, zero_point, bits, granularity, group_size, symmetric, rounding,
+                                scale_dtype)
+
+    @classmethod
+    def from_qparams(cls, module: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                     granularity: str, group_size: int | None, symmetric: bool, rounding: str = "nearest",
+                     scale_dtype: str = "float16") -> IntQuantLayer:
+        """Quantize a Linear/Conv module's weight with given scales and zero points.
+
+        Used by :meth:`from_float` (min/max scales) and by QAT's ``convert_`` (learned scales).
+
+        Args:
+            module: the float layer (its weight and bias are read).
+            scale: ``(rows, groups)`` positive scales.
+            zero_point: ``(rows, groups)`` integer zero points in ``[0, 2**bits)`` (ignored when
+                ``symmetric``: the zero point is then ``2**(bits-1)``).
+            bits, granularity, group_size, symmetric, rounding, scale_dtype: as in ``IntQuant``.
+
+        Returns:
+            The packed layer on the module's device.
+        """
+        layer = cls(**describe_layer(module), bits=bits, granularity=granularity, group_size=group_size,
+                    symmetric=symmetric, scale_dtype=scale_dtype)
+        if tuple(scale.shape) != tuple(layer.scale.shape):
+            raise ConfigError(f"scale shape {tuple(scale.shape)} is invalid: expected {tuple(layer.scale.shape)}")
+        grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
+        scale = _clamp_to_dtype(scale.detach().to(SCALE_DTYPES[scale_dtype]))
+        if symmetric:
+            zero_point = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
+        zero_point = zero_point.detach().round().clamp(0, (1 << bits) - 1).to(torch.int32)
         codes = quantize_affine(grouped, scale, zero_point, bits, rounding)
         layer.packed.copy_(pack(codes, bits))
         layer.scale.copy_(scale)
@@ -208,10 +235,9 @@ class CodebookLayer(_WeightOnlyLayer):
         layer = cls(**describe_layer(module), bits=bits, pinned_zero=pinned)
         values = weight[weight != 0] if pinned else weight
         centroids = kmeans_1d(values, layer.codebook.numel(), iterations)
-        full = torch.cat([centroids.new_zeros(1), centroids]) if pinned else centroids
-        indices = nearest_centroid(weight, full)
-        if pinned:
-            indices = torch.where(weight == 0, torch.zeros_like(indices), indices)
+        indices = nearest_centroid(weight, centroids)
+        if pinned:  # nonzero weights keep a nonzero centroid; exact zeros point at the pinned 0.0
+            indices = torch.where(weight == 0, torch.zeros_like(indices), indices + 1)
         layer.codebook.data.copy_(centroids)
         layer.packed.copy_(pack(indices, bits))
         if module.bias is not None:
