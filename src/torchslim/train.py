@@ -39,6 +39,7 @@ __all__ = [
     "TrainResult",
     "default_loss",
     "evaluate",
+    "random_shift",
     "recommended_config",
     "set_seed",
     "train",
@@ -72,6 +73,9 @@ class TrainConfig(Config):
         checkpoint_every: write a checkpoint every this many optimizer steps (>= 0); 0 writes one only at
             each epoch end. Only used when ``train`` gets a ``checkpoint_path``.
         max_grad_norm: clip the global gradient norm to this value (> 0), or None for no clipping.
+        augment_shift: shift each training image by a random whole number of pixels in
+            ``[-augment_shift, augment_shift]`` on both axes (edges replicated) before the loss; 0 (the
+            default) trains on the data as given. Needs image inputs (N, C, H, W).
     """
 
     epochs: int = 10
@@ -86,6 +90,7 @@ class TrainConfig(Config):
     seed: int = 0
     checkpoint_every: int = 0
     max_grad_norm: float | None = None
+    augment_shift: int = 0
 
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
@@ -102,6 +107,7 @@ class TrainConfig(Config):
         self.check_int("checkpoint_every", 0)
         if self.max_grad_norm is not None:
             self.check_float("max_grad_norm", 0, lo_inclusive=False)
+        self.check_int("augment_shift", 0)
 
 
 # Settings used by ``torchslim train`` for the reference models on the embedded digits data (1437 train
@@ -257,6 +263,11 @@ def _check_labels(labels: torch.Tensor, classes: int | None, name: str) -> None:
             f"{name} has label {bad} but the model outputs {classes} classes: "
             f"expected labels in [0, {classes})"
         )
+
+
+def _first_input(data: Dataset) -> torch.Tensor:
+    tensors = _tensors_of(data)
+    return tensors[0][0] if tensors is not None else _split_batch(data[0], "train_data")[0]
 
 
 def _check_data(data: Dataset, name: str, model: nn.Module | None) -> tuple[int, int | None]:
@@ -450,6 +461,13 @@ def train(
 
     # Validate everything before any work.
     num_samples, classes = _check_data(train_data, "train_data", model)
+    if config.augment_shift:
+        sample = _first_input(train_data)
+        if sample.ndim != 3:
+            raise DataError(
+                f"TrainConfig.augment_shift = {config.augment_shift} needs image inputs (C, H, W) per "
+                f"sample, got shape {tuple(sample.shape)}; set augment_shift=0 for this data"
+            )
     tensor_data = _tensors_of(train_data) is not None
     if eval_data is not None:
         _check_data(eval_data, "eval_data", model)
@@ -539,6 +557,8 @@ def train(
                         _check_labels(targets, classes, "train_data")
                     inputs = inputs.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
+                    if config.augment_shift:
+                        inputs = random_shift(inputs, config.augment_shift)
                     captured[0] = None
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(model, inputs, targets)
@@ -606,6 +626,31 @@ def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 def _batches(data: Dataset, order: list[int], batch_size: int):
     for batch in _loader(data, batch_size, order):
         yield _split_batch(batch, "train_data")
+
+
+def random_shift(inputs: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift each image of a batch by its own random whole-pixel offset (edges replicated).
+
+    Offsets are drawn from the global torch RNG (saved in checkpoints), so runs are reproducible.
+
+    Args:
+        inputs: images of shape (N, C, H, W).
+        max_shift: largest offset in pixels on each axis (>= 0).
+
+    Returns:
+        A new tensor of the same shape and dtype (``inputs`` itself when ``max_shift`` is 0).
+    """
+    if max_shift == 0:
+        return inputs
+    n, _, h, w = inputs.shape
+    offsets = torch.randint(-max_shift, max_shift + 1, (n, 2)).to(inputs.device)
+    padded = F.pad(inputs, (max_shift,) * 4, mode="replicate")
+    rows = torch.arange(h, device=inputs.device) + max_shift - offsets[:, :1]  # (n, h)
+    cols = torch.arange(w, device=inputs.device) + max_shift - offsets[:, 1:]  # (n, w)
+    batch = torch.arange(n, device=inputs.device)[:, None, None]
+    # padded[b, :, rows[b, i], cols[b, j]] -> (n, h, w, c) -> (n, c, h, w)
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return shifted.permute(0, 3, 1, 2).contiguous()
 
 
 def _count_correct(output: Any, targets: torch.Tensor) -> int | None:

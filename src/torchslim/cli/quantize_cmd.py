@@ -1,0 +1,168 @@
+"""``torchslim quantize``: quantize a .slim model, or sweep bit widths to choose one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from torchslim.cli.common import console, parse_int_list, print_json, table
+from torchslim.errors import ConfigError
+
+MODES = ("int", "codebook", "fp16", "bf16", "int8-static", "int8-dynamic")
+
+
+def quantize(
+    path: Path = typer.Argument(..., help="Input .slim file."),
+    mode: str = typer.Option("int", "--mode", help=f"One of: {', '.join(MODES)}."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight (int, codebook), 2..8."),
+    granularity: str = typer.Option("channel", "--granularity", help="tensor, channel or group."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per group (granularity group)."),
+    symmetric: bool = typer.Option(False, "--symmetric/--asymmetric", help="Fixed mid-range zero point."),
+    rounding: str = typer.Option("nearest", "--rounding", help="nearest, or floor (the seed's literal formula)."),
+    override: list[str] = typer.Option([], "--override", help="Per-layer bits: NAME=BITS or NAME=none (repeatable)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data spec to evaluate on (and QAT/sweep data)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration data spec for int8-static."),
+    observer: str = typer.Option("minmax", "--observer", help="int8-static observer: minmax, percentile, mse."),
+    qat: bool = typer.Option(False, "--qat", help="Quantization-aware training (needs --data)."),
+    epochs: int = typer.Option(3, "--epochs", help="QAT epochs."),
+    lr: float = typer.Option(2e-4, "--lr", help="QAT learning rate."),
+    sweep: str | None = typer.Option(None, "--sweep", help="Try several widths, e.g. 2,3,4,6,8 (needs --data)."),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG for --sweep (default: beside --out or the input)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output .slim file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Quantize weights (k-bit integer, codebook, fp16/bf16) or convert to int8 for ONNX Runtime."""
+    from torchslim.fileio import check_output_path
+
+    if mode not in MODES:
+        raise ConfigError(f"--mode = {mode!r} is invalid: expected one of {', '.join(MODES)}")
+    if sweep is not None:
+        _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding, trust_factory, json_output)
+        return
+    if out is None:
+        raise ConfigError("--out is missing: expected the output .slim path (or --sweep)")
+    target = check_output_path(out, path, force=force)
+    if qat and data is None:
+        raise ConfigError("--qat needs --data: expected a data spec to train on, e.g. --data digits")
+    from torchslim.artifact import load, read_manifest, save
+    from torchslim.quantize import CodebookQuant, HalfPrecision, IntQuant, quantize_
+
+    int_config = IntQuant(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
+                          rounding=rounding)
+    configs = {"int": int_config, "codebook": CodebookQuant(bits=bits), "fp16": HalfPrecision("fp16"),
+               "bf16": HalfPrecision("bf16")}
+    overrides = _parse_overrides(override, int_config)
+    model = load(path, trust_factory=trust_factory)
+    splits = _load_data(data, model) if data else None
+    accuracy_before = _accuracy(model, splits)
+    manifest = read_manifest(path)
+    if mode in ("int8-static", "int8-dynamic"):
+        model, stage, skipped = _int8(model, mode, calib or data, observer, splits)
+    elif qat:
+        from torchslim.quantize.qat import qat as run_qat
+        from torchslim.train import TrainConfig
+
+        train_config = TrainConfig(epochs=epochs, lr=lr)
+        report = run_qat(model, splits.train, int_config, train_config, eval_data=splits.test, overrides=overrides)
+        stage = {"stage": "quantize", "qat": train_config.to_dict(), "config": int_config.to_dict()}
+        skipped = report.skipped
+    else:
+        report = quantize_(model, configs[mode], overrides=overrides)
+        stage = {"stage": "quantize", "config": configs[mode].to_dict(),
+                 "overrides": {k: (None if v is None else v.to_dict()) for k, v in overrides.items()}}
+        skipped = report.skipped
+    accuracy_after = _accuracy(model, splits)
+    recipe = list(manifest.get("recipe") or []) + [stage]
+    measurements = {"accuracy": accuracy_after, "data": data} if splits else None
+    save(model, target, recipe=recipe, measurements=measurements)
+    summary = {
+        "input": str(path), "output": str(target), "mode": mode, "input_bytes": path.stat().st_size,
+        "output_bytes": target.stat().st_size, "compression_ratio": path.stat().st_size / target.stat().st_size,
+        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "skipped": skipped,
+    }
+    if json_output:
+        print_json(summary)
+        return
+    out_console = console()
+    rows = [["file bytes", f"{summary['input_bytes']:,}", f"{summary['output_bytes']:,}"],
+            ["ratio", "1.00x", f"{summary['compression_ratio']:.2f}x"]]
+    if splits is not None:
+        rows.append(["accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}"])
+    out_console.print(table(f"quantize {path} -> {target} ({mode})", ["", "before", "after"], rows))
+    for name, reason in skipped.items():
+        out_console.print(f"skipped {name}: {reason}")
+
+
+def _parse_overrides(items: list[str], base) -> dict:
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--override = {item!r} is invalid: expected NAME=BITS or NAME=none")
+        if value.lower() == "none":
+            overrides[name] = None
+        elif value.isdigit():
+            overrides[name] = base.replace(bits=int(value))
+        else:
+            raise ConfigError(f"--override = {item!r} is invalid: expected NAME=BITS (2..8) or NAME=none")
+    return overrides
+
+
+def _load_data(spec: str, model):
+    from torchslim.data import load_data
+    from torchslim.models.compat import check_model_data
+
+    splits = load_data(spec)
+    check_model_data(model, splits.example_inputs(1), splits.num_classes, spec)
+    return splits
+
+
+def _accuracy(model, splits) -> float | None:
+    if splits is None:
+        return None
+    from torchslim.measure import accuracy
+
+    return accuracy(model, splits.test)
+
+
+def _int8(model, mode: str, calib: str | None, observer: str, splits):
+    from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static
+
+    if mode == "int8-static":
+        if calib is None:
+            raise ConfigError("--mode int8-static needs --calib (or --data): expected a calibration data spec")
+        calib_splits = splits if splits is not None and calib == splits.spec else _load_data(calib, model)
+        config = StaticInt8(observer=observer)
+        graph = quantize_static(model, calib_splits.train, config, example_inputs=calib_splits.example_inputs(1))
+    else:
+        if splits is None:
+            raise ConfigError("--mode int8-dynamic needs --data: expected a data spec for the example input shape")
+        config = DynamicInt8()
+        graph = quantize_dynamic(model, config, example_inputs=splits.example_inputs(1))
+    return graph, {"stage": "quantize", "config": config.to_dict(), "runtime": "onnxruntime"}, {}
+
+
+def _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding, trust_factory, json_output):
+    from torchslim.artifact import load
+    from torchslim.quantize import IntQuant
+    from torchslim.quantize.sweep import sweep_bits
+
+    if data is None:
+        raise ConfigError("--sweep needs --data: expected a labelled data spec, e.g. --data digits")
+    widths = parse_int_list("--sweep", sweep)
+    base = IntQuant(granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding)
+    model = load(path, trust_factory=trust_factory)
+    splits = _load_data(data, model)
+    plot_path = plot or path.with_name(path.stem + "-bits-sweep.png")
+    rows = sweep_bits(model, splits, widths, base, plot_path=plot_path)
+    if json_output:
+        print_json({"plot": str(plot_path), "rows": [r.to_dict() for r in rows]})
+        return
+    body = [[r.label, f"{r.accuracy:.2%}", f"{r.file_bytes:,}", f"{r.bits_per_weight:.2f}"] for r in rows]
+    out_console = console()
+    out_console.print(table(f"bit-width sweep of {path} on {data}", ["width", "accuracy", "file bytes",
+                                                                  "file bits/param"], body))
+    out_console.print(f"plot: {plot_path}")
