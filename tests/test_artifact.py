@@ -20,6 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -269,7 +270,8 @@ _SPECIALS = [0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), float("nan"), 1e
 @settings(max_examples=60, deadline=None)
 @given(
     dtype=st.sampled_from(
-        [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int64, torch.bool]
+        [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+        + [torch.int8, torch.uint8, torch.int64, torch.bool]
     ),
     shape=st.lists(st.integers(0, 9), min_size=0, max_size=3),
     density=st.floats(0.0, 1.0),
@@ -416,7 +418,7 @@ def test_unregistered_changed_module_is_refused_on_save(tmp_path, replacement):
 
 def test_pruning_reparametrization_is_refused_naming_the_tensor(tmp_path):
     model = _model("lenet300")
-    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
     with pytest.raises(ArtifactError, match="1.weight_orig"):
         save(model, tmp_path / "m.slim")
 
@@ -504,6 +506,8 @@ def test_newer_format_version_asks_to_upgrade(slim):
         (lambda m: m["tensors"]["1.bias"].update(dtype="load"), "dtype 'load'"),
         (lambda m: m["tensors"]["1.bias"].update(encoding="zstd"), "encoding 'zstd' is unknown"),
         (lambda m: m["modules"]["1"].update(codec="nn.Quantum"), "codec 'nn.Quantum'"),
+        (lambda m: m["modules"]["1"].update(codec="torchslim.nope:Layer"), "'torchslim.nope' cannot be"),
+        (lambda m: m["modules"]["1"].update(codec="os.path:Layer"), "trust_factory=True to let"),
         (lambda m: m["modules"]["1"]["spec"].update(out_features="x"), "cannot rebuild module '1'"),
     ],
 )
@@ -544,7 +548,7 @@ def test_model_tensor_missing_from_manifest(slim):
         m["tensors"].pop("5.bias")
 
     _rewrite(slim, manifest=drop, tensors=lambda t: t.pop("5.bias"))
-    with pytest.raises(ArtifactError, match="tensor '5.bias' of the model rebuilt .* not in the saved tensors"):
+    with pytest.raises(ArtifactError, match="tensor '5.bias' of the model .* not in the saved tensors"):
         load(slim)
 
 
@@ -653,7 +657,7 @@ def test_killed_save_never_leaves_a_partial_file(tmp_path):
         variants[seed] = create_model("lenet300")
     rng = random.Random(0)
     children = []
-    for index in range(4):
+    for index in range(6):
         folder = tmp_path / f"run{index}"
         folder.mkdir()
         save(variants[0], folder / "model.slim", extra={"seed": 0})  # the old file

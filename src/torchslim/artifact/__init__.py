@@ -18,9 +18,11 @@ the tensors and loads them strictly. No pickle is read or written anywhere.
 
 from __future__ import annotations
 
+import importlib
 import json
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,7 @@ def save(
     Raises:
         ArtifactError: no factory; a non-JSON-safe manifest value (the message names the key); a
             module that differs from the factory model and has no codec; a state entry that is not
-            a tensor; the tensors cannot be serialised.
+            a tensor; the tensors cannot be serialised; the file cannot be written (OSError).
     """
     from torchslim.models import factory_of
 
@@ -264,7 +266,7 @@ def _changed_modules(model: nn.Module, factory: dict[str, Any]) -> dict[str, dic
                 "instead of deleting it"
             )
     # Rebuild as load will and compare the tensors, so a file that cannot load is never written.
-    rebuilt = _replace_modules(reference, changed, "save", meta=on_meta)
+    rebuilt = _replace_modules(reference, changed, "save", meta=on_meta, trust=False)
     _check_state_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, rebuilt, "save", factory)
     return changed
 
@@ -332,8 +334,9 @@ def load(
 
     Raises:
         ArtifactError: missing, truncated or corrupted file; not a torchslim file; newer format;
-            untrusted or failing factory; unknown codec or encoding; tensors that disagree with the
-            manifest or the rebuilt model (the message names the tensor).
+            untrusted or failing factory; unknown codec or encoding (codecs named
+            ``"torchslim.x:Class"`` are imported on demand, others only with ``trust_factory``);
+            tensors that disagree with the manifest or the rebuilt model (the message names the tensor).
     """
     where = str(path)
     data = read_file(path)
@@ -351,11 +354,11 @@ def load(
     state = _decode_all(manifest["tensors"], stored.__getitem__, set(stored), where)
     _check_state_shapes({k: tuple(v.shape) for k, v in state.items()}, model, where, factory)
     current = model.state_dict(keep_vars=True)
-    for key, tensor in state.items():
-        target = current[key]
-        if target.dtype != tensor.dtype:  # e.g. a half-precision model: keep the saved dtype
-            target.data = target.data.to(tensor.dtype)
     try:
+        for key, tensor in state.items():
+            target = current[key]
+            if target.dtype != tensor.dtype:  # e.g. a half-precision model: keep the saved dtype
+                target.data = target.data.to(tensor.dtype)
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{where}: the stored tensors do not fit the rebuilt model: {exc}") from exc
@@ -386,22 +389,51 @@ def _rebuild(manifest: dict[str, Any], where: str, trust_factory: bool) -> nn.Mo
             f"{where}: cannot rebuild the model from factory {name!r} with kwargs "
             f"{factory['kwargs']!r}: {exc}"
         ) from exc
-    return _replace_modules(model, manifest["modules"], where, meta=False)
+    return _replace_modules(model, manifest["modules"], where, meta=False, trust=trust_factory)
+
+
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _find_codec(codec_name: str, module_name: str, where: str, trust: bool):
+    """The codec registered as ``codec_name``, importing its module when the name says which.
+
+    Codec names of the form ``"package.module:Class"`` are imported on demand: modules inside
+    ``torchslim`` always (so a fresh process can load quantized files), others only with
+    ``trust_factory=True`` (importing runs code named by the file).
+
+    Raises:
+        ArtifactError: the codec is not registered and cannot (or may not) be imported.
+    """
+    codec = codec_named(codec_name)
+    package = codec_name.partition(":")[0] if ":" in codec_name else ""
+    own = package == "torchslim" or package.startswith("torchslim.")
+    if codec is None and _MODULE_PATH.fullmatch(package) and (own or trust):
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            raise ArtifactError(
+                f"{where}: module {module_name!r} needs codec {codec_name!r}, but {package!r} cannot be "
+                f"imported ({exc})"
+            ) from exc
+        codec = codec_named(codec_name)
+    if codec is None:
+        hint = " (pass trust_factory=True to let torchslim import it)" if package and not own else ""
+        raise ArtifactError(
+            f"{where}: module {module_name!r} needs codec {codec_name!r}, which is not registered: import "
+            f"the package that registers it{hint} (registered: {', '.join(sorted(registered_codecs()))})"
+        )
+    return codec
 
 
 def _replace_modules(
-    model: nn.Module, modules: dict[str, dict[str, Any]], where: str, *, meta: bool
+    model: nn.Module, modules: dict[str, dict[str, Any]], where: str, *, meta: bool, trust: bool
 ) -> nn.Module:
     """Replace each listed module by ``codec.from_spec(spec)``; returns the (possibly new) root."""
     from torchslim.models.registry import FACTORY_ATTR
 
     for name, entry in modules.items():
-        codec = codec_named(entry["codec"])
-        if codec is None:
-            raise ArtifactError(
-                f"{where}: module {name!r} needs codec {entry['codec']!r}, which is not registered: "
-                f"import the package that registers it (registered: {', '.join(sorted(registered_codecs()))})"
-            )
+        codec = _find_codec(entry["codec"], name, where, trust)
         try:
             with torch.random.fork_rng(devices=[]):
                 if meta:
@@ -484,15 +516,16 @@ def _check_state_shapes(
     """Compare tensor names and shapes with the (rebuilt) model's state dict."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     origin = f"the model rebuilt from factory {factory['name']!r}"
-    for key in expected:
-        if key not in shapes:
-            raise ArtifactError(f"{where}: tensor {key!r} of {origin} is not in the saved tensors")
-    for key, shape in shapes.items():
+    for key in shapes:
         if key not in expected:
             raise ArtifactError(
                 f"{where}: saved tensor {key!r} has no place in {origin} (remove pruning reparametrizations, "
                 "e.g. torch.nn.utils.prune.remove, or register a codec for its module)"
             )
+    for key in expected:
+        if key not in shapes:
+            raise ArtifactError(f"{where}: tensor {key!r} of {origin} is not in the saved tensors")
+    for key, shape in shapes.items():
         if shape != expected[key]:
             raise ArtifactError(
                 f"{where}: tensor {key!r} has shape {list(shape)} in the saved tensors but "

@@ -138,21 +138,15 @@ def _coo_decode(parts, dtype, shape, where):
     numel = math.prod(shape)
     indices, values = parts["indices"], parts["values"]
     if indices.dim() != 1:
-        raise ArtifactError(
-            f"{where}: stored indices have shape {list(indices.shape)}, expected 1-D"
-        )
+        raise ArtifactError(f"{where}: stored indices have shape {list(indices.shape)}, expected 1-D")
     _expect(indices, where, "indices", (torch.int32, torch.int64), (indices.numel(),))
     _expect(values, where, "values", dtype, (indices.numel(),))
     flat_index = indices.to(torch.int64)
     if flat_index.numel():
         if int(flat_index.min()) < 0 or int(flat_index.max()) >= numel:
-            raise ArtifactError(
-                f"{where}: stored indices fall outside [0, {numel}) (corrupted file)"
-            )
+            raise ArtifactError(f"{where}: stored indices fall outside [0, {numel}) (corrupted file)")
         if flat_index.numel() > 1 and not bool((flat_index[1:] > flat_index[:-1]).all()):
-            raise ArtifactError(
-                f"{where}: stored indices are not strictly increasing (corrupted file)"
-            )
+            raise ArtifactError(f"{where}: stored indices are not strictly increasing (corrupted file)")
     present = torch.zeros(numel, dtype=torch.bool)
     present[flat_index] = True
     return _scatter(present, values, dtype, numel, where).reshape(shape)
@@ -168,9 +162,7 @@ def _scatter(
     probe = torch.empty(0, dtype=dtype)
     bits_dtype = _BITS_DTYPES.get(probe.element_size())
     if bits_dtype is None:
-        raise ArtifactError(
-            f"{where}: dtype {dtype_name(dtype)} cannot be stored sparsely (corrupted file)"
-        )
+        raise ArtifactError(f"{where}: dtype {dtype_name(dtype)} cannot be stored sparsely (corrupted file)")
     out = torch.zeros(numel, dtype=bits_dtype)
     out[present] = values.contiguous().view(bits_dtype)
     return out.view(dtype)
@@ -193,9 +185,7 @@ def parse_dtype(name: object, where: str) -> torch.dtype:
     """
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise ArtifactError(
-            f"{where}: dtype {name!r} is not a torch dtype (e.g. 'float32', 'uint8')"
-        )
+        raise ArtifactError(f"{where}: dtype {name!r} is not a torch dtype (e.g. 'float32', 'uint8')")
     return dtype
 
 
