@@ -127,9 +127,7 @@ class Config:
         target = cls
         if cls is Config:
             if name not in _CONFIGS:
-                raise ConfigError(
-                    f"config type = {name!r} is invalid: expected one of {', '.join(sorted(_CONFIGS))}"
-                )
+                raise ConfigError(f"config type = {name!r} is invalid: expected one of {', '.join(sorted(_CONFIGS))}")
             target = _CONFIGS[name]
         elif name is not None and name != cls.config_name:
             raise ConfigError(f"config type = {name!r} is invalid: expected {cls.config_name!r}")

@@ -34,7 +34,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     if not directory.is_dir():
         raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=(suffix if suffix is not None else final.suffix) + ".tmp",
+        prefix=f".{final.name}.",
+        suffix=(suffix if suffix is not None else final.suffix) + ".tmp",
         dir=directory,
     )
     os.close(fd)

@@ -693,22 +693,6 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"evaluate batch_size = {batch_size!r} is invalid: expected an integer >= 1")
-    total = _length(data, "data")
-    if total == 0:
-        raise DataError("cannot evaluate on empty data: expected at least one (input, label) sample")
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for batch in _loader(data, batch_size):
-                inputs, targets = _split_batch(batch, "data")
-                output = model(inputs.to(device))
-                if not isinstance(output, torch.Tensor) or output.ndim != 2:
-                    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                    raise DataError(f"evaluate expects (batch, classes) logits from the model, got {shape}")
-                correct += int((output.argmax(dim=1) == targets.to(device)).sum())
-    finally:
-        model.train(was_training)
-    return correct / total
+    from torchslim.measure.accuracy import accuracy
+
+    return accuracy(model, data, batch_size)

@@ -20,8 +20,21 @@ def run(capsys, *args):
 def trained(tmp_path_factory):
     """A quickly trained lenet300 (2 epochs) saved by the CLI itself."""
     path = tmp_path_factory.mktemp("cli") / "lenet300.slim"
-    code = main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "2", "--out", str(path),
-                 "--no-progress", "--json"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "lenet300",
+            "--data",
+            "digits",
+            "--epochs",
+            "2",
+            "--out",
+            str(path),
+            "--no-progress",
+            "--json",
+        ]
+    )
     assert code == 0
     return path
 

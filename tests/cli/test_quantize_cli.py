@@ -23,8 +23,22 @@ def run(capsys, *args):
 
 def test_int4_group_quantization_shrinks_the_file_and_keeps_accuracy(trained, tmp_path, capsys):
     out = tmp_path / "q4.slim"
-    code, stdout, err = run(capsys, "quantize", trained, "--bits", "4", "--granularity", "group", "--group-size",
-                            "32", "--data", "digits", "--out", out, "--json")
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        trained,
+        "--bits",
+        "4",
+        "--granularity",
+        "group",
+        "--group-size",
+        "32",
+        "--data",
+        "digits",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(stdout)
     assert report["output_bytes"] == os.path.getsize(out)
@@ -47,8 +61,9 @@ def test_other_modes(trained, tmp_path, capsys, mode, ratio):
 
 def test_overrides_skip_and_widen_layers(trained, tmp_path, capsys):
     out = tmp_path / "mixed.slim"
-    code, stdout, err = run(capsys, "quantize", trained, "--bits", "2", "--override", "1=8", "--override", "5=none",
-                            "--out", out)
+    code, stdout, err = run(
+        capsys, "quantize", trained, "--bits", "2", "--override", "1=8", "--override", "5=none", "--out", out
+    )
     assert code == 0, err
     assert "skipped 5: override is None" in stdout
     import torchslim as ts
@@ -60,8 +75,9 @@ def test_overrides_skip_and_widen_layers(trained, tmp_path, capsys):
 
 def test_sweep_prints_each_width_and_writes_a_plot(trained, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
-    code, stdout, err = run(capsys, "quantize", trained, "--sweep", "2,4,8", "--data", "digits", "--plot", plot,
-                            "--json")
+    code, stdout, err = run(
+        capsys, "quantize", trained, "--sweep", "2,4,8", "--data", "digits", "--plot", plot, "--json"
+    )
     assert code == 0, err
     rows = json.loads(stdout)["rows"]
     assert [r["label"] for r in rows] == ["fp32", "2-bit", "4-bit", "8-bit"]

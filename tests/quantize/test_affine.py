@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torchslim.errors import ConfigError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, quantize_affine
 
+
 def inside_clipping_range(grouped, scale, zp, bits):
     """Elements whose value lies in the representable range [(0 - zp) * s, (qmax - zp) * s]."""
     low = (-zp.float() * scale.float()).unsqueeze(-1)
@@ -17,12 +18,20 @@ def inside_clipping_range(grouped, scale, zp, bits):
 
 weights = st.builds(
     lambda seed, rows, cols, spread: torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * spread,
-    st.integers(0, 2**16), st.integers(1, 6), st.sampled_from([4, 8, 12]), st.floats(1e-3, 10.0),
+    st.integers(0, 2**16),
+    st.integers(1, 6),
+    st.sampled_from([4, 8, 12]),
+    st.floats(1e-3, 10.0),
 )
 
 
 @settings(max_examples=80, deadline=None)
-@given(w=weights, bits=st.integers(2, 8), symmetric=st.booleans(), granularity=st.sampled_from(["tensor", "channel", "group"]))
+@given(
+    w=weights,
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    granularity=st.sampled_from(["tensor", "channel", "group"]),
+)
 def test_nearest_error_is_at_most_half_a_step_inside_the_range(w, bits, symmetric, granularity):
     grouped = grouped_view(w, granularity, group_size=4)
     scale, zp = compute_qparams(grouped, bits, symmetric)
@@ -61,7 +70,7 @@ def test_codes_match_the_seed_formula_element_for_element(w, bits, rounding):
     expected = [min(max(math.floor(x * k + b), 0), qmax) for x in grouped.flatten().tolist()]
     codes = quantize_affine(grouped, scale, zp, bits, rounding).flatten().tolist()
     # float32 vs float64 evaluation may differ exactly at a .5 boundary; allow none beyond off-by-one
-    mismatches = [(c, e) for c, e in zip(codes, expected) if c != e]
+    mismatches = [(c, e) for c, e in zip(codes, expected, strict=True) if c != e]
     assert all(abs(c - e) == 1 for c, e in mismatches)
     assert len(mismatches) <= max(1, len(codes) // 100)
 
@@ -71,8 +80,8 @@ def test_floor_rounding_is_biased_low_by_half_a_step_and_nearest_is_not():
     grouped = grouped_view(w, "channel")
     scale, zp = compute_qparams(grouped, 4, symmetric=False)
     step = scale.unsqueeze(-1)
-    floor_bias = ((dequantize_affine(quantize_affine(grouped, scale, zp, 4, "floor"), scale, zp) - grouped) / step)
-    nearest_bias = ((dequantize_affine(quantize_affine(grouped, scale, zp, 4, "nearest"), scale, zp) - grouped) / step)
+    floor_bias = (dequantize_affine(quantize_affine(grouped, scale, zp, 4, "floor"), scale, zp) - grouped) / step
+    nearest_bias = (dequantize_affine(quantize_affine(grouped, scale, zp, 4, "nearest"), scale, zp) - grouped) / step
     assert floor_bias.mean().item() == pytest.approx(-0.5, abs=0.05)
     assert abs(nearest_bias.mean().item()) < 0.05
 

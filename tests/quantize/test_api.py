@@ -107,8 +107,10 @@ def test_zeros_survive_quantization_so_pruned_weights_stay_sparse():
     layer = nn.Linear(32, 16)
     with torch.no_grad():
         layer.weight.masked_fill_(layer.weight.abs() < 0.1, 0.0)
-    for q in (IntQuantLayer.from_float(layer, 4, "channel", None, False),
-              IntQuantLayer.from_float(layer, 4, "channel", None, True)):
+    for q in (
+        IntQuantLayer.from_float(layer, 4, "channel", None, False),
+        IntQuantLayer.from_float(layer, 4, "channel", None, True),
+    ):
         assert bool((q.weight[layer.weight == 0] == 0).all())
     from torchslim.quantize import CodebookLayer
 

@@ -74,8 +74,15 @@ def inspect(
         sparsity = 1.0 - int(row["nonzero"]) / numel
         bits = 8 * int(row["stored_bytes"]) / numel
         rows.append(
-            [row["name"], "x".join(str(d) for d in row["shape"]) or "scalar", row["dtype"], row["encoding"],
-             f"{sparsity:.1%}", f"{int(row['stored_bytes']):,}", f"{bits:.2f}"]
+            [
+                row["name"],
+                "x".join(str(d) for d in row["shape"]) or "scalar",
+                row["dtype"],
+                row["encoding"],
+                f"{sparsity:.1%}",
+                f"{int(row['stored_bytes']):,}",
+                f"{bits:.2f}",
+            ]
         )
     out.print(table("tensors", ["name", "shape", "dtype", "encoding", "sparsity", "bytes", "bits/elem"], rows))
     if summary["modules"]:

@@ -50,10 +50,15 @@ def quantize(
     from torchslim.artifact import load, read_manifest, save
     from torchslim.quantize import CodebookQuant, HalfPrecision, IntQuant, quantize_
 
-    int_config = IntQuant(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
-                          rounding=rounding)
-    configs = {"int": int_config, "codebook": CodebookQuant(bits=bits), "fp16": HalfPrecision("fp16"),
-               "bf16": HalfPrecision("bf16")}
+    int_config = IntQuant(
+        bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding
+    )
+    configs = {
+        "int": int_config,
+        "codebook": CodebookQuant(bits=bits),
+        "fp16": HalfPrecision("fp16"),
+        "bf16": HalfPrecision("bf16"),
+    }
     overrides = _parse_overrides(override, int_config)
     model = load(path, trust_factory=trust_factory)
     splits = _load_data(data, model) if data else None
@@ -71,24 +76,35 @@ def quantize(
         skipped = report.skipped
     else:
         report = quantize_(model, configs[mode], overrides=overrides)
-        stage = {"stage": "quantize", "config": configs[mode].to_dict(),
-                 "overrides": {k: (None if v is None else v.to_dict()) for k, v in overrides.items()}}
+        stage = {
+            "stage": "quantize",
+            "config": configs[mode].to_dict(),
+            "overrides": {k: (None if v is None else v.to_dict()) for k, v in overrides.items()},
+        }
         skipped = report.skipped
     accuracy_after = _accuracy(model, splits)
     recipe = list(manifest.get("recipe") or []) + [stage]
     measurements = {"accuracy": accuracy_after, "data": data} if splits else None
     save(model, target, recipe=recipe, measurements=measurements)
     summary = {
-        "input": str(path), "output": str(target), "mode": mode, "input_bytes": path.stat().st_size,
-        "output_bytes": target.stat().st_size, "compression_ratio": path.stat().st_size / target.stat().st_size,
-        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "skipped": skipped,
+        "input": str(path),
+        "output": str(target),
+        "mode": mode,
+        "input_bytes": path.stat().st_size,
+        "output_bytes": target.stat().st_size,
+        "compression_ratio": path.stat().st_size / target.stat().st_size,
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+        "skipped": skipped,
     }
     if json_output:
         print_json(summary)
         return
     out_console = console()
-    rows = [["file bytes", f"{summary['input_bytes']:,}", f"{summary['output_bytes']:,}"],
-            ["ratio", "1.00x", f"{summary['compression_ratio']:.2f}x"]]
+    rows = [
+        ["file bytes", f"{summary['input_bytes']:,}", f"{summary['output_bytes']:,}"],
+        ["ratio", "1.00x", f"{summary['compression_ratio']:.2f}x"],
+    ]
     if splits is not None:
         rows.append(["accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}"])
     out_console.print(table(f"quantize {path} -> {target} ({mode})", ["", "before", "after"], rows))
@@ -163,6 +179,7 @@ def _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding
         return
     body = [[r.label, f"{r.accuracy:.2%}", f"{r.file_bytes:,}", f"{r.bits_per_weight:.2f}"] for r in rows]
     out_console = console()
-    out_console.print(table(f"bit-width sweep of {path} on {data}", ["width", "accuracy", "file bytes",
-                                                                  "file bits/param"], body))
+    out_console.print(
+        table(f"bit-width sweep of {path} on {data}", ["width", "accuracy", "file bytes", "file bits/param"], body)
+    )
     out_console.print(f"plot: {plot_path}")

@@ -39,8 +39,13 @@ def train(
 
     target = check_output_path(out or Path(f"{model.replace(':', '_').replace('.', '_')}.slim"), force=force)
     overrides = {
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "scheduler": scheduler,
-        "checkpoint_every": checkpoint_every, "seed": seed,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "checkpoint_every": checkpoint_every,
+        "seed": seed,
     }
     config = RECOMMENDED.get(model, TrainConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
     splits = load_data(data, seed=seed)
@@ -54,8 +59,13 @@ def train(
     record = {"stage": "train", "data": data, "config": config.to_dict()}
     save(net, target, recipe=[record], measurements={"accuracy": result.final_accuracy, "data": data})
     summary = {
-        "model": model, "data": data, "out": str(target), "epochs": config.epochs,
-        "accuracy": result.final_accuracy, "seconds": round(seconds, 2), "bytes": target.stat().st_size,
+        "model": model,
+        "data": data,
+        "out": str(target),
+        "epochs": config.epochs,
+        "accuracy": result.final_accuracy,
+        "seconds": round(seconds, 2),
+        "bytes": target.stat().st_size,
     }
     if json_output:
         print_json(summary)

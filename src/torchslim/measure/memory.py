@@ -14,6 +14,10 @@ caching or fragmentation, and memory allocated by libraries outside PyTorch's al
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,8 +60,24 @@ def _allocation_events(prof: profile) -> list[tuple[int, int]]:
     return events
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto prints ``profiler_start``/``profiler_stop`` lines from C++ straight to file descriptor 2;
+    keep them out of the CLI's output by pointing fd 2 at /dev/null while the profiler runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_peak_bytes(model: nn.Module, inputs: Any) -> int | None:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call(model, inputs)
     events = _allocation_events(prof)
     if not events:

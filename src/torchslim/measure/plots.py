@@ -28,8 +28,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_accuracy_vs_size(
-    labels: Sequence[str], sizes: Sequence[float], accuracies: Sequence[float], path: str | os.PathLike,
-    *, title: str = "accuracy vs file size",
+    labels: Sequence[str],
+    sizes: Sequence[float],
+    accuracies: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    title: str = "accuracy vs file size",
 ) -> Path:
     """Scatter accuracy against file bytes, label each point, draw the Pareto front.
 
@@ -52,9 +56,9 @@ def plot_accuracy_vs_size(
     kib = [s / 1024 for s in sizes]
     pct = [a * 100 for a in accuracies]
     axes.scatter(kib, pct, color="tab:blue", zorder=3)
-    for label, x, y in zip(labels, kib, pct):
+    for label, x, y in zip(labels, kib, pct, strict=True):
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    front = pareto_front(list(zip(sizes, accuracies)))
+    front = pareto_front(list(zip(sizes, accuracies, strict=True)))
     axes.plot([kib[i] for i in front], [pct[i] for i in front], color="tab:orange", label="Pareto front", zorder=2)
     axes.set_xscale("log")
     axes.set_xlabel("file bytes (KiB, log scale)")

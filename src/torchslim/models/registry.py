@@ -55,7 +55,7 @@ def resolve_factory(spec: str, trust: bool) -> tuple[Callable[..., nn.Module], s
     Raises:
         ModelError: unknown name, untrusted ``module:callable``, or nothing callable there.
     """
-    name = spec[len(BUILTIN_PREFIX):] if spec.startswith(BUILTIN_PREFIX) else spec
+    name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else spec
     if name in _MODELS:
         return _MODELS[name][0], BUILTIN_PREFIX + name
     if ":" not in spec:

@@ -46,7 +46,7 @@ class SmallResNet(nn.Module):
         )
         stages = []
         channels = widths[0]
-        for index, (width, count) in enumerate(zip(widths, blocks)):
+        for index, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             layers = []
             for block in range(count):
                 stride = 2 if index > 0 and block == 0 else 1

@@ -32,15 +32,17 @@ class DemoReport:
         rows = []
         for r in self.results:
             latency = r["measurement"]["latency"]
-            rows.append([
-                r["model"],
-                f"{r['measurement']['accuracy']:.2%}",
-                f"{r['measurement']['artifact_bytes']:,}",
-                f"{r['measurement']['parameters']:,}",
-                f"{r['measurement']['macs']:,}",
-                f"{latency['1']['median_ms']:.3f}",
-                f"{latency['32']['median_ms']:.3f}",
-            ])
+            rows.append(
+                [
+                    r["model"],
+                    f"{r['measurement']['accuracy']:.2%}",
+                    f"{r['measurement']['artifact_bytes']:,}",
+                    f"{r['measurement']['parameters']:,}",
+                    f"{r['measurement']['macs']:,}",
+                    f"{latency['1']['median_ms']:.3f}",
+                    f"{latency['32']['median_ms']:.3f}",
+                ]
+            )
         return rows
 
 
@@ -84,14 +86,16 @@ def run_demo(out_dir: Path, *, quick: bool = False, progress: bool | None = None
             if not torch.equal(model.eval()(test_x), reloaded(test_x)):
                 raise TorchSlimError(f"{path}: the reloaded model's outputs differ from the trained model's")
         measurement = measure(reloaded, splits, artifact_path=path)
-        results.append({
-            "model": name,
-            "artifact": str(path),
-            "train_seconds": round(seconds, 2),
-            "epochs": config.epochs,
-            "final_eval_accuracy": trained.final_accuracy,
-            "measurement": measurement.to_dict(),
-        })
+        results.append(
+            {
+                "model": name,
+                "artifact": str(path),
+                "train_seconds": round(seconds, 2),
+                "epochs": config.epochs,
+                "final_eval_accuracy": trained.final_accuracy,
+                "measurement": measurement.to_dict(),
+            }
+        )
     json_path = atomic_write_text(out_dir / "report.json", json.dumps({"results": results}, indent=2) + "\n")
     markdown_path = atomic_write_text(out_dir / "report.md", _markdown(results))
     return DemoReport(results, Path(markdown_path), Path(json_path))

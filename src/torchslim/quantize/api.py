@@ -108,8 +108,15 @@ def quantization_handler(config_type: type[Config]) -> Callable:
 
 @quantization_handler(IntQuant)
 def _int_quant(module: nn.Module, config: IntQuant) -> nn.Module:
-    return IntQuantLayer.from_float(module, config.bits, config.granularity, config.group_size, config.symmetric,
-                                    config.rounding, config.scale_dtype)
+    return IntQuantLayer.from_float(
+        module,
+        config.bits,
+        config.granularity,
+        config.group_size,
+        config.symmetric,
+        config.rounding,
+        config.scale_dtype,
+    )
 
 
 @quantization_handler(CodebookQuant)
@@ -131,7 +138,9 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         lines = [f"quantized {len(self.quantized)} layer(s)"]
-        lines += [f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()]
+        lines += [
+            f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()
+        ]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} layer(s)")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
@@ -168,8 +177,10 @@ def quantize_(
     names = {name for name, _ in model.named_modules()}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"overrides names layer {unknown[0]!r}, which the model does not have: "
-                          f"expected one of {', '.join(n for n in sorted(names) if n)}")
+        raise ConfigError(
+            f"overrides names layer {unknown[0]!r}, which the model does not have: "
+            f"expected one of {', '.join(n for n in sorted(names) if n)}"
+        )
     report = QuantizeReport()
     plan: list[tuple[str, nn.Module, Config]] = []
     for name, module in model.named_modules():
@@ -184,8 +195,10 @@ def quantize_(
             report.skipped[name] = "override is None"
             continue
         if type(chosen) not in _HANDLERS:
-            raise ConfigError(f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
-                              f"{', '.join(c.__name__ for c in _HANDLERS)}")
+            raise ConfigError(
+                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+                f"{', '.join(c.__name__ for c in _HANDLERS)}"
+            )
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped[name] = "filter_fn returned False"
             continue

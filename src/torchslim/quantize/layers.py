@@ -42,8 +42,12 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ConfigError(f"padding_mode={module.padding_mode!r}, padding={module.padding!r} is not supported")
-        conv = {"stride": list(module.stride), "padding": list(module.padding),
-                "dilation": list(module.dilation), "groups": module.groups}
+        conv = {
+            "stride": list(module.stride),
+            "padding": list(module.padding),
+            "dilation": list(module.dilation),
+            "groups": module.groups,
+        }
         op = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
         return {"op": op, "weight_shape": list(module.weight.shape), "bias": module.bias is not None, "conv": conv}
     raise ConfigError(f"{type(module).__name__} is not supported: expected Linear, Conv1d or Conv2d")
@@ -62,8 +66,12 @@ class _WeightOnlyLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
 
     def _layer_spec(self) -> dict[str, Any]:
-        return {"op": self.op, "weight_shape": list(self.weight_shape), "bias": self.bias is not None,
-                "conv": dict(self.conv)}
+        return {
+            "op": self.op,
+            "weight_shape": list(self.weight_shape),
+            "bias": self.bias is not None,
+            "conv": dict(self.conv),
+        }
 
     def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Apply the layer's op with ``weight`` (cast to the input's dtype)."""
@@ -124,18 +132,36 @@ class IntQuantLayer(_WeightOnlyLayer):
         return self.weight_shape[0], groups, self.group_size
 
     @classmethod
-    def from_float(cls, module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool,
-                   rounding: str = "nearest", scale_dtype: str = "float16") -> IntQuantLayer:
+    def from_float(
+        cls,
+        module: nn.Module,
+        bits: int,
+        granularity: str,
+        group_size: int | None,
+        symmetric: bool,
+        rounding: str = "nearest",
+        scale_dtype: str = "float16",
+    ) -> IntQuantLayer:
         """Quantize a Linear/Conv module's weight with min/max scales; the bias stays float32."""
         grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
         scale, zero_point = compute_qparams(grouped, bits, symmetric, SCALE_DTYPES[scale_dtype])
-        return cls.from_qparams(module, scale, zero_point, bits, granularity, group_size, symmetric, rounding,
-                                scale_dtype)
+        return cls.from_qparams(
+            module, scale, zero_point, bits, granularity, group_size, symmetric, rounding, scale_dtype
+        )
 
     @classmethod
-    def from_qparams(cls, module: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                     granularity: str, group_size: int | None, symmetric: bool, rounding: str = "nearest",
-                     scale_dtype: str = "float16") -> IntQuantLayer:
+    def from_qparams(
+        cls,
+        module: nn.Module,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        granularity: str,
+        group_size: int | None,
+        symmetric: bool,
+        rounding: str = "nearest",
+        scale_dtype: str = "float16",
+    ) -> IntQuantLayer:
         """Quantize a Linear/Conv module's weight with given scales and zero points.
 
         Used by :meth:`from_float` (min/max scales) and by QAT's ``convert_`` (learned scales).
@@ -150,8 +176,14 @@ class IntQuantLayer(_WeightOnlyLayer):
         Returns:
             The packed layer on the module's device.
         """
-        layer = cls(**describe_layer(module), bits=bits, granularity=granularity, group_size=group_size,
-                    symmetric=symmetric, scale_dtype=scale_dtype)
+        layer = cls(
+            **describe_layer(module),
+            bits=bits,
+            granularity=granularity,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+        )
         if tuple(scale.shape) != tuple(layer.scale.shape):
             raise ConfigError(f"scale shape {tuple(scale.shape)} is invalid: expected {tuple(layer.scale.shape)}")
         grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
@@ -195,8 +227,14 @@ class IntQuantLayer(_WeightOnlyLayer):
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
-        return {**self._layer_spec(), "bits": self.bits, "granularity": self.granularity,
-                "group_size": self.group_size, "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+        return {
+            **self._layer_spec(),
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "scale_dtype": self.scale_dtype,
+        }
 
     def slim_stats(self) -> dict[str, int]:
         """Logical parameter count and the bits actually stored (codes, scales, zero points, bias)."""
@@ -209,8 +247,10 @@ class IntQuantLayer(_WeightOnlyLayer):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.granularity == "group" else ""
-        return (f"{super().extra_repr()}, bits={self.bits}, granularity={self.granularity}{group}, "
-                f"symmetric={self.symmetric}")
+        return (
+            f"{super().extra_repr()}, bits={self.bits}, granularity={self.granularity}{group}, "
+            f"symmetric={self.symmetric}"
+        )
 
 
 class CodebookLayer(_WeightOnlyLayer):
@@ -220,8 +260,15 @@ class CodebookLayer(_WeightOnlyLayer):
     0.0 so the sparsity survives clustering and fine-tuning.
     """
 
-    def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None, bits: int,
-                 pinned_zero: bool = False) -> None:
+    def __init__(
+        self,
+        op: str,
+        weight_shape: list[int],
+        bias: bool,
+        conv: dict[str, Any] | None,
+        bits: int,
+        pinned_zero: bool = False,
+    ) -> None:
         super().__init__(op, weight_shape, bias, conv)
         self.bits, self.pinned_zero = bits, pinned_zero
         self.codebook = nn.Parameter(torch.zeros((1 << bits) - int(pinned_zero)))
@@ -278,8 +325,9 @@ class CodebookLayer(_WeightOnlyLayer):
 class HalfLayer(_WeightOnlyLayer):
     """Weight and bias stored in 16 bits (fp16 or bf16); computed in the input's dtype."""
 
-    def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None,
-                 dtype: str = "fp16") -> None:
+    def __init__(
+        self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None, dtype: str = "fp16"
+    ) -> None:
         super().__init__(op, weight_shape, bias, conv)
         self.dtype_name = dtype
         half = HALF_DTYPES[dtype]

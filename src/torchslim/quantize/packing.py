@@ -38,9 +38,8 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     flat = values.reshape(-1).to(torch.int32)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise ConfigError(
-            f"values in [{int(flat.min())}, {int(flat.max())}] do not fit in {bits} bits: expected [0, {(1 << bits) - 1}]"
-        )
+        low, high = int(flat.min()), int(flat.max())
+        raise ConfigError(f"values in [{low}, {high}] do not fit in {bits} bits: expected [0, {(1 << bits) - 1}]")
     if bits == 8:
         return flat.to(torch.uint8)
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)

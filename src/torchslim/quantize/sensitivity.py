@@ -33,8 +33,9 @@ class LayerSensitivity:
         return dataclasses.asdict(self)
 
 
-def sensitivity(model: nn.Module, data: Any, config: Config, *, layers: list[str] | None = None,
-                batch_size: int = 256) -> list[LayerSensitivity]:
+def sensitivity(
+    model: nn.Module, data: Any, config: Config, *, layers: list[str] | None = None, batch_size: int = 256
+) -> list[LayerSensitivity]:
     """Quantize each layer alone with ``config`` and measure the damage on labelled data.
 
     Args:
@@ -54,8 +55,9 @@ def sensitivity(model: nn.Module, data: Any, config: Config, *, layers: list[str
     chosen = candidates if layers is None else list(layers)
     unknown = [name for name in chosen if name not in candidates]
     if unknown:
-        raise ConfigError(f"layers names {unknown[0]!r}, which cannot be quantized: expected one of "
-                          f"{', '.join(candidates)}")
+        raise ConfigError(
+            f"layers names {unknown[0]!r}, which cannot be quantized: expected one of {', '.join(candidates)}"
+        )
     baseline = accuracy(model, data, batch_size)
     results = []
     for name in chosen:

@@ -37,8 +37,14 @@ class SweepRow:
         return dataclasses.asdict(self)
 
 
-def sweep_bits(model: nn.Module, data: Any, bits: Sequence[int], base: IntQuant = IntQuant(), *,
-               plot_path: str | os.PathLike | None = None) -> list[SweepRow]:
+def sweep_bits(
+    model: nn.Module,
+    data: Any,
+    bits: Sequence[int],
+    base: IntQuant = IntQuant(),
+    *,
+    plot_path: str | os.PathLike | None = None,
+) -> list[SweepRow]:
     """Quantize a copy of ``model`` at each bit width, save it, and measure accuracy and bytes.
 
     Args:
@@ -61,6 +67,7 @@ def sweep_bits(model: nn.Module, data: Any, bits: Sequence[int], base: IntQuant 
     configs = [base.replace(bits=b) for b in bits]  # validates every width before any work
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+
         def saved_bytes(candidate: nn.Module, name: str) -> int:
             path = Path(tmp) / f"{name}.slim"
             save(candidate, path)
@@ -77,6 +84,11 @@ def sweep_bits(model: nn.Module, data: Any, bits: Sequence[int], base: IntQuant 
     if plot_path is not None:
         from torchslim.measure.plots import plot_accuracy_vs_size
 
-        plot_accuracy_vs_size([r.label for r in rows], [r.file_bytes for r in rows], [r.accuracy for r in rows],
-                              plot_path, title="accuracy vs file size by bit width")
+        plot_accuracy_vs_size(
+            [r.label for r in rows],
+            [r.file_bytes for r in rows],
+            [r.accuracy for r in rows],
+            plot_path,
+            title="accuracy vs file size by bit width",
+        )
     return rows
