@@ -23,7 +23,7 @@ def test_reference_models_have_the_published_sizes():
     assert n_params(create_model("student_mlp")) < 431_080 / 10
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", sorted(set(list_models()) - {"onnx_graph"}))  # onnx_graph wraps a graph
 def test_every_model_maps_digit_images_to_ten_logits(name):
     model = create_model(name)
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
