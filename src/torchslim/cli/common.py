@@ -13,8 +13,8 @@ from torchslim.errors import ConfigError
 
 
 def console() -> Console:
-    """A Rich console on stdout (plain text when stdout is not a terminal)."""
-    return Console(soft_wrap=True, highlight=False)
+    """A Rich console on stdout (plain text, 160 columns wide, when stdout is not a terminal)."""
+    return Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def print_json(data: Any) -> None:

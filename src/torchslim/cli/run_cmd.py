@@ -81,11 +81,10 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Two epochs per model (a smoke test, lower accuracy)."),
     progress: bool | None = PROGRESS_OPT,
 ) -> None:
-    """End-to-end job on the embedded digits: train, evaluate, save, reload, measure, report."""
-    from torchslim.pipeline.demo import run_demo
+    """End-to-end job on the embedded digits: train, compress, save, reload, measure, report."""
+    from torchslim.pipeline.demo import COLUMNS, run_demo
 
     report = run_demo(out, quick=quick, progress=progress)
     out_console = console()
-    columns = ["model", "accuracy", "file bytes", "params", "MACs", "latency b1 (ms)", "latency b32 (ms)"]
-    out_console.print(table("torchslim demo: digits 28x28 -> 10", columns, report.table_rows()))
+    out_console.print(table("torchslim demo: digits 28x28 -> 10", COLUMNS, report.table_rows()))
     out_console.print(f"report: {report.markdown_path}  artifacts: {out}")
