@@ -87,7 +87,7 @@ def _rewrite(path: Path, *, manifest=None, tensors=None, metadata: dict | None |
 # --- round trips --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", sorted(set(list_models()) - {"onnx_graph"}))  # onnx_graph: tests/quantize/test_int8.py
 def test_every_registered_model_round_trips_bit_exactly(tmp_path, name):
     model = _model(name)
     x = _inputs()

@@ -33,6 +33,19 @@ _EXPORTS: dict[str, str] = {
     "load": "torchslim.artifact",
     "read_manifest": "torchslim.artifact",
     "measure": "torchslim.measure",
+    "IntQuant": "torchslim.quantize",
+    "CodebookQuant": "torchslim.quantize",
+    "HalfPrecision": "torchslim.quantize",
+    "StaticInt8": "torchslim.quantize",
+    "DynamicInt8": "torchslim.quantize",
+    "quantize_": "torchslim.quantize",
+    "quantize_static": "torchslim.quantize",
+    "quantize_dynamic": "torchslim.quantize",
+    "sensitivity": "torchslim.quantize",
+    "sweep_bits": "torchslim.quantize",
+    "export_onnx": "torchslim.export",
+    "check_parity": "torchslim.export",
+    "OnnxGraph": "torchslim.models.onnx_graph",
     "Measurement": "torchslim.measure",
 }
 
@@ -66,4 +79,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
+    from torchslim.export import check_parity, export_onnx  # noqa: F401
+    from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
+    from torchslim.quantize import (  # noqa: F401
+        CodebookQuant,
+        DynamicInt8,
+        HalfPrecision,
+        IntQuant,
+        StaticInt8,
+        quantize_,
+        quantize_dynamic,
+        quantize_static,
+        sensitivity,
+        sweep_bits,
+    )
     from torchslim.train import TrainConfig, evaluate, train  # noqa: F401

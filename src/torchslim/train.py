@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
 
+from torchslim._callable_module import make_module_callable
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
 from torchslim.fileio import atomic_path
@@ -696,3 +697,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     from torchslim.measure.accuracy import accuracy
 
     return accuracy(model, data, batch_size)
+
+
+# ``ts.train(...)`` must call the function even after ``import torchslim.train`` bound the module.
+make_module_callable(__name__, "train")

@@ -98,3 +98,11 @@ def test_import_torchslim_does_not_import_optional_runtimes():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_public_verbs_are_callable_in_any_import_order():
+    code = (
+        "import torchslim.train, torchslim.measure, torchslim as ts;"
+        "assert callable(ts.train) and callable(ts.measure), (ts.train, ts.measure)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -158,7 +158,7 @@ def _int8(model, mode: str, calib: str | None, observer: str, splits):
             raise ConfigError("--mode int8-dynamic needs --data: expected a data spec for the example input shape")
         config = DynamicInt8()
         graph = quantize_dynamic(model, config, example_inputs=splits.example_inputs(1))
-    return graph, {"stage": "quantize", "config": config.to_dict(), "runtime": "onnxruntime"}, {}
+    return graph, {"stage": "quantize", "config": config.to_dict(), "runtime": "onnxruntime"}, dict(graph.skipped)
 
 
 def _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding, trust_factory, json_output):

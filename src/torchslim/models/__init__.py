@@ -1,6 +1,6 @@
 """Reference models and the model registry."""
 
-from torchslim.models import lenet, resnet, small  # noqa: F401  (registers the models)
+from torchslim.models import lenet, onnx_graph, resnet, small  # noqa: F401  (registers the models)
 from torchslim.models.registry import (
     create_model,
     factory_of,

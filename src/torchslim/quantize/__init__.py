@@ -8,9 +8,20 @@ from torchslim.quantize.api import (
     quantization_handler,
     quantize_,
 )
+from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static
 from torchslim.quantize.layers import CodebookLayer, HalfLayer, IntQuantLayer
+from torchslim.quantize.sensitivity import LayerSensitivity, sensitivity
+from torchslim.quantize.sweep import SweepRow, sweep_bits
 
 __all__ = [
+    "DynamicInt8",
+    "LayerSensitivity",
+    "StaticInt8",
+    "SweepRow",
+    "quantize_dynamic",
+    "quantize_static",
+    "sensitivity",
+    "sweep_bits",
     "CodebookLayer",
     "CodebookQuant",
     "HalfLayer",

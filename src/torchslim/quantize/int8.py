@@ -1,0 +1,391 @@
+"""Static (W8A8) and dynamic int8 quantization, executed by ONNX Runtime's int8 kernels.
+
+Both functions export the fp32 model to ONNX, quantize the graph with ONNX Runtime's quantizer and
+return an :class:`~torchslim.models.onnx_graph.OnnxGraph`: a module whose ``.slim`` file stores the
+int8 graph's bytes and whose ``forward`` runs it (``runtime == "onnxruntime"``).
+
+- :func:`quantize_static`: QDQ format, int8 weights (per output channel by default) and 8-bit
+  activations whose ranges come from calibration data through our observers (min-max, percentile
+  or MSE; see :mod:`torchslim.quantize.observers`), passed to ORT as ``TensorQuantOverrides``. ORT's
+  CPU provider fuses each ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into ``QLinearConv`` /
+  ``QGemm``, so convolutions and matmuls run in int8.
+- :func:`quantize_dynamic`: int8 weights, activations quantized per batch at run time
+  (``DynamicQuantizeLinear`` + ``MatMulInteger``, fused by ORT into ``DynamicQuantizeMatMul``). Only
+  Linear layers (ONNX ``MatMul``/``Gemm`` with constant weights; ORT's dynamic quantizer turns
+  ``Gemm`` into ``MatMul + Add`` itself) are quantized; convolutions stay fp32, as in PyTorch's
+  dynamic quantization (ORT's ``ConvInteger`` is several times slower than its fp32 Conv here).
+
+Nodes left in fp32 are listed with the reason in ``graph.skipped``; the parity check against the
+fp32 model is in ``graph.parity``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from torchslim.config import Config, register_config
+from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
+from torchslim.export.onnx import check_parity, export_onnx
+from torchslim.export.runtime import ort_session, require_onnx, require_onnxruntime
+from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.models.registry import factory_of
+from torchslim.quantize.observers import OBSERVERS, create_observer
+
+__all__ = ["DynamicInt8", "StaticInt8", "quantize_dynamic", "quantize_static"]
+
+_CALIBRATION_BATCH = 64
+# top-1 agreement of the int8 graph with the fp32 model on the calibration samples
+STATIC_MIN_AGREEMENT = 0.9
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _check_bool(config: Config, field: str) -> None:
+    value = getattr(config, field)
+    if not isinstance(value, bool):
+        raise config.fail(field, value, "True or False")
+
+
+@register_config("int8-static")
+@dataclasses.dataclass(frozen=True)
+class StaticInt8(Config):
+    """Static int8 (W8A8) post-training quantization, run by ONNX Runtime (QDQ).
+
+    Args:
+        observer: how activation ranges are chosen from calibration data: ``"minmax"``,
+            ``"percentile"`` or ``"mse"``.
+        percentile: the percentile for ``"percentile"``, in (50, 100].
+        per_channel: int8 weights with one scale per output channel (else one per tensor).
+        calibration_samples: how many samples of the calibration data to use (>= 1).
+        symmetric_activations: int8 activations with zero point 0 (else uint8, asymmetric).
+    """
+
+    observer: str = "minmax"
+    percentile: float = 99.99
+    per_channel: bool = True
+    calibration_samples: int = 256
+    symmetric_activations: bool = False
+
+    def validate(self) -> None:
+        self.check_choice("observer", OBSERVERS)
+        self.check_float("percentile", 50, 100, lo_inclusive=False)
+        _check_bool(self, "per_channel")
+        self.check_int("calibration_samples", 1)
+        _check_bool(self, "symmetric_activations")
+
+
+@register_config("int8-dynamic")
+@dataclasses.dataclass(frozen=True)
+class DynamicInt8(Config):
+    """Dynamic int8 quantization of Linear layers, run by ONNX Runtime (``MatMulInteger``).
+
+    Args:
+        per_channel: int8 weights with one scale per output channel (else one per tensor).
+    """
+
+    per_channel: bool = True
+
+    def validate(self) -> None:
+        _check_bool(self, "per_channel")
+
+
+# --- calibration data ---------------------------------------------------------------------------
+def calibration_inputs(data: Any, limit: int) -> Tensor:
+    """Take up to ``limit`` input samples from calibration data.
+
+    Args:
+        data: a Tensor of inputs, a ``TensorDataset``/``Dataset`` of ``(x, y)`` or ``x`` samples, a
+            ``DataLoader``, or ``DataSplits`` (its ``train`` split is used).
+        limit: the most samples to take.
+
+    Returns:
+        A float32 tensor ``(N, ...)`` with ``1 <= N <= limit``.
+
+    Raises:
+        DataError: an unsupported type, or no samples.
+    """
+    if not isinstance(data, (Tensor, Dataset, DataLoader)) and hasattr(data, "train"):
+        data = data.train
+    if isinstance(data, TensorDataset):
+        data = data.tensors[0]
+    if isinstance(data, Tensor):
+        inputs = data[:limit]
+    elif isinstance(data, (Dataset, DataLoader)):
+        batches: list[Tensor] = []
+        taken = 0
+        items = iter(data) if isinstance(data, DataLoader) else (data[i] for i in range(len(data)))
+        for item in items:
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(x, Tensor):
+                raise DataError(f"calibration data yields {type(x).__name__} inputs: expected tensors")
+            x = x if isinstance(data, DataLoader) else x.unsqueeze(0)
+            batches.append(x[: limit - taken])
+            taken += batches[-1].shape[0]
+            if taken >= limit:
+                break
+        inputs = torch.cat(batches) if batches else torch.empty(0)
+    else:
+        raise DataError(
+            f"calibration data is a {type(data).__name__}: expected a Tensor, a Dataset, a DataLoader or "
+            "DataSplits"
+        )
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise DataError("calibration data is empty: expected at least one input sample")
+    return inputs.detach().to("cpu", torch.float32)
+
+
+def _example(example_inputs: Any) -> Tensor:
+    if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
+        raise DataError(
+            f"example_inputs = {type(example_inputs).__name__} is invalid: expected a tensor with a leading "
+            "batch dimension of at least one sample"
+        )
+    return example_inputs.detach().to("cpu", torch.float32)
+
+
+# --- ONNX helpers -------------------------------------------------------------------------------
+def _preprocess(onnx_bytes: bytes, directory: Path) -> Any:
+    """ORT's recommended pre-processing (shape inference, graph optimization); returns a ModelProto."""
+    onnx = require_onnx()
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path = directory / "preprocessed.onnx"
+    quant_pre_process(onnx.load_from_string(onnx_bytes), str(path))
+    return onnx.load(str(path))
+
+
+def _float_tensors(model: Any) -> dict[str, None]:
+    """Names of float32 activations with known types (graph input first, then node outputs), ordered."""
+    onnx = require_onnx()
+    infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    initializers = {init.name for init in model.graph.initializer}
+    names: dict[str, None] = {}
+    for name in [*(i.name for i in model.graph.input), *(o for n in model.graph.node for o in n.output)]:
+        info = infos.get(name)
+        if name in initializers or info is None or not info.type.HasField("tensor_type"):
+            continue
+        if info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            names[name] = None
+    return names
+
+
+def _observe_ranges(model: Any, inputs: Tensor, config: StaticInt8) -> dict[str, tuple[float, float]]:
+    """Run the fp32 graph with every float activation exposed; return each one's observed range."""
+    onnx = require_onnx()
+    from onnx import helper
+
+    names = list(_float_tensors(model))
+    input_name = model.graph.input[0].name
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    present = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name != input_name and name not in present:
+            augmented.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort_session(augmented.SerializeToString(), optimization="basic")
+    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
+    observers = {
+        name: create_observer(
+            config.observer, symmetric=config.symmetric_activations, percentile=config.percentile
+        )
+        for name in names
+    }
+    for start in range(0, inputs.shape[0], _CALIBRATION_BATCH):
+        batch = inputs[start : start + _CALIBRATION_BATCH].numpy()
+        if input_name in observers:
+            observers[input_name].update(batch)
+        for name, value in zip(outputs, session.run(outputs, {input_name: batch}), strict=True):
+            observers[name].update(value)
+    ranges = {name: observer.compute_range() for name, observer in observers.items() if observer.count}
+    # ORT gives a Relu/Clip's input the range of its output (the activation is folded into the
+    # quantizer); do the same so our overrides agree with the graph ORT builds.
+    consumers = collections.Counter(i for node in model.graph.node for i in node.input)
+    for node in model.graph.node:
+        if node.op_type in ("Relu", "Clip") and consumers[node.input[0]] == 1:
+            if node.input[0] in ranges and node.output[0] in ranges:
+                ranges[node.input[0]] = ranges[node.output[0]]
+    return ranges
+
+
+def _reader(inputs: Tensor, input_name: str) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(
+                {input_name: inputs[start : start + _CALIBRATION_BATCH].numpy()}
+                for start in range(0, inputs.shape[0], _CALIBRATION_BATCH)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    return _Batches()
+
+
+def unquantized_nodes(onnx_bytes: bytes) -> dict[str, str]:
+    """Conv/Gemm/MatMul nodes of a quantized graph that still compute in float, with the reason.
+
+    Args:
+        onnx_bytes: a graph written by ORT's static (QDQ) or dynamic quantizer.
+
+    Returns:
+        Node name (or op type and index) -> reason.
+    """
+    onnx = require_onnx()
+    model = onnx.load_from_string(bytes(onnx_bytes))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    constants = {init.name for init in model.graph.initializer}
+    skipped = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in _WEIGHT_OPS:
+            continue
+        inputs = [producers.get(name) for name in node.input[:2]]
+        if all(op == "DequantizeLinear" for op in inputs):
+            continue
+        label = node.name or f"{node.op_type}_{index}"
+        if node.op_type == "Conv" and any(n.op_type == "MatMulInteger" for n in model.graph.node):
+            skipped[label] = "Conv stays fp32: dynamic int8 quantizes Linear (MatMul/Gemm) layers only"
+        elif node.op_type in ("Gemm", "MatMul") and node.input[1] not in constants:
+            skipped[label] = f"{node.op_type} without a constant weight is not quantized"
+        else:
+            skipped[label] = f"{node.op_type} was left in fp32 by ONNX Runtime's quantizer"
+    return skipped
+
+
+# --- public API ---------------------------------------------------------------------------------
+def quantize_static(
+    model: nn.Module,
+    calibration_data: Any,
+    config: StaticInt8 | None = None,
+    *,
+    example_inputs: Tensor | None = None,
+) -> OnnxGraph:
+    """Static int8 (W8A8) post-training quantization executed by ONNX Runtime (QDQ, int8 kernels).
+
+    The model is exported to fp32 ONNX, activation ranges are calibrated with ``config.observer`` on
+    the first ``config.calibration_samples`` samples, and ORT's quantizer writes a QDQ graph (int8
+    weights, uint8 activations, or int8 with ``symmetric_activations``). The int8 graph must agree
+    with the fp32 model on the top-1 class of at least ``STATIC_MIN_AGREEMENT`` of the calibration
+    samples. The model itself is not changed.
+
+    Args:
+        model: a single-input fp32 model (e.g. a classifier).
+        calibration_data: Tensor, Dataset, DataLoader or DataSplits (its ``train`` split).
+        config: a :class:`StaticInt8` (default ``StaticInt8()``).
+        example_inputs: input batch for the export (default: the first calibration sample).
+
+    Returns:
+        An :class:`OnnxGraph` holding the int8 graph (``graph.parity``, ``graph.skipped`` describe it).
+
+    Raises:
+        ConfigError: ``config`` is not a StaticInt8.
+        DataError: empty or unsupported calibration data, or bad ``example_inputs`` (before any work).
+        MissingDependencyError: onnxruntime or onnx is not installed.
+        ModelError: the model cannot be exported.
+        TorchSlimError: the int8 graph disagrees with the fp32 model (the message gives the numbers).
+    """
+    config = StaticInt8() if config is None else config
+    if not isinstance(config, StaticInt8):
+        raise ConfigError(f"config = {type(config).__name__} is invalid: expected StaticInt8")
+    inputs = calibration_inputs(calibration_data, config.calibration_samples)
+    example = inputs[:1] if example_inputs is None else _example(example_inputs)
+    require_onnxruntime()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    fp32 = export_onnx(model, example)
+    with tempfile.TemporaryDirectory(prefix="torchslim-int8-") as name:
+        directory = Path(name)
+        prepared = _preprocess(fp32, directory)
+        ranges = _observe_ranges(prepared, inputs, config)
+        known = _float_tensors(prepared)
+        overrides = {
+            tensor: [{"rmin": np.array(lo, dtype=np.float32), "rmax": np.array(hi, dtype=np.float32)}]
+            for tensor, (lo, hi) in ranges.items()
+            if tensor in known
+        }
+        output = directory / "int8.onnx"
+        ort_quantize_static(
+            prepared, str(output), _reader(inputs, prepared.graph.input[0].name),
+            quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+            activation_type=QuantType.QInt8 if config.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True,
+                           "TensorQuantOverrides": overrides},
+        )
+        int8 = output.read_bytes()
+    graph = OnnxGraph.from_bytes(int8, source_factory=factory_of(model), quantization=config.to_dict())
+    try:
+        graph.parity = check_parity(model, int8, inputs, atol=None, min_agreement=STATIC_MIN_AGREEMENT)
+    except TorchSlimError as exc:
+        raise TorchSlimError(
+            f"static int8 ({config.observer} observer): the int8 graph is too far from the fp32 model: "
+            f"{exc}; try observer='percentile' or 'mse', or more calibration data"
+        ) from exc
+    graph.skipped = unquantized_nodes(int8)
+    return graph
+
+
+def quantize_dynamic(
+    model: nn.Module,
+    config: DynamicInt8 | None = None,
+    *,
+    example_inputs: Tensor,
+) -> OnnxGraph:
+    """Dynamic int8 quantization of the Linear layers, executed by ONNX Runtime (``MatMulInteger``).
+
+    Weights are stored in int8; activations are quantized per batch at run time. Convolutions stay
+    fp32 (listed in ``graph.skipped``). The model itself is not changed.
+
+    Args:
+        model: a single-input fp32 model with at least one Linear layer.
+        config: a :class:`DynamicInt8` (default ``DynamicInt8()``).
+        example_inputs: input batch for the export (and the parity check in ``graph.parity``).
+
+    Returns:
+        An :class:`OnnxGraph` holding the int8 graph.
+
+    Raises:
+        ConfigError: ``config`` is not a DynamicInt8.
+        DataError: bad ``example_inputs``.
+        MissingDependencyError: onnxruntime or onnx is not installed.
+        ModelError: the model cannot be exported or has no Linear layer to quantize.
+        TorchSlimError: the int8 graph returns NaN or infinite values.
+    """
+    config = DynamicInt8() if config is None else config
+    if not isinstance(config, DynamicInt8):
+        raise ConfigError(f"config = {type(config).__name__} is invalid: expected DynamicInt8")
+    example = _example(example_inputs)
+    require_onnxruntime()
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    fp32 = export_onnx(model, example)
+    with tempfile.TemporaryDirectory(prefix="torchslim-int8-") as name:
+        directory = Path(name)
+        prepared = _preprocess(fp32, directory)
+        output = directory / "int8.onnx"
+        ort_quantize_dynamic(
+            prepared, str(output), op_types_to_quantize=["MatMul"], per_channel=config.per_channel,
+            weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+        )
+        int8 = output.read_bytes()
+    onnx = require_onnx()
+    if not any(node.op_type == "MatMulInteger" for node in onnx.load_from_string(int8).graph.node):
+        raise ModelError(
+            f"{type(model).__name__} has no Linear layer (MatMul/Gemm with a constant weight) to quantize "
+            "dynamically: use quantize_static for convolutional models"
+        )
+    graph = OnnxGraph.from_bytes(int8, source_factory=factory_of(model), quantization=config.to_dict())
+    graph.parity = check_parity(model, int8, example, atol=float("inf"), min_agreement=0.0)
+    graph.skipped = unquantized_nodes(int8)
+    return graph
