@@ -96,7 +96,8 @@ class _WeightOnlyLayer(nn.Module):
 class IntQuantLayer(_WeightOnlyLayer):
     """k-bit affine-quantized weight, packed; dequantized on the fly in ``forward``.
 
-    Buffers: ``packed`` (uint8 bit stream of the codes, padded groups included), ``scale``
+    Buffers: ``packed`` (uint8 bit stream of ``(q - zero_point) mod 2**bits``, padded groups
+    included, so zero weights are zero bits), ``scale``
     (``(rows, groups)`` in ``scale_dtype``), ``zero_point`` (packed ``bits``-bit codes; empty when
     symmetric, since the zero point is then fixed at ``2**(bits-1)``).
     """
@@ -192,7 +193,10 @@ class IntQuantLayer(_WeightOnlyLayer):
             zero_point = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
         zero_point = zero_point.detach().round().clamp(0, (1 << bits) - 1).to(torch.int32)
         codes = quantize_affine(grouped, scale, zero_point, bits, rounding)
-        layer.packed.copy_(pack(codes, bits))
+        # Stored relative to the zero point (mod 2**bits): a zero weight is stored as code 0, so
+        # pruned weights give zero bytes that the .slim file's sparse encodings compress.
+        stored = (codes.to(torch.int32) - zero_point.unsqueeze(-1)) % (1 << bits)
+        layer.packed.copy_(pack(stored, bits))
         layer.scale.copy_(scale)
         if not symmetric:
             layer.zero_point.copy_(pack(zero_point, bits))
@@ -201,9 +205,13 @@ class IntQuantLayer(_WeightOnlyLayer):
         return layer.to(module.weight.device)
 
     def codes(self) -> torch.Tensor:
-        """The unpacked codes shaped ``(rows, groups, group_size)`` (uint8)."""
+        """The affine codes ``q`` in ``[0, 2**bits)`` shaped ``(rows, groups, group_size)`` (uint8).
+
+        ``packed`` holds ``(q - zero_point) mod 2**bits`` so that zero weights are zero bytes.
+        """
         rows, groups, group_len = self._grouped_shape()
-        return unpack(self.packed, self.bits, rows * groups * group_len).reshape(rows, groups, group_len)
+        stored = unpack(self.packed, self.bits, rows * groups * group_len).reshape(rows, groups, group_len)
+        return ((stored.to(torch.int32) + self.zero_points().unsqueeze(-1)) % (1 << self.bits)).to(torch.uint8)
 
     def zero_points(self) -> torch.Tensor:
         """Zero points shaped like ``scale`` (int32)."""
