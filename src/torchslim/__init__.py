@@ -42,6 +42,13 @@ _EXPORTS: dict[str, str] = {
     "quantize_static": "torchslim.quantize",
     "quantize_dynamic": "torchslim.quantize",
     "sensitivity": "torchslim.quantize",
+    "prepare_qat_": "torchslim.quantize",
+    "convert_": "torchslim.quantize",
+    "qat": "torchslim.quantize.qat",
+    "MagnitudePruning": "torchslim.prune",
+    "NMSparsity": "torchslim.prune",
+    "prune_": "torchslim.prune",
+    "finalize_": "torchslim.prune",
     "sweep_bits": "torchslim.quantize",
     "export_onnx": "torchslim.export",
     "check_parity": "torchslim.export",
@@ -77,20 +84,24 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ModelError,
         TorchSlimError,
     )
+    from torchslim.export import check_parity, export_onnx  # noqa: F401
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
-    from torchslim.export import check_parity, export_onnx  # noqa: F401
     from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
+    from torchslim.prune import MagnitudePruning, NMSparsity, finalize_, prune_  # noqa: F401
     from torchslim.quantize import (  # noqa: F401
         CodebookQuant,
         DynamicInt8,
         HalfPrecision,
         IntQuant,
         StaticInt8,
+        convert_,
+        prepare_qat_,
         quantize_,
         quantize_dynamic,
         quantize_static,
         sensitivity,
         sweep_bits,
     )
+    from torchslim.quantize.qat import qat  # noqa: F401
     from torchslim.train import TrainConfig, evaluate, train  # noqa: F401

@@ -112,3 +112,42 @@ def test_output_never_overwrites_the_input_without_force(trained, capsys):
     code, _, err = run(capsys, "quantize", trained, "--out", trained)
     assert code == 2 and "also an input" in err
     assert trained.read_bytes() == before
+
+
+def test_qat_trains_and_saves_a_packed_model(trained, tmp_path, capsys):
+    out = tmp_path / "qat.slim"
+    code, stdout, err = run(
+        capsys, "quantize", trained, "--qat", "--bits", "3", "--epochs", "1", "--data", "digits", "--out", out, "--json"
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["accuracy_after"] >= report["accuracy_before"] - 0.03
+    import torchslim as ts
+
+    model = ts.load(out)
+    assert type(model[1]).__name__ == "IntQuantLayer" and model[1].bits == 3
+
+
+def test_int8_static_runs_in_onnxruntime(trained, tmp_path, capsys):
+    out = tmp_path / "int8.slim"
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        trained,
+        "--mode",
+        "int8-static",
+        "--calib",
+        "digits",
+        "--data",
+        "digits",
+        "--out",
+        out,
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["compression_ratio"] > 3.5
+    assert report["accuracy_after"] >= report["accuracy_before"] - 0.01
+    import torchslim as ts
+
+    assert ts.load(out).runtime == "onnxruntime"

@@ -10,10 +10,14 @@ from torchslim.quantize.api import (
 )
 from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static
 from torchslim.quantize.layers import CodebookLayer, HalfLayer, IntQuantLayer
+from torchslim.quantize.qat import QATLayer, convert_, prepare_qat_
 from torchslim.quantize.sensitivity import LayerSensitivity, sensitivity
 from torchslim.quantize.sweep import SweepRow, sweep_bits
 
 __all__ = [
+    "QATLayer",
+    "convert_",
+    "prepare_qat_",
     "DynamicInt8",
     "LayerSensitivity",
     "StaticInt8",
