@@ -32,6 +32,7 @@ from torchslim._callable_module import make_module_callable
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
 from torchslim.fileio import atomic_path
+from torchslim.measure._common import device_of
 
 __all__ = [
     "RECOMMENDED",
@@ -219,21 +220,13 @@ def _split_batch(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _output_width(model: nn.Module, sample: torch.Tensor, name: str) -> int | None:
     """Number of classes the model predicts, from one sample in eval mode (train/eval mode restored)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            output = model(sample[:1].to(_device_of(model)))
+            output = model(sample[:1].to(device_of(model)))
     except (RuntimeError, ValueError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
@@ -492,7 +485,7 @@ def train(
             )
     loss_fn = loss_fn or default_loss
 
-    device = _device_of(model)
+    device = device_of(model)
     # BatchNorm cannot train on a batch of one sample: drop such a last batch (one sample an epoch).
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     lone_last = has_batchnorm and num_samples > 1 and num_samples % config.batch_size == 1

@@ -21,6 +21,7 @@ from torchslim.quantize.layers import (
     CodebookLayer,
     HalfLayer,
     IntQuantLayer,
+    _WeightOnlyLayer,
     describe_layer,
 )
 
@@ -173,6 +174,46 @@ def quantize_(
         ConfigError: an unsupported config type, an override naming no layer, or a group size that
             does not divide a layer's input dimension while ``pad`` is off.
     """
+
+    def check(name: str, chosen: Config) -> None:
+        if type(chosen) not in _HANDLERS:
+            raise ConfigError(
+                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+                f"{', '.join(c.__name__ for c in _HANDLERS)}"
+            )
+
+    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    for name, module, chosen in plan:
+        _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+        report.quantized[name] = chosen.to_dict()
+    return report
+
+
+def plan_layers(
+    model: nn.Module,
+    config: Config,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    overrides: Mapping[str, Config | None] | None = None,
+    check: Callable[[str, Config], None] | None = None,
+) -> tuple[list[tuple[str, nn.Module, Config]], QuantizeReport]:
+    """Choose the layers to replace and the config of each, changing nothing (shared by quantize_ and QAT).
+
+    Args:
+        model: the model.
+        config: default config for every supported layer.
+        filter_fn: ``filter_fn(module, name) -> bool``; false skips the layer.
+        overrides: per-layer configs by module name; ``None`` skips that layer.
+        check: ``check(name, config)`` raising ``ConfigError`` for a config the caller cannot apply.
+
+    Returns:
+        ``(plan, report)``: ``(name, module, config)`` triples to apply, and a report whose
+        ``skipped`` lists every other layer that has weights, with the reason.
+
+    Raises:
+        ConfigError: an override naming no layer, a config ``check`` refuses, or a group size that
+            does not divide a layer's input dimension while ``pad`` is off.
+    """
     overrides = dict(overrides or {})
     names = {name for name, _ in model.named_modules()}
     unknown = sorted(set(overrides) - names)
@@ -186,6 +227,9 @@ def quantize_(
     for name, module in model.named_modules():
         if not name:
             continue
+        if isinstance(module, _WeightOnlyLayer):
+            report.skipped[name] = f"already a {type(module).__name__} (quantized or prepared before)"
+            continue
         if not isinstance(module, SUPPORTED_TYPES):
             if _owns_parameters(module):
                 report.skipped[name] = f"{type(module).__name__} is not supported (kept as is)"
@@ -194,11 +238,8 @@ def quantize_(
         if chosen is None:
             report.skipped[name] = "override is None"
             continue
-        if type(chosen) not in _HANDLERS:
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
-                f"{', '.join(c.__name__ for c in _HANDLERS)}"
-            )
+        if check is not None:
+            check(name, chosen)
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped[name] = "filter_fn returned False"
             continue
@@ -209,10 +250,7 @@ def quantize_(
             continue
         _check_groups(name, module, chosen)
         plan.append((name, module, chosen))
-    for name, module, chosen in plan:
-        _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
-        report.quantized[name] = chosen.to_dict()
-    return report
+    return plan, report
 
 
 def _owns_parameters(module: nn.Module) -> bool:

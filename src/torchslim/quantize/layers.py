@@ -93,7 +93,28 @@ class _WeightOnlyLayer(nn.Module):
         return f"op={self.op}, weight_shape={tuple(self.weight_shape)}, bias={self.bias is not None}"
 
 
-class IntQuantLayer(_WeightOnlyLayer):
+class _DequantizingLayer(_WeightOnlyLayer):
+    """A layer whose weight is rebuilt by ``dequantize_weight`` on every forward."""
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
+
+    def _stats(self, stored_bits: int) -> dict[str, int]:
+        """``slim_stats`` from the bits this layer stores for its weight (the bias is added here)."""
+        bias = 0 if self.bias is None else self.bias.numel()
+        nonzero = int(torch.count_nonzero(self.dequantize_weight()))
+        nonzero += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
+        return {"parameters": self.numel + bias, "nonzero": nonzero, "storage_bits": stored_bits + self._bias_bits()}
+
+
+class IntQuantLayer(_DequantizingLayer):
     """k-bit affine-quantized weight, packed; dequantized on the fly in ``forward``.
 
     Buffers: ``packed`` (uint8 bit stream of ``(q - zero_point) mod 2**bits``, padded groups
@@ -226,13 +247,6 @@ class IntQuantLayer(_WeightOnlyLayer):
         fan_in = self.numel // rows
         return restored.reshape(rows, -1)[:, :fan_in].reshape(self.weight_shape)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantize_weight()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
-
     def spec(self) -> dict[str, Any]:
         """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
         return {
@@ -247,11 +261,7 @@ class IntQuantLayer(_WeightOnlyLayer):
     def slim_stats(self) -> dict[str, int]:
         """Logical parameter count and the bits actually stored (codes, scales, zero points, bias)."""
         stored = (self.packed.numel() + self.zero_point.numel()) * 8
-        stored += self.scale.numel() * self.scale.element_size() * 8
-        nonzero = int(torch.count_nonzero(self.dequantize_weight()))
-        bias = 0 if self.bias is None else self.bias.numel()
-        nonzero += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
-        return {"parameters": self.numel + bias, "nonzero": nonzero, "storage_bits": stored + self._bias_bits()}
+        return self._stats(stored + self.scale.numel() * self.scale.element_size() * 8)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.granularity == "group" else ""
@@ -261,7 +271,7 @@ class IntQuantLayer(_WeightOnlyLayer):
         )
 
 
-class CodebookLayer(_WeightOnlyLayer):
+class CodebookLayer(_DequantizingLayer):
     """Weight sharing (Deep Compression): packed ``bits``-bit indices into a learnable codebook.
 
     When the original weight had exact zeros (it was pruned), entry 0 of the codebook is pinned to
@@ -310,24 +320,13 @@ class CodebookLayer(_WeightOnlyLayer):
         indices = unpack(self.packed, self.bits, self.numel).long()
         return self.full_codebook()[indices].reshape(self.weight_shape).to(dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantize_weight()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
-
     def spec(self) -> dict[str, Any]:
         """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
         return {**self._layer_spec(), "bits": self.bits, "pinned_zero": self.pinned_zero}
 
     def slim_stats(self) -> dict[str, int]:
         """Logical parameter count and the bits stored (indices, codebook, bias)."""
-        stored = self.packed.numel() * 8 + self.codebook.numel() * 32 + self._bias_bits()
-        nonzero = int(torch.count_nonzero(self.dequantize_weight()))
-        bias = 0 if self.bias is None else self.bias.numel()
-        nonzero += 0 if self.bias is None else int(torch.count_nonzero(self.bias))
-        return {"parameters": self.numel + bias, "nonzero": nonzero, "storage_bits": stored}
+        return self._stats(self.packed.numel() * 8 + self.codebook.numel() * 32)
 
 
 class HalfLayer(_WeightOnlyLayer):

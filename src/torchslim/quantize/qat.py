@@ -34,10 +34,9 @@ from torch.utils.data import Dataset
 from torchslim.config import Config
 from torchslim.errors import ConfigError, ModelError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, qmax_of, quantize_affine
-from torchslim.quantize.api import IntQuant, QuantizeReport, _check_groups, _owns_parameters, _replace
+from torchslim.quantize.api import IntQuant, QuantizeReport, _replace, plan_layers
 from torchslim.quantize.layers import (
     SCALE_DTYPES,
-    SUPPORTED_TYPES,
     IntQuantLayer,
     _clamp_to_dtype,
     _WeightOnlyLayer,
@@ -282,41 +281,8 @@ def prepare_qat_(
     _check_config(config, "config")
     if scale_init not in SCALE_INITS:
         raise ConfigError(f"scale_init = {scale_init!r} is invalid: expected one of {', '.join(SCALE_INITS)}")
-    overrides = dict(overrides or {})
-    names = {name for name, _ in model.named_modules()}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"overrides names layer {unknown[0]!r}, which the model does not have: "
-                          f"expected one of {', '.join(n for n in sorted(names) if n)}")
-    for name, chosen in overrides.items():
-        if chosen is not None:
-            _check_config(chosen, f"overrides[{name!r}]")
-    report = QuantizeReport()
-    plan: list[tuple[str, nn.Module, IntQuant]] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if isinstance(module, QATLayer):
-            report.skipped[name] = "already a QATLayer (prepare_qat_ was called before)"
-            continue
-        if not isinstance(module, SUPPORTED_TYPES):
-            if _owns_parameters(module):
-                report.skipped[name] = f"{type(module).__name__} is not supported (kept as is)"
-            continue
-        chosen = overrides.get(name, config)
-        if chosen is None:
-            report.skipped[name] = "override is None"
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            report.skipped[name] = "filter_fn returned False"
-            continue
-        try:
-            describe_layer(module)
-        except ConfigError as exc:
-            report.skipped[name] = str(exc)
-            continue
-        _check_groups(name, module, chosen)
-        plan.append((name, module, chosen))
+    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides,
+                               check=lambda name, chosen: _check_config(chosen, f"overrides[{name!r}]"))
     for name, module, chosen in plan:
         _replace(model, name, QATLayer.from_float(module, chosen, scale_init))
         report.quantized[name] = chosen.to_dict()
