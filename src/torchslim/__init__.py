@@ -49,6 +49,10 @@ _EXPORTS: dict[str, str] = {
     "NMSparsity": "torchslim.prune",
     "prune_": "torchslim.prune",
     "finalize_": "torchslim.prune",
+    "ChannelPruning": "torchslim.prune",
+    "PruneSchedule": "torchslim.prune",
+    "prune_with_schedule": "torchslim.prune",
+    "sweep_thresholds": "torchslim.prune",
     "sweep_bits": "torchslim.quantize",
     "export_onnx": "torchslim.export",
     "check_parity": "torchslim.export",
@@ -88,7 +92,16 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
     from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
-    from torchslim.prune import MagnitudePruning, NMSparsity, finalize_, prune_  # noqa: F401
+    from torchslim.prune import (  # noqa: F401
+        ChannelPruning,
+        MagnitudePruning,
+        NMSparsity,
+        PruneSchedule,
+        finalize_,
+        prune_,
+        prune_with_schedule,
+        sweep_thresholds,
+    )
     from torchslim.quantize import (  # noqa: F401
         CodebookQuant,
         DynamicInt8,

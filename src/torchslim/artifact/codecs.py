@@ -110,13 +110,16 @@ def _conv_spec(m: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:
 
 
 def _batchnorm_spec(m: nn.BatchNorm1d | nn.BatchNorm2d) -> dict[str, Any]:
-    return {
+    spec = {
         "num_features": m.num_features,
         "eps": m.eps,
         "momentum": m.momentum,
         "affine": m.affine,
         "track_running_stats": m.track_running_stats,
     }
+    if m.affine and m.bias is None:  # BatchNorm(bias=False), torch >= 2.13; omitted otherwise for older torch
+        spec["bias"] = False
+    return spec
 
 
 def _layernorm_spec(m: nn.LayerNorm) -> dict[str, Any]:

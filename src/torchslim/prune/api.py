@@ -185,7 +185,10 @@ def prunable_layers(model: nn.Module, filter_fn: Callable | None = None) -> tupl
 def _scores(model, layers, criterion, data, loss_fn) -> dict[str, torch.Tensor]:
     if criterion == "taylor":
         return importance.taylor_scores(model, layers, data, loss_fn=loss_fn)
-    return {name: importance.magnitude_scores(module.weight, criterion) for name, module in layers.items()}
+    return {
+        name: importance.magnitude_scores(importance.effective_weight(module), criterion)
+        for name, module in layers.items()
+    }
 
 
 @pruning_handler(MagnitudePruning)
@@ -199,7 +202,7 @@ def _magnitude(model, config: MagnitudePruning, *, data=None, loss_fn=None, filt
         masks = unstructured.layer_masks(scores, threshold=config.threshold, amount=config.amount)
         tau = config.threshold
     else:
-        weights = {name: module.weight for name, module in layers.items()}
+        weights = {name: importance.effective_weight(module) for name, module in layers.items()}
         masks = unstructured.neuron_masks(scores, threshold=config.threshold, amount=config.amount,
                                           std_multiplier=config.std_multiplier, weights=weights)
         tau = config.threshold
@@ -259,7 +262,7 @@ def layer_sparsity(model: nn.Module) -> dict[str, dict[str, Any]]:
     table = {}
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE):
-            weight = module.weight
+            weight = importance.effective_weight(module).detach()
             zeros = int((weight == 0).sum())
             table[name] = {"numel": weight.numel(), "zeros": zeros, "sparsity": zeros / weight.numel()}
     return table

@@ -18,6 +18,16 @@ from torchslim.errors import DataError
 CRITERIA = ("l1", "l2", "taylor")
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the next forward will see it.
+
+    With a ``torch.nn.utils.prune`` mask attached, ``module.weight`` is only recomputed in a forward
+    pre-hook, so after an optimizer step it is stale; ``weight_orig * weight_mask`` is current.
+    """
+    orig = getattr(module, "weight_orig", None)
+    return module.weight if orig is None else orig * module.weight_mask
+
+
 def magnitude_scores(weight: torch.Tensor, criterion: str) -> torch.Tensor:
     """``|w|`` for ``"l1"`` (the seed's rule) or ``w**2`` for ``"l2"``."""
     data = weight.detach().float()
@@ -63,10 +73,9 @@ def taylor_scores(
             loss = loss_fn(model, inputs, targets) if loss_fn else F.cross_entropy(model(inputs), targets)
             loss.backward()
             for name, module in layers.items():
-                weight = module.weight
                 grad = _weight_grad(module)
                 if grad is not None:
-                    scores[name] += (weight.detach() * grad).abs().float()
+                    scores[name] += (effective_weight(module).detach() * grad).abs().float()
             seen += 1
             if seen >= max_batches:
                 break

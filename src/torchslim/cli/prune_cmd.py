@@ -1,0 +1,311 @@
+"""``torchslim prune``: prune a .slim model (magnitude, N:M or channels), fine-tune it, or sweep thresholds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from torchslim.cli.common import console, print_json, table
+from torchslim.errors import ConfigError
+
+SCHEDULES = ("oneshot", "iterative", "gradual")
+
+
+def prune(
+    path: Path = typer.Argument(..., help="Input .slim file."),
+    scope: str | None = typer.Option(
+        None, "--scope", help="global (default), layer or neuron; with --structured: layer (default) or global ranking."
+    ),
+    threshold: float | None = typer.Option(None, "--threshold", help="Prune weights with |w| <= tau (seed's rule)."),
+    amount: float | None = typer.Option(None, "--amount", help="Fraction of weights (or channels) removed, in [0, 1)."),
+    std_multiplier: float | None = typer.Option(
+        None, "--std-multiplier", help="--scope neuron: tau of a neuron = lambda * std of its weights."
+    ),
+    criterion: str = typer.Option("l1", "--criterion", help="l1, l2 or taylor (taylor needs --data)."),
+    nm: str | None = typer.Option(None, "--nm", help="N:M semi-structured sparsity, e.g. 2:4."),
+    structured: bool = typer.Option(False, "--structured", help="Remove whole channels physically (needs --amount)."),
+    round_to: int = typer.Option(1, "--round-to", help="--structured: kept channel counts are multiples of this."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data spec to evaluate and fine-tune on."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Epochs of fine-tuning after the last step."),
+    lr: float | None = typer.Option(None, "--lr", help="Fine-tuning learning rate (default: the model's recommended)."),
+    schedule: str = typer.Option("oneshot", "--schedule", help=f"One of: {', '.join(SCHEDULES)}."),
+    steps: int | None = typer.Option(None, "--steps", help="Pruning steps of iterative/gradual (default 3)."),
+    epochs_per_step: int = typer.Option(1, "--epochs-per-step", help="Training epochs after each step but the last."),
+    initial_sparsity: float = typer.Option(0.0, "--initial-sparsity", help="Gradual schedule: starting sparsity."),
+    sweep_threshold: str | None = typer.Option(
+        None, "--sweep-threshold", help="Try several tau, e.g. 0.01,0.02,0.05,0.1 (needs --data)."
+    ),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG for --sweep-threshold (default: beside the input)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output .slim file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: terminal)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Prune weights by magnitude (global/layer/neuron), N:M, or whole channels; fine-tune; save finalized."""
+    if sweep_threshold is not None:
+        given = {"--threshold": threshold is not None, "--amount": amount is not None, "--nm": nm is not None,
+                 "--std-multiplier": std_multiplier is not None, "--structured": structured, "--out": out is not None,
+                 "--finetune-epochs": finetune_epochs != 0, "--schedule": schedule != "oneshot"}
+        clash = [flag for flag, on in given.items() if on]
+        if clash:
+            raise ConfigError(f"--sweep-threshold cannot be combined with {clash[0]}: the sweep tries each threshold "
+                              "on a copy and writes no model")
+        _sweep(path, sweep_threshold, data, scope or "global", criterion, plot, trust_factory, json_output)
+        return
+    plan = _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
+                 schedule, steps, epochs_per_step, initial_sparsity, lr)
+    if out is None:
+        raise ConfigError("--out is missing: expected the output .slim path (or --sweep-threshold)")
+    from torchslim.fileio import check_output_path
+
+    target = check_output_path(out, path, force=force)
+    from torchslim.artifact import load, read_manifest, save
+    from torchslim.measure import parameter_stats
+
+    model = load(path, trust_factory=trust_factory)
+    manifest = read_manifest(path)
+    splits = _load_data(data, model) if data else None
+    accuracy_before = _accuracy(model, splits)
+    params_before = parameter_stats(model)["parameters"]
+    # epochs: those of the recovery run after the last step (the schedule in the recipe holds the others)
+    train_config = _train_config(model, lr, finetune_epochs or epochs_per_step) if plan["trains"] else None
+    if structured:
+        result = _structured(model, plan["config"], splits, finetune_epochs, train_config, progress)
+    else:
+        result = _unstructured(model, plan["config"], plan["schedule"], splits, train_config, progress)
+    accuracy_after = _accuracy(model, splits)
+    stage = {
+        "stage": "prune",
+        "config": plan["config"].to_dict(),
+        "schedule": None if plan["schedule"] is None else plan["schedule"].to_dict(),
+        "finetune": None if train_config is None else train_config.to_dict(),
+        "data": data,
+    }
+    measurements: dict[str, Any] = {k: result[k] for k in ("sparsity", "parameters_ratio", "macs_ratio") if k in result}
+    if splits is not None:
+        measurements.update(accuracy=accuracy_after, data=data)
+    save(model, target, recipe=list(manifest.get("recipe") or []) + [stage], measurements=measurements)
+    summary = {
+        "input": str(path),
+        "output": str(target),
+        "method": plan["config"].config_name,
+        "config": plan["config"].to_dict(),
+        "schedule": stage["schedule"],
+        **result,
+        "parameters_before": params_before,
+        "parameters_after": parameter_stats(model)["parameters"],
+        "input_bytes": path.stat().st_size,
+        "output_bytes": target.stat().st_size,
+        "compression_ratio": path.stat().st_size / target.stat().st_size,
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+    }
+    if json_output:
+        print_json(summary)
+    else:
+        _print_summary(summary, path, target, structured)
+
+
+# --- planning: every flag checked before anything is loaded or written ----------------------------------------
+def _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
+          schedule, steps, epochs_per_step, initial_sparsity, lr) -> dict[str, Any]:
+    from torchslim.prune import MagnitudePruning, NMSparsity
+    from torchslim.prune.schedule import PruneSchedule, schedule_targets
+    from torchslim.train import TrainConfig
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule = {schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs = {finetune_epochs} is invalid: expected an integer >= 0")
+    if lr is not None:
+        TrainConfig(lr=lr)  # validates --lr before any work
+    if criterion == "taylor" and data is None:
+        raise ConfigError("--criterion taylor needs --data: expected a labelled data spec for the gradients")
+    trains = finetune_epochs > 0 or (schedule != "oneshot" and epochs_per_step > 0)
+    if trains and data is None:
+        raise ConfigError("fine-tuning (--finetune-epochs, --schedule) needs --data: expected a data spec to train on")
+    if round_to != 1 and not structured:
+        raise ConfigError("--round-to needs --structured: it rounds kept channel counts")
+    if nm is not None:
+        clash = [f for f, v in (("--threshold", threshold), ("--amount", amount), ("--std-multiplier", std_multiplier),
+                                ("--scope", scope)) if v is not None] + (["--structured"] if structured else [])
+        if clash:
+            raise ConfigError(f"--nm cannot be combined with {clash[0]}: N:M fixes how many weights each group keeps")
+        n, m = _parse_nm(nm)
+        config = NMSparsity(n=n, m=m, criterion=criterion)
+    elif structured:
+        from torchslim.prune.structural import ChannelPruning
+
+        clash = [f for f, v in (("--threshold", threshold), ("--std-multiplier", std_multiplier)) if v is not None]
+        if clash:
+            raise ConfigError(f"--structured cannot be combined with {clash[0]}: it removes a fraction (--amount) of "
+                              "each layer's channels")
+        if amount is None:
+            raise ConfigError("--structured needs --amount: expected the fraction of channels to remove, e.g. 0.5")
+        if scope not in (None, "layer", "global"):
+            raise ConfigError(f"--scope = {scope!r} is invalid with --structured: expected layer or global (ranking)")
+        if schedule != "oneshot":
+            raise ConfigError(f"--schedule = {schedule!r} is invalid with --structured: channel removal is one-shot; "
+                              "use --finetune-epochs to recover")
+        config = ChannelPruning(amount=amount, importance=criterion, round_to=round_to,
+                                global_ranking=scope == "global")
+        return {"config": config, "schedule": None, "trains": finetune_epochs > 0}
+    else:
+        if threshold is None and amount is None and std_multiplier is None:
+            raise ConfigError("nothing to prune: expected one of --threshold, --amount, --std-multiplier, --nm, "
+                              "--structured --amount, or --sweep-threshold")
+        config = MagnitudePruning(scope=scope or "global", threshold=threshold, amount=amount,
+                                  std_multiplier=std_multiplier, criterion=criterion)
+    plan = PruneSchedule(kind=schedule, steps=steps if steps is not None else (1 if schedule == "oneshot" else 3),
+                         epochs_per_step=epochs_per_step, finetune_epochs=finetune_epochs,
+                         initial_sparsity=initial_sparsity)
+    schedule_targets(config, plan)  # a gradual schedule with a threshold, N:M with steps ... fail here
+    return {"config": config, "schedule": plan, "trains": trains}
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"--nm = {text!r} is invalid: expected N:M with integers, e.g. 2:4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _parse_floats(option: str, text: str) -> list[float]:
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise ConfigError(f"{option} = {text!r} is invalid: expected comma-separated numbers, e.g. "
+                              "0.01,0.02,0.05") from None
+    return values
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+def _load_data(spec: str, model):
+    from torchslim.data import load_data
+    from torchslim.models.compat import check_model_data
+
+    splits = load_data(spec)
+    check_model_data(model, splits.example_inputs(1), splits.num_classes, spec)
+    return splits
+
+
+def _accuracy(model, splits) -> float | None:
+    if splits is None:
+        return None
+    from torchslim.measure import accuracy
+
+    return accuracy(model, splits.test)
+
+
+def _train_config(model, lr: float | None, epochs: int):
+    from torchslim.models import factory_of
+    from torchslim.train import recommended_config
+
+    factory = factory_of(model) or {}
+    config = recommended_config(str(factory.get("name", ""))).replace(epochs=epochs)
+    return config if lr is None else config.replace(lr=lr)
+
+
+def _unstructured(model, config, schedule, splits, train_config, progress) -> dict[str, Any]:
+    from torchslim.prune.schedule import prune_with_schedule
+    from torchslim.train import TrainConfig
+
+    result = prune_with_schedule(
+        model, config, schedule, None if splits is None else splits.train, train_config=train_config or TrainConfig(),
+        eval_data=None if splits is None else splits.test, progress=progress,
+    )
+    report = result.report
+    return {"sparsity": report.sparsity, "threshold": report.threshold, "layers": report.layers,
+            "skipped": report.skipped, "history": result.history}
+
+
+def _structured(model, config, splits, epochs, train_config, progress) -> dict[str, Any]:
+    from torchslim.prune import prune_
+
+    if splits is None:
+        from torchslim.data import load_data
+
+        example = load_data("digits").example_inputs(1)  # only the input shape is needed
+    else:
+        example = splits.example_inputs(1)
+    report = prune_(model, config, example_inputs=example, data=splits)
+    history = []
+    if epochs:
+        from torchslim.train import train
+
+        run = train(model, splits.train, train_config, eval_data=splits.test, progress=progress)
+        history = run.history
+    return {"macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
+            "parameters_ratio": report.params_ratio, "layers": report.layers, "skipped": report.skipped,
+            "history": history}
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+def _print_summary(summary: dict[str, Any], path: Path, target: Path, structured: bool) -> None:
+    out = console()
+    rows = [
+        ["file bytes", f"{summary['input_bytes']:,}", f"{summary['output_bytes']:,}"],
+        ["ratio", "1.00x", f"{summary['compression_ratio']:.2f}x"],
+        ["parameters", f"{summary['parameters_before']:,}", f"{summary['parameters_after']:,}"],
+    ]
+    if structured:
+        rows.append(["MACs", f"{summary['macs_before']:,}", f"{summary['macs_after']:,}"])
+    else:
+        rows.append(["sparsity", "", f"{summary['sparsity']:.2%}"])
+    if summary["accuracy_before"] is not None:
+        rows.append(["accuracy", f"{summary['accuracy_before']:.2%}", f"{summary['accuracy_after']:.2%}"])
+    out.print(table(f"prune {path} -> {target} ({summary['method']})", ["", "before", "after"], rows))
+    if structured:
+        body = [[name, row["type"], str(row["before"]), str(row["after"])]
+                for name, row in summary["layers"].items() if row["before"] != row["after"]]
+        out.print(table("changed layers", ["layer", "type", "before", "after"], body))
+    else:
+        body = [[name, "x".join(map(str, row["shape"])), f"{row['zeros']:,}/{row['numel']:,}", f"{row['sparsity']:.2%}"]
+                for name, row in summary["layers"].items()]
+        out.print(table("sparsity per layer", ["layer", "shape", "zeros", "sparsity"], body))
+        if len(summary["history"]) > 1:
+            body = [[h["step"], "-" if h["target_sparsity"] is None else f"{h['target_sparsity']:.2%}",
+                     f"{h['achieved_sparsity']:.2%}", _pct(h["accuracy_pruned"]), _pct(h["accuracy"]), h["epochs"]]
+                    for h in summary["history"]]
+            out.print(table("schedule", ["step", "target", "achieved", "acc. pruned", "acc. trained", "epochs"], body))
+    for name, reason in summary["skipped"].items():
+        out.print(f"skipped {name}: {reason}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _sweep(path, text, data, scope, criterion, plot, trust_factory, json_output) -> None:
+    from torchslim.artifact import load
+    from torchslim.prune import MagnitudePruning
+    from torchslim.prune.sweep import sweep_thresholds
+
+    if data is None:
+        raise ConfigError("--sweep-threshold needs --data: expected a labelled data spec, e.g. --data digits")
+    thresholds = _parse_floats("--sweep-threshold", text)
+    for tau in thresholds:  # every value checked before any work
+        MagnitudePruning(scope=scope, threshold=tau, criterion=criterion)
+    model = load(path, trust_factory=trust_factory)
+    splits = _load_data(data, model)
+    plot_path = plot or path.with_name(path.stem + "-threshold-sweep.png")
+    rows = sweep_thresholds(model, splits, thresholds, scope=scope, criterion=criterion, plot_path=plot_path)
+    if json_output:
+        print_json({"plot": str(plot_path), "rows": [r.to_dict() for r in rows]})
+        return
+    dense = rows[0].file_bytes
+    body = [[r.label, f"{r.sparsity:.2%}", f"{r.file_bytes:,}", f"{r.file_bytes / dense:.3f}", f"{r.accuracy:.2%}"]
+            for r in rows]
+    out = console()
+    out.print(table(f"threshold sweep of {path} on {data} ({scope}, {criterion})",
+                    ["tau", "sparsity", "file bytes", "vs fp32", "accuracy"], body))
+    names = list(rows[0].layers)
+    out.print(table("sparsity per layer", ["tau", *names],
+                    [[r.label, *[f"{r.layers[n]:.2%}" for n in names]] for r in rows]))
+    out.print(f"plot: {plot_path}")
