@@ -52,3 +52,33 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for row in rows:
         result.add_row(*[str(cell) for cell in row])
     return result
+
+
+def load_data_for(spec: str, model):
+    """Load a data spec and check the model accepts its inputs (before any work is done).
+
+    Args:
+        spec: a data spec (``digits``, ``npz:FILE`` ...).
+        model: the model that will run on it.
+
+    Returns:
+        The ``DataSplits``.
+
+    Raises:
+        DataError: bad spec, or inputs/classes the model does not fit.
+    """
+    from torchslim.data import load_data
+    from torchslim.models.compat import check_model_data
+
+    splits = load_data(spec)
+    check_model_data(model, splits.example_inputs(1), splits.num_classes, spec)
+    return splits
+
+
+def holdout_accuracy(model, splits) -> float | None:
+    """Top-1 accuracy on the test split, or None when no data was given."""
+    if splits is None:
+        return None
+    from torchslim.measure import accuracy
+
+    return accuracy(model, splits.test)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, parse_int_list, print_json, table
+from torchslim.cli.common import console, load_data_for, parse_int_list, print_json, table
 
 FILE_ARG = typer.Argument(..., help="A .slim file written by torchslim.")
 
@@ -23,14 +23,11 @@ def eval_(
 ) -> None:
     """Measure a .slim model: accuracy, file bytes, parameters, MACs, latency, memory."""
     from torchslim.artifact import load
-    from torchslim.data import load_data
     from torchslim.measure import format_measurement, measure
-    from torchslim.models.compat import check_model_data
 
     sizes = parse_int_list("--batch-sizes", batch_sizes)
     model = load(path, trust_factory=trust_factory)
-    splits = load_data(data)
-    check_model_data(model, splits.example_inputs(1), splits.num_classes, data)
+    splits = load_data_for(data, model)
     result = measure(model, splits, artifact_path=path, batch_sizes=sizes, latency=latency, num_threads=threads)
     if json_output:
         print_json({"file": str(path), "data": data, **result.to_dict()})

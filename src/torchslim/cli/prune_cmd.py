@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from torchslim.cli.common import console, print_json, table
+from torchslim.cli.common import console, holdout_accuracy, load_data_for, print_json, table
 from torchslim.errors import ConfigError
 
 SCHEDULES = ("oneshot", "iterative", "gradual")
@@ -68,8 +68,8 @@ def prune(
 
     model = load(path, trust_factory=trust_factory)
     manifest = read_manifest(path)
-    splits = _load_data(data, model) if data else None
-    accuracy_before = _accuracy(model, splits)
+    splits = load_data_for(data, model) if data else None
+    accuracy_before = holdout_accuracy(model, splits)
     params_before = parameter_stats(model)["parameters"]
     # epochs: those of the recovery run after the last step (the schedule in the recipe holds the others)
     train_config = _train_config(model, lr, finetune_epochs or epochs_per_step) if plan["trains"] else None
@@ -77,7 +77,7 @@ def prune(
         result = _structured(model, plan["config"], splits, finetune_epochs, train_config, progress)
     else:
         result = _unstructured(model, plan["config"], plan["schedule"], splits, train_config, progress)
-    accuracy_after = _accuracy(model, splits)
+    accuracy_after = holdout_accuracy(model, splits)
     stage = {
         "stage": "prune",
         "config": plan["config"].to_dict(),
@@ -186,21 +186,6 @@ def _parse_floats(option: str, text: str) -> list[float]:
 
 
 # --- running ---------------------------------------------------------------------------------------------------
-def _load_data(spec: str, model):
-    from torchslim.data import load_data
-    from torchslim.models.compat import check_model_data
-
-    splits = load_data(spec)
-    check_model_data(model, splits.example_inputs(1), splits.num_classes, spec)
-    return splits
-
-
-def _accuracy(model, splits) -> float | None:
-    if splits is None:
-        return None
-    from torchslim.measure import accuracy
-
-    return accuracy(model, splits.test)
 
 
 def _train_config(model, lr: float | None, epochs: int):
@@ -293,7 +278,7 @@ def _sweep(path, text, data, scope, criterion, plot, trust_factory, json_output)
     for tau in thresholds:  # every value checked before any work
         MagnitudePruning(scope=scope, threshold=tau, criterion=criterion)
     model = load(path, trust_factory=trust_factory)
-    splits = _load_data(data, model)
+    splits = load_data_for(data, model)
     plot_path = plot or path.with_name(path.stem + "-threshold-sweep.png")
     rows = sweep_thresholds(model, splits, thresholds, scope=scope, criterion=criterion, plot_path=plot_path)
     if json_output:

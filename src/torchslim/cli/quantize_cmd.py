@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, parse_int_list, print_json, table
+from torchslim.cli.common import console, holdout_accuracy, load_data_for, parse_int_list, print_json, table
 from torchslim.errors import ConfigError
 
 MODES = ("int", "codebook", "fp16", "bf16", "int8-static", "int8-dynamic")
@@ -61,8 +61,8 @@ def quantize(
     }
     overrides = _parse_overrides(override, int_config)
     model = load(path, trust_factory=trust_factory)
-    splits = _load_data(data, model) if data else None
-    accuracy_before = _accuracy(model, splits)
+    splits = load_data_for(data, model) if data else None
+    accuracy_before = holdout_accuracy(model, splits)
     manifest = read_manifest(path)
     if mode in ("int8-static", "int8-dynamic"):
         model, stage, skipped = _int8(model, mode, calib or data, observer, splits)
@@ -82,7 +82,7 @@ def quantize(
             "overrides": {k: (None if v is None else v.to_dict()) for k, v in overrides.items()},
         }
         skipped = report.skipped
-    accuracy_after = _accuracy(model, splits)
+    accuracy_after = holdout_accuracy(model, splits)
     recipe = list(manifest.get("recipe") or []) + [stage]
     measurements = {"accuracy": accuracy_after, "data": data} if splits else None
     save(model, target, recipe=recipe, measurements=measurements)
@@ -127,21 +127,6 @@ def _parse_overrides(items: list[str], base) -> dict:
     return overrides
 
 
-def _load_data(spec: str, model):
-    from torchslim.data import load_data
-    from torchslim.models.compat import check_model_data
-
-    splits = load_data(spec)
-    check_model_data(model, splits.example_inputs(1), splits.num_classes, spec)
-    return splits
-
-
-def _accuracy(model, splits) -> float | None:
-    if splits is None:
-        return None
-    from torchslim.measure import accuracy
-
-    return accuracy(model, splits.test)
 
 
 def _int8(model, mode: str, calib: str | None, observer: str, splits):
@@ -150,7 +135,7 @@ def _int8(model, mode: str, calib: str | None, observer: str, splits):
     if mode == "int8-static":
         if calib is None:
             raise ConfigError("--mode int8-static needs --calib (or --data): expected a calibration data spec")
-        calib_splits = splits if splits is not None and calib == splits.spec else _load_data(calib, model)
+        calib_splits = splits if splits is not None and calib == splits.spec else load_data_for(calib, model)
         config = StaticInt8(observer=observer)
         graph = quantize_static(model, calib_splits.train, config, example_inputs=calib_splits.example_inputs(1))
     else:
@@ -171,7 +156,7 @@ def _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding
     widths = parse_int_list("--sweep", sweep)
     base = IntQuant(granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding)
     model = load(path, trust_factory=trust_factory)
-    splits = _load_data(data, model)
+    splits = load_data_for(data, model)
     plot_path = plot or path.with_name(path.stem + "-bits-sweep.png")
     rows = sweep_bits(model, splits, widths, base, plot_path=plot_path)
     if json_output:
