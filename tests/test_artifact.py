@@ -358,6 +358,36 @@ def test_layer_replaced_by_identity_round_trips(tmp_path):
     assert torch.equal(_outputs(loaded, x), _outputs(model, x))
 
 
+def test_changed_multihead_attention_round_trips_through_its_codec(tmp_path):
+    factory = {"name": "torch.nn:MultiheadAttention", "kwargs": {"embed_dim": 16, "num_heads": 4}}
+    torch.manual_seed(0)
+    unchanged = nn.MultiheadAttention(16, 4)
+    assert read_manifest(save(unchanged, tmp_path / "same.slim", factory=factory))["modules"] == {}
+    # every constructor argument differs from the factory's module (e.g. widths left by embed_dim pruning)
+    model = nn.MultiheadAttention(
+        8, 2, dropout=0.1, bias=False, add_bias_kv=True, add_zero_attn=True, kdim=6, vdim=10, batch_first=True
+    ).eval()
+    path = save(model, tmp_path / "mha.slim", factory=factory)
+    assert read_manifest(path)["modules"] == {
+        "": {
+            "codec": "nn.MultiheadAttention",
+            "spec": {
+                "embed_dim": 8, "num_heads": 2, "dropout": 0.1, "bias": False, "add_bias_kv": True,
+                "add_zero_attn": True, "kdim": 6, "vdim": 10, "batch_first": True,
+            },
+        }
+    }
+    loaded = load(path, trust_factory=True).eval()
+    assert type(loaded) is nn.MultiheadAttention and loaded.head_dim == 4 and loaded.in_proj_weight is None
+    _assert_same_state(model, loaded)
+    generator = torch.Generator().manual_seed(2)
+    query, key, value = (torch.randn(3, 5, width, generator=generator) for width in (8, 6, 10))
+    with torch.no_grad():
+        expected, expected_weights = model(query, key, value)
+        got, got_weights = loaded(query, key, value)
+    assert torch.equal(got, expected) and torch.equal(got_weights, expected_weights)
+
+
 class Int8Linear(nn.Module):
     """A packed layer of the kind quantization adds: uint8 weights plus float scales."""
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from torchslim.artifact import register_module_codec
 from torchslim.config import Config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.measure import count_macs, parameter_stats
@@ -109,12 +110,12 @@ def removed_fraction(report: StructuralReport) -> dict[str, float]:
 
 # --- config ---------------------------------------------------------------------------------------------------
 def test_config_round_trips_through_dict_and_registry():
-    config = ChannelPruning(amount=0.3, importance="l2", round_to=8, global_ranking=True, ignore=("fc",))
+    config = ChannelPruning(amount=0.3, importance="l2", round_to=8, global_ranking=True, ignore=("fc",), heads=0.25)
     data = config.to_dict()
     assert data["type"] == "channel"
     assert json.loads(json.dumps(data)) == data
     assert Config.from_dict(data) == config  # lists from JSON/YAML become the tuple again
-    assert ChannelPruning().amount == 0.5 and ChannelPruning().max_per_layer == 0.9
+    assert ChannelPruning().amount == 0.5 and ChannelPruning().max_per_layer == 0.9 and ChannelPruning().heads == 0
 
 
 @pytest.mark.parametrize(
@@ -131,6 +132,10 @@ def test_config_round_trips_through_dict_and_registry():
         ("ignore", ("fc", 3), "tuple of module names"),
         ("max_per_layer", 0.0, "(0.0, 1.0]"),
         ("max_per_layer", 1.5, "(0.0, 1.0]"),
+        ("heads", 1.0, "[0.0, 1.0)"),
+        ("heads", -0.25, "[0.0, 1.0)"),
+        ("heads", "0.5", "[0.0, 1.0)"),
+        ("heads", True, "[0.0, 1.0)"),
     ],
 )
 def test_config_errors_name_field_value_and_range(field, value, allowed):
@@ -457,3 +462,166 @@ def test_ffn_hidden_neurons_are_pruned_and_the_residual_stream_kept():
     assert "MultiheadAttention" in report.skipped["attn"]
     assert "'attn'" in report.skipped["embed"]
     assert model(tokens).shape == (2, 10)
+
+
+# --- attention heads ------------------------------------------------------------------------------------------
+class HeadAttention(nn.Module):
+    """Self-attention with separate q/k/v/o projections, split into ``num_heads`` heads of ``head_dim``."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 8, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim or dim // num_heads
+        inner = self.num_heads * self.head_dim
+        self.q, self.k, self.v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.o = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+register_module_codec(  # its num_heads changes with its projections, so save must record it
+    HeadAttention,
+    "test.HeadAttention",
+    lambda m: {"dim": m.q.in_features, "num_heads": m.num_heads, "head_dim": m.head_dim},
+    lambda spec: HeadAttention(**spec),
+)
+
+
+class UncodedAttention(HeadAttention):
+    """The same attention without an artifact codec."""
+
+
+class HeadsBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (embed 64, 8 heads, FFN 256)."""
+
+    def __init__(self, attention: type[nn.Module] = HeadAttention) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(64), attention(64, 8)
+        self.norm2 = nn.LayerNorm(64)
+        self.ffn = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class HeadsTransformer(nn.Module):
+    """Token projection, two transformer blocks, mean pool, classifier."""
+
+    def __init__(self, uncoded: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.blocks = nn.Sequential(*(HeadsBlock(UncodedAttention if uncoded else HeadAttention) for _ in range(2)))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(dim=1))
+
+
+def heads_transformer(seed: int = 0, **kwargs) -> HeadsTransformer:
+    torch.manual_seed(seed)
+    return HeadsTransformer(**kwargs).eval()
+
+
+def tokens(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 5, 16, generator=torch.Generator().manual_seed(2))
+
+
+def kept_heads(dense: HeadAttention, pruned: HeadAttention) -> list[int]:
+    """Which of the dense module's heads the pruned one still holds (matched by their query rows)."""
+    d = dense.head_dim
+    rows = [pruned.q.weight[i * d : (i + 1) * d] for i in range(pruned.num_heads)]
+    return [h for h in range(dense.num_heads) if any(torch.equal(dense.q.weight[h * d : (h + 1) * d], r) for r in rows)]
+
+
+def test_heads_are_removed_whole_and_the_model_width_kept():
+    dense = heads_transformer()
+    model = copy.deepcopy(dense)
+    x = tokens()
+    report = prune_channels_(model, ChannelPruning(amount=0.0, heads=0.5), x)
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        assert (attn.num_heads, attn.head_dim) == (4, 8)
+        assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.o.in_features == 32
+        assert attn.q.in_features == attn.o.out_features == block.ffn[0].in_features == 64  # residual width stays
+        assert report.heads[f"blocks.{i}.attn"] == {"type": "HeadAttention", "before": 8, "after": 4}
+        assert len(kept_heads(dense.blocks[i].attn, attn)) == 4
+    assert block.ffn[0].out_features == 256  # amount=0: nothing else changes
+    assert report.params_after < report.params_before
+    # removing a head is exactly silencing it in the dense model: zero the value rows of the removed heads
+    silenced = copy.deepcopy(dense)
+    with torch.no_grad():
+        for dense_block, block in zip(silenced.blocks, model.blocks, strict=True):
+            for h in set(range(8)) - set(kept_heads(dense_block.attn, block.attn)):
+                dense_block.attn.v.weight[h * 8 : (h + 1) * 8] = 0
+                dense_block.attn.v.bias[h * 8 : (h + 1) * 8] = 0
+        torch.testing.assert_close(model(x), silenced(x))
+
+
+def test_heads_and_channels_together_shrink_the_model_and_save_load_identically(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchslim_test_heads", sys.modules[__name__])  # an importable factory
+    model = ts.create_model("torchslim_test_heads:heads_transformer").eval()
+    x = tokens(4)
+    report = prune_channels_(model, ChannelPruning(amount=0.5, heads=0.5), x)
+    assert [block.attn.num_heads for block in model.blocks] == [4, 4]
+    assert all(block.attn.q.out_features == 32 for block in model.blocks)  # q/k/v lose heads, not single channels
+    assert all(block.ffn[0].out_features == 128 for block in model.blocks)
+    assert model.embed.out_features == model.head.in_features == 32  # the residual stream follows amount
+    assert model(x).shape == (4, 10)
+    assert report.params_ratio < 0.3 and report.macs_ratio < 0.3
+    assert "blocks.0.attn (HeadAttention): heads 8 -> 4" in str(report)
+    assert not report.details["notes"]
+    path = ts.save(model, tmp_path / "heads.slim")
+    spec = ts.read_manifest(path)["modules"]["blocks.1.attn"]
+    assert spec == {"codec": "test.HeadAttention", "spec": {"dim": 32, "num_heads": 4, "head_dim": 8}}
+    loaded = ts.load(path, trust_factory=True)
+    assert [block.attn.num_heads for block in loaded.blocks] == [4, 4]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_zero_heads_leaves_attention_untouched():
+    model = heads_transformer()
+    report = prune_channels_(model, ChannelPruning(amount=0.5), tokens())
+    for block in model.blocks:
+        assert block.attn.num_heads == 8 and block.attn.q.out_features == block.attn.o.in_features == 64
+        assert block.ffn[0].out_features == 128
+    assert "loses whole heads only" in report.skipped["blocks.0.attn.q"]
+    assert all(row["before"] == row["after"] == 8 for row in report.heads.values())
+    assert model(tokens()).shape == (2, 10)
+
+
+def test_heads_respect_ignore_keep_one_head_and_rank_within_each_module():
+    model = heads_transformer()
+    report = prune_channels_(model, ChannelPruning(amount=0.0, heads=0.9, ignore=("blocks.0.attn",)), tokens())
+    assert [block.attn.num_heads for block in model.blocks] == [8, 1]  # ceil(7.2) = 8 heads, capped to 7
+    assert report.skipped["blocks.0.attn"] == "listed in ChannelPruning.ignore"
+    assert model(tokens()).shape == (2, 10)
+    model = heads_transformer()
+    prune_channels_(model, ChannelPruning(amount=0.0, heads=0.3, global_ranking=True), tokens())
+    assert [block.attn.num_heads for block in model.blocks] == [5, 5]  # ceil(2.4) = 3 heads from each module
+
+
+def test_heads_without_prunable_attention_is_a_config_error_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = TinyTransformer()  # nn.MultiheadAttention: its q/k/v width is the model width
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"heads=0.5\): no attention module can lose a head: attn: nn.Multihead"):
+        prune_channels_(model, ChannelPruning(heads=0.5), torch.randn(2, 5, 16))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="no attention module with a num_heads attribute"):
+        prune_channels_(fresh("lenet5"), ChannelPruning(heads=0.5), images())
+    with pytest.raises(ConfigError, match="'bn' needs a BatchNorm"):
+        prune_channels_(heads_transformer(), ChannelPruning(heads=0.5, importance="bn"), tokens())
+
+
+def test_head_pruned_attention_without_codec_is_noted():
+    model = heads_transformer(uncoded=True)
+    report = prune_channels_(model, ChannelPruning(amount=0.0, heads=0.5), tokens())
+    assert [block.attn.num_heads for block in model.blocks] == [4, 4]
+    notes = report.details["notes"]
+    assert len(notes) == 2 and "blocks.0.attn (UncodedAttention) now has num_heads=4" in notes[0]
+    assert json.loads(json.dumps(report.to_dict()))["heads"]["blocks.1.attn"]["after"] == 4

@@ -143,6 +143,20 @@ def _embedding_spec(m: nn.Embedding) -> dict[str, Any]:
     }
 
 
+def _multihead_attention_spec(m: nn.MultiheadAttention) -> dict[str, Any]:
+    return {
+        "embed_dim": m.embed_dim,
+        "num_heads": m.num_heads,
+        "dropout": m.dropout,
+        "bias": m.in_proj_bias is not None,
+        "add_bias_kv": m.bias_k is not None,
+        "add_zero_attn": m.add_zero_attn,
+        "kdim": m.kdim,
+        "vdim": m.vdim,
+        "batch_first": m.batch_first,
+    }
+
+
 def _register_builtins() -> None:
     register_module_codec(nn.Linear, "nn.Linear", _linear_spec, lambda s: nn.Linear(**s))
     register_module_codec(nn.Conv1d, "nn.Conv1d", _conv_spec, lambda s: nn.Conv1d(**s))
@@ -151,6 +165,12 @@ def _register_builtins() -> None:
     register_module_codec(nn.BatchNorm2d, "nn.BatchNorm2d", _batchnorm_spec, lambda s: nn.BatchNorm2d(**s))
     register_module_codec(nn.LayerNorm, "nn.LayerNorm", _layernorm_spec, lambda s: nn.LayerNorm(**s))
     register_module_codec(nn.Embedding, "nn.Embedding", _embedding_spec, lambda s: nn.Embedding(**s))
+    register_module_codec(
+        nn.MultiheadAttention,
+        "nn.MultiheadAttention",
+        _multihead_attention_spec,
+        lambda s: nn.MultiheadAttention(**s),
+    )
     # a layer removed by structural pruning is often replaced by an identity
     register_module_codec(nn.Identity, "nn.Identity", lambda m: {}, lambda s: nn.Identity())
 

@@ -1,4 +1,4 @@
-"""Structural pruning with physical removal: channels, filters and neurons, through Torch-Pruning's DepGraph.
+"""Structural pruning with physical removal: channels, filters, neurons and attention heads, through Torch-Pruning.
 
 ``prune_channels_`` removes whole output channels of ``Conv``/``Linear`` layers and everything that depends on
 them (BatchNorm/LayerNorm features, the next layers' inputs, every layer tied by a residual add, the
@@ -8,9 +8,25 @@ them (BatchNorm/LayerNorm features, the next layers' inputs, every layer tied by
 - the output layer (the layer whose output is the model's output, i.e. the classifier) is never pruned, nor the
   layers named in ``ChannelPruning.ignore`` or refused by ``filter_fn``;
 - channels tied to a model input (e.g. ``x + ffn(x)`` on the raw input) are kept, because the input cannot shrink;
-- ``nn.MultiheadAttention`` is kept whole: Torch-Pruning shrinks its per-head width rather than removing whole heads,
-  and ``torchslim.save`` has no codec to rebuild it (FFN neurons of a transformer block are pruned normally);
 - no layer loses more than ``max_per_layer`` of its channels, and kept counts are multiples of ``round_to``.
+
+Attention heads (``ChannelPruning.heads``) are removed whole, by Torch-Pruning's head pruning (``num_heads``,
+``prune_num_heads=True``, ``prune_head_dims=False``), from attention modules built the usual way: a ``num_heads``
+attribute and separate ``nn.Linear`` query/key/value projections as direct children (named ``q``/``k``/``v``,
+``q_proj``/``k_proj``/``v_proj``, ``query``/``key``/``value``, ``to_q``/``to_k``/``to_v``, ``wq``/``wk``/``wv`` or
+``q_lin``/``k_lin``/``v_lin``) whose outputs are split into heads. The q/k/v outputs and the output projection's
+inputs lose ``head_dim`` channels per removed head; ``head_dim`` and the model width (the residual stream) stay, and
+the module's ``num_heads`` is set to the new count (its forward must reshape with ``self.num_heads`` or ``-1``).
+Heads are ranked within each attention module (also under ``global_ranking``) and at least one always stays. The
+q/k/v projections never lose single channels to ``amount``: heads are their only unit.
+
+``nn.MultiheadAttention`` is kept whole. Its packed ``in_proj_weight`` is ``(3 * E, E)`` and its output projection
+``(E, E)``, with ``E`` the model width, so it cannot hold fewer heads of the same ``head_dim`` without shrinking the
+residual stream; Torch-Pruning's MultiheadAttention pruner removes ``embed_dim`` channels (the residual width) and
+keeps ``num_heads`` (``head_dim`` shrinks), and its head pruning needs Linear q/k/v layers (with an
+``nn.MultiheadAttention`` in ``num_heads`` it removes nothing, or fails under global pruning). To prune heads of such a
+model, build its attention from separate q/k/v/out ``nn.Linear`` layers. FFN neurons of any transformer block are
+pruned normally by ``amount``.
 
 The result is a plain, smaller dense ``nn.Module`` (no masks); ``torchslim.save`` records the new layer shapes in
 the manifest and ``torchslim.load`` rebuilds them.
@@ -36,6 +52,17 @@ IMPORTANCES = ("l1", "l2", "taylor", "bn")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # TP root types (LSTM left out: no artifact codec)
 _TAYLOR_BATCHES = 4  # batches of ``data`` whose gradients feed the Taylor importance
 _TAYLOR_BATCH_SIZE = 64
+# direct nn.Linear children of an attention module that project to queries / keys / values (split into heads)
+_QKV_NAMES = (
+    ("q", "q_proj", "query", "to_q", "wq", "q_lin"),
+    ("k", "k_proj", "key", "to_k", "wk", "k_lin"),
+    ("v", "v_proj", "value", "to_v", "wv", "v_lin"),
+)
+_MHA_REASON = (
+    "nn.MultiheadAttention is kept whole: its q/k/v width is the model width (in_proj_weight is (3*E, E)), so it "
+    "cannot lose heads without shrinking the residual stream around it; for head pruning build attention from "
+    "separate q/k/v/out nn.Linear layers with a num_heads attribute"
+)
 
 
 @register_config("channel")
@@ -55,7 +82,10 @@ class ChannelPruning(Config):
         ignore: module names never pruned (a container name covers its submodules). The output layer is always
             kept whole without being listed.
         max_per_layer: never remove more than this fraction of one layer's channels, in ``(0, 1]`` (at least one
-            channel always stays).
+            channel always stays); also caps the fraction of heads one attention module loses.
+        heads: fraction of the attention heads removed from each attention module with separate q/k/v ``nn.Linear``
+            projections (see the module docstring), in ``[0, 1)``; the count removed is rounded up and at least one
+            head stays. ``0`` leaves attention modules untouched. ``nn.MultiheadAttention`` is always kept whole.
     """
 
     amount: float = 0.5
@@ -64,6 +94,7 @@ class ChannelPruning(Config):
     global_ranking: bool = False
     ignore: tuple[str, ...] = ()
     max_per_layer: float = 0.9
+    heads: float = 0.0
 
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
@@ -75,6 +106,7 @@ class ChannelPruning(Config):
         if not isinstance(self.ignore, tuple) or not all(isinstance(n, str) and n for n in self.ignore):
             raise self.fail("ignore", self.ignore, "a tuple of module names, e.g. ('fc1',)")
         self.check_float("max_per_layer", 0.0, 1.0, lo_inclusive=False)
+        self.check_float("heads", 0.0, 1.0, hi_inclusive=False)
 
 
 @dataclasses.dataclass
@@ -84,7 +116,9 @@ class StructuralReport:
     Attributes:
         layers: module name -> ``{"type", "before", "after"}`` weight shapes of every Conv/Linear/norm/embedding
             layer (``after`` differs where channels were removed).
-        skipped: Conv/Linear (or attention) module name -> why its output channels were kept.
+        skipped: Conv/Linear (or attention) module name -> why its output channels (or heads) were kept.
+        heads: attention module name -> ``{"type", "before", "after"}`` head counts of every attention module
+            (``nn.MultiheadAttention`` and modules with separate q/k/v projections).
         params_before: parameters before pruning.
         params_after: parameters after pruning.
         macs_before: MACs of one sample before pruning (``torchslim.measure.count_macs``).
@@ -95,6 +129,7 @@ class StructuralReport:
 
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -124,13 +159,17 @@ class StructuralReport:
         config = self.details.get("config", {})
         head = (
             f"channel pruning ({config.get('importance', '?')}, amount {config.get('amount', '?')}, "
-            f"{'global' if config.get('global_ranking') else 'per-layer'}, round_to {config.get('round_to', '?')}): "
+            f"{'global' if config.get('global_ranking') else 'per-layer'}, round_to {config.get('round_to', '?')}"
+            f"{', heads ' + str(config['heads']) if config.get('heads') else ''}): "
             f"parameters {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.3f}x), "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x)"
         )
         lines = [head]
         for name, row in self.changed.items():
             lines.append(f"  {name} ({row['type']}): {row['before']} -> {row['after']}")
+        for name, row in self.heads.items():
+            if row["before"] != row["after"]:
+                lines.append(f"  {name} ({row['type']}): heads {row['before']} -> {row['after']}")
         unchanged = len(self.layers) - len(self.changed)
         if unchanged:
             lines.append(f"  {unchanged} layer(s) unchanged")
@@ -149,14 +188,17 @@ def prune_channels_(
     loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> StructuralReport:
-    """Remove channels from ``model`` in place; every dependent layer shrinks with them.
+    """Remove channels (and attention heads) from ``model`` in place; every dependent layer shrinks with them.
 
     The model keeps its train/eval mode (every submodule's own flag) and ``requires_grad`` flags; its outputs
     keep their shapes. The pruned model is a plain dense module that ``torchslim.save`` stores with its new
     shapes. Fine-tune afterwards (``torchslim.train``) to recover accuracy.
 
+    Heads go first (when ``config.heads > 0``), then channels, each pass on a freshly traced dependency graph.
+
     Args:
-        model: a float model built from Conv/Linear/BatchNorm/LayerNorm layers (any control flow that traces).
+        model: a float model built from Conv/Linear/BatchNorm/LayerNorm layers (any control flow that traces),
+            possibly with attention modules (see the module docstring for which ones can lose heads).
         config: a :class:`ChannelPruning`.
         example_inputs: a batch of inputs (tensor, or tuple of tensors passed positionally) used to trace the
             dependency graph and count MACs.
@@ -166,15 +208,16 @@ def prune_channels_(
         filter_fn: ``filter_fn(module, name) -> bool``; Conv/Linear layers for which it is false are kept.
 
     Returns:
-        A :class:`StructuralReport` (per-layer shapes, parameters and MACs before/after, kept layers and why).
+        A :class:`StructuralReport` (per-layer shapes, head counts, parameters and MACs before/after, kept layers
+        and why).
 
     Raises:
         ConfigError: ``config`` is not a ``ChannelPruning``; an ``ignore`` name is not a module of the model;
             nothing in the model can be pruned (everything ignored or tied to something kept, or ``"bn"``
-            importance without BatchNorm).
+            importance without BatchNorm); ``heads > 0`` but no attention module can lose a head.
         DataError: ``example_inputs`` missing or not tensors; ``taylor`` without usable ``data``.
-        ModelError: the model holds pruning masks (call ``finalize_`` first) or compressed (quantized) layers, or
-            the graph cannot be traced.
+        ModelError: the model holds pruning masks (call ``finalize_`` first) or compressed (quantized) layers, the
+            graph cannot be traced, or an attention module's forward fails once its heads are removed.
         MissingDependencyError: ``torch-pruning`` is not installed.
     """
     tp = _torch_pruning()
@@ -199,12 +242,26 @@ def prune_channels_(
     report.params_before = parameter_stats(model)["parameters"]
     report.macs_before = count_macs(model, inputs)
     before = _layer_shapes(model)
+    attention = _attention_modules(model)
+    report.heads = _head_counts(model, attention)
     try:
         model.eval()  # tracing and importance use the deployed function; BatchNorm statistics are not touched
         for param in model.parameters():
             param.requires_grad_(True)  # the dependency graph is traced through autograd
         out_shapes = _output_shapes(model, inputs)
         ignored = _ignored_layers(model, config, filter_fn, _output_layers(model, inputs), report)
+        gradients = False
+        if config.heads > 0:
+            head_pruner, plan = _plan_heads(tp, model, inputs, attention, ignored, names, config, report)
+            if config.importance == "taylor":
+                _accumulate_gradients(model, data, loss_fn)
+                gradients = True
+            report.details["head_groups_pruned"] = _prune_heads(head_pruner, plan, model, inputs)
+        for name, att in attention.items():  # heads are the only unit of q/k/v; ``amount`` never splits them
+            for proj in att.projections:
+                if proj not in ignored:
+                    ignored[proj] = f"projection of attention {name!r}: loses whole heads only (ChannelPruning.heads)"
+                    report.skipped.setdefault(names[proj], ignored[proj])
         leaves = _leaf_inputs(inputs)
         try:
             pruner = tp.pruner.BasePruner(
@@ -223,12 +280,12 @@ def prune_channels_(
         except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
             raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
         candidates = _plan_groups(pruner, names, ignored, leaves, config, report)
-        if config.amount > 0 and not candidates:
+        if config.amount > 0 and not candidates and not report.details.get("head_groups_pruned"):
             raise ConfigError(
                 f"ChannelPruning(amount={config.amount}, importance={config.importance!r}): nothing in the model can "
                 "be pruned: " + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
             )
-        if config.importance == "taylor":
+        if config.importance == "taylor" and not gradients:
             _accumulate_gradients(model, data, loss_fn)
         pruned_groups = 0
         for group in pruner.step(interactive=True):
@@ -251,6 +308,8 @@ def prune_channels_(
         name: {"type": kind, "before": shape, "after": after.get(name, (kind, None))[1]}
         for name, (kind, shape) in before.items()
     }
+    for name, row in _head_counts(model, attention).items():
+        report.heads[name]["after"] = row["after"]
     for name in candidates:
         row = report.layers.get(name)
         if row is not None and row["before"][0] == row["after"][0] and name not in report.skipped:
@@ -398,12 +457,7 @@ def _ignored_layers(
         keep(modules[name], name, "listed in ChannelPruning.ignore")
     for name, module in modules.items():
         if isinstance(module, nn.MultiheadAttention):
-            keep(
-                module,
-                name,
-                "nn.MultiheadAttention is kept whole (whole-head pruning is not supported; its embedding width "
-                "stays, so the residual stream around it stays too)",
-            )
+            keep(module, name, _MHA_REASON)
         elif isinstance(module, _LAYERS) and filter_fn is not None and module not in ignored:
             if not filter_fn(module, name):
                 keep(module, name, "filter_fn returned False")
@@ -501,6 +555,203 @@ def _accumulate_gradients(model: nn.Module, data: Any, loss_fn: Callable | None)
         raise DataError("ChannelPruning(importance='taylor'): data yielded no batch")
 
 
+# --- attention heads ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Attention:
+    """An attention module whose heads can be removed: separate q/k/v ``nn.Linear`` projections split into heads."""
+
+    module: nn.Module
+    projections: tuple[nn.Linear, nn.Linear, nn.Linear]
+    num_heads: int
+    head_dim: int
+
+
+def _attention_modules(model: nn.Module) -> dict[str, _Attention]:
+    """Module name -> :class:`_Attention` for every module with an int ``num_heads`` and q/k/v Linear children.
+
+    Projections must have the same output width (grouped-query attention is not supported), divisible by
+    ``num_heads``; a fused ``qkv`` projection is not recognised.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(module, nn.MultiheadAttention) or not isinstance(heads, int) or isinstance(heads, bool):
+            continue
+        children = dict(module.named_children())
+        projections = []
+        for choices in _QKV_NAMES:
+            hits = [children[c] for c in choices if isinstance(children.get(c), nn.Linear)]
+            if len(hits) == 1:
+                projections.append(hits[0])
+        widths = {proj.out_features for proj in projections}
+        if heads < 1 or len(projections) != 3 or len(widths) != 1 or widths.pop() % heads:
+            continue
+        q, k, v = projections
+        found[name] = _Attention(module, (q, k, v), heads, q.out_features // heads)
+    return found
+
+
+def _head_counts(model: nn.Module, attention: dict[str, _Attention]) -> dict[str, dict[str, Any]]:
+    """Attention module name -> ``{"type", "before", "after"}`` with its current head count in both."""
+    rows = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or name in attention:
+            rows[name] = {"type": type(module).__name__, "before": module.num_heads, "after": module.num_heads}
+    return rows
+
+
+def _plan_heads(
+    tp,
+    model: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...],
+    attention: dict[str, _Attention],
+    ignored: dict[nn.Module, str],
+    names: dict[nn.Module, str],
+    config: ChannelPruning,
+    report: StructuralReport,
+):
+    """Trace the graph for head pruning and decide how many heads each attention module loses.
+
+    Returns:
+        ``(pruner, plan)``: a Torch-Pruning ``BasePruner`` that only removes whole heads of the planned modules, and
+        attention module name -> (:class:`_Attention`, heads to remove).
+
+    Raises:
+        ConfigError: no attention module can lose a head (the reasons are listed).
+        ModelError: the graph cannot be traced.
+    """
+    plan: dict[str, tuple[_Attention, int]] = {}
+    for name, att in attention.items():
+        blocking = next((m for m in (att.module, *att.projections) if m in ignored), None)
+        removable = min(
+            math.ceil(config.heads * att.num_heads - 1e-9), max_removable(att.num_heads, config.max_per_layer, 1)
+        )
+        if blocking is not None:
+            report.skipped.setdefault(name, f"heads kept: {names[blocking]!r} is kept ({ignored[blocking]})")
+        elif removable < 1:
+            report.skipped.setdefault(
+                name,
+                f"heads kept: heads {config.heads} and max_per_layer {config.max_per_layer} remove none of its "
+                f"{att.num_heads} head(s) (at least one stays)",
+            )
+        else:
+            plan[name] = (att, removable)
+    pruner = None
+    if plan:
+        leaves = _leaf_inputs(inputs)
+        heads = {proj: att.num_heads for att, _ in plan.values() for proj in att.projections}
+        try:
+            pruner = tp.pruner.BasePruner(
+                model,
+                leaves,
+                importance=_importance(tp, config.importance),
+                global_pruning=False,  # heads are ranked within each attention module
+                # any ratio > 0 opens the attention groups; prune_head_dims=False removes whole heads only, and every
+                # other layer is ignored in this pass
+                pruning_ratio=0.5,
+                ignored_layers=[m for m in model.modules() if isinstance(m, _LAYERS) and m not in heads],
+                root_module_types=list(_LAYERS),
+                forward_fn=_call,
+                unwrapped_parameters=[(t, 1 if t.dim() > 1 else 0) for t in _as_list(leaves) if t.requires_grad],
+                num_heads=heads,
+                prune_num_heads=True,
+                prune_head_dims=False,
+                head_pruning_ratio=config.heads,
+                # Torch-Pruning removes ceil(ratio * num_heads) heads: this ratio gives exactly ``removable``
+                head_pruning_ratio_dict={att.module: (n - 0.5) / att.num_heads for att, n in plan.values()},
+            )
+        except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
+            raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
+        _check_head_groups(pruner, plan, names, leaves, config, report)
+    if not plan:
+        found = {n: r for n, r in report.skipped.items() if n in report.heads}
+        raise ConfigError(
+            f"ChannelPruning(heads={config.heads}): no attention module can lose a head: "
+            + (
+                "; ".join(f"{n}: {r}" for n, r in found.items())
+                if found
+                else "the model has no attention module with a num_heads attribute and separate q/k/v nn.Linear "
+                "projections"
+            )
+        )
+    return pruner, plan
+
+
+def _check_head_groups(
+    pruner,
+    plan: dict[str, tuple[_Attention, int]],
+    names: dict[nn.Module, str],
+    leaves: Tensor | tuple[Tensor, ...],
+    config: ChannelPruning,
+    report: StructuralReport,
+) -> None:
+    """Drop from ``plan`` (and ignore) the attention modules whose q/k/v outputs do not form one clean group.
+
+    A head can only go if the traced graph ties the q, k and v outputs together (as attention does) and to no other
+    layer's outputs or to a model input.
+    """
+    graph = pruner.DG
+    inputs = _as_list(leaves)
+    owners_of = {}
+    for group in graph.get_all_groups(ignored_layers=[], root_module_types=pruner.root_module_types):
+        owners = {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
+        tied_to_input = any(any(dep.target.module is t for t in inputs) for dep, _ in group)
+        for att, _ in plan.values():
+            if att.projections[0] in owners:
+                owners_of[att.module] = (owners, tied_to_input, group)
+    for name in list(plan):
+        att, _ = plan[name]
+        owners, tied_to_input, group = owners_of.get(att.module, (set(), False, None))
+        layers = {m for m in owners if m in names and isinstance(m, _LAYERS)}
+        reason = None
+        if layers != set(att.projections):
+            others = sorted(names[m] for m in layers - set(att.projections))
+            reason = "heads kept: the traced graph does not tie its q/k/v outputs together" + (
+                f" (they are tied to {', '.join(others)})" if others else ""
+            )
+        elif tied_to_input:
+            reason = "heads kept: its q/k/v outputs are tied to a model input"
+        elif config.importance == "bn" and not any(
+            isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group
+        ):
+            reason = "heads kept: importance 'bn' needs a BatchNorm on its q/k/v outputs; there is none"
+        if reason is not None:
+            report.skipped.setdefault(name, reason)
+            pruner.ignored_layers.extend(att.projections)
+            del plan[name]
+
+
+def _prune_heads(pruner, plan: dict[str, tuple[_Attention, int]], model: nn.Module, inputs: Any) -> int:
+    """Run the head pass; set each module's ``num_heads``; returns the number of groups pruned.
+
+    Raises:
+        ModelError: the projections disagree with the new head count, or the forward fails afterwards.
+    """
+    pruned = 0
+    with torch.no_grad():
+        for group in pruner.step(interactive=True):
+            if pruner.DG.check_pruning_group(group):
+                group.prune()
+                pruned += 1
+    for name, (att, _) in plan.items():
+        heads = pruner.num_heads[att.projections[0]]
+        widths = [proj.out_features for proj in att.projections]
+        if widths != [heads * att.head_dim] * 3:  # pragma: no cover - a Torch-Pruning bug would land here
+            raise ModelError(
+                f"prune_channels_: attention {name!r} has q/k/v widths {widths} after head pruning, expected "
+                f"{heads} heads of {att.head_dim}"
+            )
+        att.module.num_heads = heads
+    try:
+        _output_shapes(model, inputs)
+    except Exception as exc:
+        raise ModelError(
+            f"prune_channels_: the model's forward fails after removing attention heads ({exc}): attention "
+            f"modules ({', '.join(plan)}) must reshape q/k/v with self.num_heads (or -1) and a fixed head_dim"
+        ) from exc
+    return pruned
+
+
 # --- decision -------------------------------------------------------------------------------------------------
 def max_removable(channels: int, max_fraction: float, round_to: int) -> int:
     """How many of ``channels`` may go: at most ``max_fraction`` of them, at least one kept, kept count rounded up
@@ -563,6 +814,15 @@ def _codec_notes(model: nn.Module, report: StructuralReport) -> list[str]:
 
     modules = dict(model.named_modules())
     notes = []
+    for name, row in report.heads.items():
+        module = modules.get(name)
+        if row["before"] != row["after"] and module is not None and codec_for(module) is None:
+            notes.append(
+                f"{name} ({row['type']}) now has num_heads={row['after']}: torchslim.save records its projections' "
+                f"new shapes but not num_heads, so torchslim.load rebuilds it with {row['before']} heads; register a "
+                "codec for it (torchslim.artifact.register_module_codec) unless its forward infers the head count "
+                "(e.g. view(batch, tokens, -1, head_dim))"
+            )
     for name in report.changed:
         module = modules.get(name)
         if module is not None and codec_for(module) is None:
