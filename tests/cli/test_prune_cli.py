@@ -224,6 +224,8 @@ def test_trust_factory_is_needed_for_a_user_factory(tmp_path, monkeypatch, capsy
         (["--structured", "--amount", "0.5", "--schedule", "gradual", "--epochs-per-step", "0"],
          "--schedule = 'gradual' is invalid with --structured"),
         (["--amount", "0.5", "--round-to", "8"], "--round-to needs --structured"),
+        (["--amount", "0.5", "--heads", "0.5"], "--heads needs --structured"),
+        (["--structured", "--amount", "0.5", "--heads", "1.5"], "ChannelPruning.heads = 1.5"),
         (["--amount", "0.5", "--data", "nosuchdata"], "nosuchdata"),
     ],
 )

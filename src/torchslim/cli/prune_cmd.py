@@ -28,6 +28,7 @@ def prune(
     nm: str | None = typer.Option(None, "--nm", help="N:M semi-structured sparsity, e.g. 2:4."),
     structured: bool = typer.Option(False, "--structured", help="Remove whole channels physically (needs --amount)."),
     round_to: int = typer.Option(1, "--round-to", help="--structured: kept channel counts are multiples of this."),
+    heads: float = typer.Option(0.0, "--heads", help="--structured: fraction of attention heads to remove."),
     data: str | None = typer.Option(None, "--data", "-d", help="Data spec to evaluate and fine-tune on."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Epochs of fine-tuning after the last step."),
     lr: float | None = typer.Option(None, "--lr", help="Fine-tuning learning rate (default: the model's recommended)."),
@@ -57,7 +58,7 @@ def prune(
         _sweep(path, sweep_threshold, data, scope or "global", criterion, plot, trust_factory, json_output)
         return
     plan = _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
-                 schedule, steps, epochs_per_step, initial_sparsity, lr)
+                 schedule, steps, epochs_per_step, initial_sparsity, lr, heads)
     if out is None:
         raise ConfigError("--out is missing: expected the output .slim path (or --sweep-threshold)")
     from torchslim.fileio import check_output_path
@@ -112,7 +113,7 @@ def prune(
 
 # --- planning: every flag checked before anything is loaded or written ----------------------------------------
 def _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
-          schedule, steps, epochs_per_step, initial_sparsity, lr) -> dict[str, Any]:
+          schedule, steps, epochs_per_step, initial_sparsity, lr, heads=0.0) -> dict[str, Any]:
     from torchslim.prune import MagnitudePruning, NMSparsity
     from torchslim.prune.schedule import PruneSchedule, schedule_targets
     from torchslim.train import TrainConfig
@@ -130,6 +131,8 @@ def _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, r
         raise ConfigError("fine-tuning (--finetune-epochs, --schedule) needs --data: expected a data spec to train on")
     if round_to != 1 and not structured:
         raise ConfigError("--round-to needs --structured: it rounds kept channel counts")
+    if heads and not structured:
+        raise ConfigError("--heads needs --structured: it removes whole attention heads")
     if nm is not None:
         clash = [f for f, v in (("--threshold", threshold), ("--amount", amount), ("--std-multiplier", std_multiplier),
                                 ("--scope", scope)) if v is not None] + (["--structured"] if structured else [])
@@ -152,7 +155,7 @@ def _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, r
             raise ConfigError(f"--schedule = {schedule!r} is invalid with --structured: channel removal is one-shot; "
                               "use --finetune-epochs to recover")
         config = ChannelPruning(amount=amount, importance=criterion, round_to=round_to,
-                                global_ranking=scope == "global")
+                                global_ranking=scope == "global", heads=heads)
         return {"config": config, "schedule": None, "trains": finetune_epochs > 0}
     else:
         if threshold is None and amount is None and std_multiplier is None:
