@@ -10,23 +10,20 @@ import torchslim as ts
 from torchslim.errors import ConfigError
 from torchslim.prune import MagnitudePruning, finalize_, prune_
 from torchslim.prune.sweep import ThresholdRow, plot_threshold_sweep, sweep_thresholds
-from torchslim.train import RECOMMENDED, evaluate
+from torchslim.train import evaluate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TAUS = [0.01, 0.02, 0.05, 0.1]
 
 
 @pytest.fixture(scope="module")
-def data():
-    return ts.load_data("digits")
+def data(digits):
+    return digits
 
 
 @pytest.fixture(scope="module")
-def trained(data):
-    torch.manual_seed(0)
-    model = ts.create_model("lenet5")
-    ts.train(model, data.train, RECOMMENDED["lenet5"], progress=False)
-    return model.eval()
+def trained(trained_lenet5):
+    return trained_lenet5
 
 
 @pytest.fixture(scope="module")

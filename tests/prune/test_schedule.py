@@ -28,16 +28,13 @@ FAST = RECOMMENDED["lenet5"].replace(epochs=1)
 
 
 @pytest.fixture(scope="module")
-def data():
-    return ts.load_data("digits")
+def data(digits):
+    return digits
 
 
 @pytest.fixture(scope="module")
-def trained(data):
-    torch.manual_seed(0)
-    model = ts.create_model("lenet5")
-    ts.train(model, data.train, RECOMMENDED["lenet5"], progress=False)
-    return model.eval()
+def trained(trained_lenet5):
+    return trained_lenet5
 
 
 def pruned_layers(model):

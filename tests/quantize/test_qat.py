@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
-from torchslim.data import load_data
 from torchslim.errors import ConfigError, ModelError
 from torchslim.quantize.affine import (
     compute_qparams,
@@ -26,7 +25,7 @@ from torchslim.quantize.api import CodebookQuant, HalfPrecision, IntQuant, quant
 from torchslim.quantize.layers import SCALE_DTYPES, IntQuantLayer
 from torchslim.quantize.qat import QATLayer, convert_, lsq_grad_scale, prepare_qat_, qat
 from torchslim.testing import tiny_images
-from torchslim.train import RECOMMENDED, TrainConfig, evaluate, train
+from torchslim.train import TrainConfig, evaluate, train
 
 # --- fake quantization == affine.py ------------------------------------------------------------------
 
@@ -344,12 +343,8 @@ QAT_TRAIN = TrainConfig(epochs=3, batch_size=64, lr=1e-4, optimizer="adam", sche
 
 
 @pytest.fixture(scope="module")
-def fp32_lenet5():
-    data = load_data("digits")
-    torch.manual_seed(0)
-    model = ts.create_model("lenet5")
-    train(model, data.train, dataclasses.replace(RECOMMENDED["lenet5"], seed=0), progress=False)
-    return model, data, evaluate(model, data.test)
+def fp32_lenet5(trained_lenet5, digits):
+    return trained_lenet5, digits, evaluate(trained_lenet5, digits.test)
 
 
 def _ptq_accuracy(model, data, config):
