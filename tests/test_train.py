@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchslim.config import Config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
 from torchslim.models import create_model
-from torchslim.testing import blobs, tiny_images
+from torchslim.testing import blobs, tiny_images, tiny_mlp
 from torchslim.train import (
     RECOMMENDED,
     TrainConfig,
@@ -751,3 +751,20 @@ def test_recommended_settings_reach_target_accuracy(digits, name, target):
     print(f"{name}: test accuracy {result.final_accuracy:.4f} in {seconds:.1f} s with {RECOMMENDED[name]}")
     assert result.final_accuracy >= target
     assert evaluate(model, digits.test) == pytest.approx(result.final_accuracy)
+
+
+def test_extra_dataset_tensors_reach_the_loss():
+    data = blobs(n=64)
+    x, y = data.tensors
+    soft = torch.nn.functional.one_hot(y, 4).float()
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(model, inputs, targets, extra):
+        seen.append(extra)
+        assert extra.shape == (inputs.shape[0], 4)
+        # the extra rows belong to the same samples as the targets
+        assert torch.equal(extra.argmax(dim=1), targets)
+        return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+    train(tiny_mlp(), TensorDataset(x, y, soft), TrainConfig(epochs=1, batch_size=16), loss_fn=loss_fn, progress=False)
+    assert len(seen) == 4

@@ -215,9 +215,15 @@ def _loader(data: Dataset, batch_size: int, order: list[int] | None = None) -> D
 
 
 def _split_batch(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets, _extras = _split_batch_extras(batch, name)
+    return inputs, targets
+
+
+def _split_batch_extras(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    """``(inputs, targets, extras)`` of one batch; extras are further per-sample tensors (e.g. cached logits)."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise DataError(f"{name} must yield (inputs, targets) pairs, got {type(batch).__name__}")
-    return batch[0], batch[1]
+    return batch[0], batch[1], tuple(batch[2:])
 
 
 def _output_width(model: nn.Module, sample: torch.Tensor, name: str) -> int | None:
@@ -428,7 +434,8 @@ def train(
             a single sample is skipped (BatchNorm cannot train on it).
         config: a :class:`TrainConfig` (defaults to ``TrainConfig()``).
         eval_data: a dataset scored with :func:`evaluate` after every epoch.
-        loss_fn: ``loss_fn(model, inputs, targets) -> scalar tensor``; default cross-entropy of
+        loss_fn: ``loss_fn(model, inputs, targets, *extras) -> scalar tensor`` (extras: the dataset's
+            further per-sample tensors, e.g. cached teacher logits; none for pairs); default cross-entropy of
             ``model(inputs)``. Distillation passes a loss that also calls its teacher. The training
             accuracy is scored from the last ``model(...)`` output the loss computed.
         checkpoint_path: write a checkpoint here (atomically) every ``config.checkpoint_every`` steps and
@@ -558,17 +565,18 @@ def train(
                 bar.start_epoch(epoch, steps_per_epoch, done)
                 lr = optimizer.param_groups[0]["lr"]
                 remaining = order[done * config.batch_size:used]
-                for inputs, targets in _batches(train_data, remaining, config.batch_size):
+                for inputs, targets, extras in _batches(train_data, remaining, config.batch_size):
                     if not tensor_data:
                         _check_inputs(inputs, "train_data")
                         _check_labels(targets, classes, "train_data")
                     inputs = inputs.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
+                    extras = tuple(e.to(device, non_blocking=True) if torch.is_tensor(e) else e for e in extras)
                     if config.augment_shift:
                         inputs = random_shift(inputs, config.augment_shift)
                     captured[0] = None
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model, inputs, targets)
+                    loss = loss_fn(model, inputs, targets, *extras)
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                         raise TorchSlimError(f"loss_fn must return a scalar tensor, got {shape}")
@@ -632,7 +640,7 @@ def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 
 def _batches(data: Dataset, order: list[int], batch_size: int):
     for batch in _loader(data, batch_size, order):
-        yield _split_batch(batch, "train_data")
+        yield _split_batch_extras(batch, "train_data")
 
 
 def random_shift(inputs: torch.Tensor, max_shift: int) -> torch.Tensor:
