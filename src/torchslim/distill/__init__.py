@@ -1,0 +1,1 @@
+"""Knowledge distillation: teacher-student, feature hints, simulated (data-free) distillation, parameter fusion."""
