@@ -29,6 +29,7 @@ import torchslim.artifact as artifact
 from torchslim.artifact import FORMAT_VERSION, load, read_manifest, register_module_codec, save, tensor_table
 from torchslim.artifact.encodings import ENCODINGS, decode_tensor, encode_tensor, tensor_info
 from torchslim.errors import ArtifactError
+from torchslim.fileio import _host_tag
 from torchslim.models import create_model, factory_of, list_models
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -707,8 +708,12 @@ def test_killed_save_never_leaves_a_partial_file(tmp_path):
             seed = read_manifest(path)["extra"]["seed"]
             _assert_same_state(variants[seed], load(path))
             leftovers = [name for name in os.listdir(folder) if name != "model.slim"]
-            # SIGKILL can leave a temporary file behind, never a partial model.slim
-            assert all(n.startswith(".model.slim.") and n.endswith(".tmp") for n in leftovers), leftovers
+            # SIGKILL can leave a temporary file behind, never a partial model.slim ...
+            assert all(n.startswith(f".model.slim.{_host_tag()}-{child.pid}.") and n.endswith(".tmp")
+                       for n in leftovers), leftovers
+            # ... and the next save of the same file removes it
+            save(variants[1], path)
+            assert os.listdir(folder) == ["model.slim"]
     finally:
         for _, child in children:
             if child.poll() is None:

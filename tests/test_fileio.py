@@ -1,9 +1,20 @@
 import os
+import re
+import stat
+import subprocess
+import sys
 
 import pytest
 
 from torchslim.errors import TorchSlimError
-from torchslim.fileio import atomic_path, atomic_write_bytes, atomic_write_text, check_output_path
+from torchslim.fileio import (
+    _host_tag,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_path,
+    remove_stale_temp_files,
+)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -50,3 +61,55 @@ def test_check_output_path_refuses_overwrites_without_force(tmp_path):
         check_output_path(other, source)
     assert check_output_path(other, source, force=True) == other
     assert check_output_path(source, source, force=True) == source
+
+
+# --- leftovers of killed writers, permissions ------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale temp files are cleaned on POSIX only")
+def test_next_write_removes_temp_files_of_killed_writers_only(tmp_path):
+    target = tmp_path / "model.slim"
+    host = _host_tag()
+    dead, alive = _dead_pid(), os.getppid()
+    stale = tmp_path / f".model.slim.{host}-{dead}.abcd_123.slim.tmp"
+    keep = [
+        tmp_path / f".model.slim.{host}-{alive}.abcd_123.slim.tmp",  # a live writer
+        tmp_path / f".model.slim.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead}.abcd_123.slim.tmp",  # other host
+        tmp_path / f".other.slim.{host}-{dead}.abcd_123.slim.tmp",  # another destination
+        tmp_path / ".model.slim.abcd_123.slim.tmp",  # not our pattern
+        tmp_path / "notes.txt",
+    ]
+    for file in [stale, *keep]:
+        file.write_bytes(b"partial")
+    atomic_write_bytes(target, b"complete")
+    assert target.read_bytes() == b"complete"
+    assert not stale.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in [target, *keep])
+    assert remove_stale_temp_files(target) == []
+
+
+def test_temp_file_names_carry_host_and_pid(tmp_path):
+    with atomic_path(tmp_path / "a.onnx") as tmp:
+        assert re.fullmatch(rf"\.a\.onnx\.{_host_tag()}-{os.getpid()}\.[a-z0-9_]{{8}}\.onnx\.tmp", tmp.name)
+        tmp.write_bytes(b"x")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_new_file_gets_umask_default_and_replaced_file_keeps_its_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fresh = atomic_write_bytes(tmp_path / "new.slim", b"x")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640  # not mkstemp's 0600
+        existing = tmp_path / "shared.slim"
+        existing.write_bytes(b"old")
+        existing.chmod(0o664)
+        atomic_write_bytes(existing, b"new")
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)

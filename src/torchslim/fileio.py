@@ -1,14 +1,109 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one.
+
+Every artifact, report and checkpoint is written to a temporary file in the destination's directory,
+flushed to disk and renamed over the destination (``os.replace`` is atomic on POSIX and Windows). A
+process killed mid-write (SIGKILL, power loss) can leave only its temporary file behind; those are
+named ``.NAME.HOST-PID.XXXXXXXX[SUFFIX].tmp`` and the next write of the same ``NAME`` from the same host
+removes the ones whose process is gone (POSIX only; files of live processes and of other hosts stay).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from torchslim.errors import TorchSlimError
+
+_MKSTEMP_CHARS = "[a-z0-9_]{8}"  # tempfile's random part
+
+
+def _host_tag() -> str:
+    """A short, file-name-safe tag of this machine (temp files of other hosts are never cleaned)."""
+    return hashlib.blake2b(socket.gethostname().encode("utf-8", "replace"), digest_size=4).hexdigest()
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    """Our temporary files for destination ``name``; group 1 is the host tag, group 2 the pid."""
+    return re.compile(rf"\.{re.escape(name)}\.([0-9a-f]{{8}})-(\d+)\.{_MKSTEMP_CHARS}.*\.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or a pid out of range
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left beside ``path`` by killed writers of ``path`` on this host.
+
+    Only files matching our own temporary name pattern for exactly this destination, written on this host
+    by a process that no longer exists, are removed. Does nothing off POSIX (no safe liveness check).
+
+    Args:
+        path: the destination file whose leftovers to remove.
+
+    Returns:
+        The removed files.
+    """
+    if os.name != "posix":
+        return []
+    final = Path(path)
+    directory = final.parent if str(final.parent) else Path(".")
+    pattern = _temp_pattern(final.name)
+    host, me = _host_tag(), os.getpid()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = pattern.fullmatch(entry.name)
+            if match is None or match.group(1) != host:
+                continue
+            pid = int(match.group(2))
+            if pid == me or _process_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: read it the only portable way (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(final: Path) -> int:
+    """Mode for the new file: the replaced file's mode, else what ``open()`` would give (0666 & ~umask)."""
+    try:
+        return stat.S_IMODE(os.stat(final).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -16,7 +111,9 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
 
     Use it for writers that want a file name (ONNX export, ``savefig``). If the block raises, the
-    temporary file is removed and ``path`` is untouched.
+    temporary file is removed and ``path`` is untouched. The new file gets the replaced file's
+    permissions (or the umask default for a new file), and stale temporary files of ``path`` left by
+    killed writers are removed first (see :func:`remove_stale_temp_files`).
 
     Args:
         path: final destination; its directory must exist.
@@ -33,8 +130,9 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     directory = final.parent if str(final.parent) else Path(".")
     if not directory.is_dir():
         raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
+    remove_stale_temp_files(final)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.",
+        prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.",
         suffix=(suffix if suffix is not None else final.suffix) + ".tmp",
         dir=directory,
     )
@@ -44,11 +142,13 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _final_mode(final))  # mkstemp creates 0600 files
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    _fsync_directory(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
