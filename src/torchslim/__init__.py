@@ -58,6 +58,9 @@ _EXPORTS: dict[str, str] = {
     "check_parity": "torchslim.export",
     "OnnxGraph": "torchslim.models.onnx_graph",
     "Measurement": "torchslim.measure",
+    "fuse_parameters": "torchslim.distill.fusion",
+    "FusionResult": "torchslim.distill.fusion",
+    "ParameterFusion": "torchslim.distill.fusion",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -80,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.artifact import load, read_manifest, save  # noqa: F401
     from torchslim.config import Config, register_config  # noqa: F401
     from torchslim.data import DataSplits, load_data  # noqa: F401
+    from torchslim.distill.fusion import FusionResult, ParameterFusion, fuse_parameters  # noqa: F401
     from torchslim.errors import (  # noqa: F401
         ArtifactError,
         ConfigError,
