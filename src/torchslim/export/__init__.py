@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from torchslim.export.api import QUANT_MODES, ExportConfig, ExportReport, choose_opset, export
 from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx, run_onnx
 from torchslim.export.runtime import (
     graph_op_types,
@@ -13,7 +14,12 @@ from torchslim.export.runtime import (
 
 __all__ = [
     "DEFAULT_OPSET",
+    "QUANT_MODES",
+    "ExportConfig",
+    "ExportReport",
     "check_parity",
+    "choose_opset",
+    "export",
     "export_onnx",
     "graph_op_types",
     "optimized_op_types",

@@ -185,6 +185,8 @@ def check_parity(
     *,
     atol: float | None,
     min_agreement: float = 0.99,
+    rtol: float = 0.0,
+    min_cosine: float | None = None,
 ) -> dict[str, float]:
     """Compare ``model`` (PyTorch, eval mode) with the ONNX graph run by ONNX Runtime on ``inputs``.
 
@@ -195,9 +197,12 @@ def check_parity(
         atol: largest allowed absolute difference of any output element; None skips this check.
         min_agreement: smallest allowed fraction of samples whose top-1 class (argmax over the last
             dimension) is the same; only checked for outputs with more than one column.
+        rtol: added to ``atol`` times the largest absolute model output (a tolerance relative to the
+            output's scale); ignored when ``atol`` is None.
+        min_cosine: smallest allowed cosine similarity of the flattened outputs; None skips it.
 
     Returns:
-        ``{"max_abs_error": float, "top1_agreement": float, "samples": int}``.
+        ``{"max_abs_error": float, "top1_agreement": float, "cosine": float, "samples": int}``.
 
     Raises:
         DataError: no samples.
@@ -228,11 +233,20 @@ def check_parity(
     agreement = 1.0
     if expected.dim() >= 2 and expected.shape[-1] > 1:
         agreement = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
-    result = {"max_abs_error": max_abs, "top1_agreement": agreement, "samples": samples}
-    if (atol is not None and not max_abs <= atol) or agreement < min_agreement:
+    cosine = float(torch.nn.functional.cosine_similarity(got.reshape(1, -1).double(), expected.reshape(1, -1).double()))
+    if not math.isfinite(cosine):
+        cosine = -1.0
+    result = {"max_abs_error": max_abs, "top1_agreement": agreement, "cosine": cosine, "samples": samples}
+    limit = None if atol is None else atol + rtol * (float(expected.abs().max()) if expected.numel() else 0.0)
+    if (
+        (limit is not None and not max_abs <= limit)
+        or agreement < min_agreement
+        or (min_cosine is not None and not cosine >= min_cosine)
+    ):
         raise TorchSlimError(
             f"parity check failed on {samples} sample(s): max_abs_error = {max_abs:.6g} (allowed <= "
-            f"{'any' if atol is None else f'{atol:.6g}'}), top1_agreement = {agreement:.4f} (allowed >= "
-            f"{min_agreement:.4f})"
+            f"{'any' if limit is None else f'{limit:.6g}'}), top1_agreement = {agreement:.4f} (allowed >= "
+            f"{min_agreement:.4f}), cosine = {cosine:.6f} (allowed >= "
+            f"{'any' if min_cosine is None else f'{min_cosine:.6f}'})"
         )
     return result
