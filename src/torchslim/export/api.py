@@ -48,8 +48,18 @@ _DEFAULT_LIMITS = {"fp32": (0.9999, 0.99), "fp16": (0.999, 0.95), "int8": (0.98,
 _FP32_ATOL, _FP32_RTOL = 1e-4, 1e-3
 _PARITY_SAMPLES = 64
 # newest ai.onnx opset each ONNX Runtime minor release runs (from ORT's compatibility table)
-_ORT_MAX_OPSET = ((1, 10, 15), (1, 11, 16), (1, 12, 17), (1, 14, 18), (1, 15, 19), (1, 17, 20), (1, 18, 21),
-                  (1, 20, 21), (1, 21, 22), (1, 22, 23))
+_ORT_MAX_OPSET = (
+    (1, 10, 15),
+    (1, 11, 16),
+    (1, 12, 17),
+    (1, 14, 18),
+    (1, 15, 19),
+    (1, 17, 20),
+    (1, 18, 21),
+    (1, 20, 21),
+    (1, 21, 22),
+    (1, 22, 23),
+)
 _MIN_ORT_FOR_NBITS = (1, 17)
 
 
@@ -221,12 +231,16 @@ def export(
         raise ConfigError(f"config = {type(config).__name__} is invalid: expected ExportConfig")
     if config.quant == "int8-static" and calib_data is None:
         raise ConfigError("quant = 'int8-static' needs calib_data: expected calibration inputs (e.g. DataSplits)")
-    calib = calibration_inputs(calib_data, max(config.calibration_samples, _PARITY_SAMPLES)) if calib_data is not None else None
+    calib = None
+    if calib_data is not None:
+        calib = calibration_inputs(calib_data, max(config.calibration_samples, _PARITY_SAMPLES))
     if example_inputs is None and calib is None:
         raise DataError("example_inputs is missing: expected an input batch (or calib_data to take one from)")
     example = _inputs(example_inputs, "example_inputs") if example_inputs is not None else calib[:1]
-    check = _inputs(parity_inputs, "parity_inputs") if parity_inputs is not None else (
-        calib[:_PARITY_SAMPLES] if calib is not None else example
+    check = (
+        _inputs(parity_inputs, "parity_inputs")
+        if parity_inputs is not None
+        else (calib[:_PARITY_SAMPLES] if calib is not None else example)
     )
     require_onnx()
     opset = config.opset if config.opset is not None else choose_opset()
@@ -249,8 +263,13 @@ def export(
     exact = config.family == "fp32"
     try:
         parity = check_parity(
-            model, data, check, atol=_FP32_ATOL if exact else None, rtol=_FP32_RTOL if exact else 0.0,
-            min_agreement=min_agreement, min_cosine=min_cosine,
+            model,
+            data,
+            check,
+            atol=_FP32_ATOL if exact else None,
+            rtol=_FP32_RTOL if exact else 0.0,
+            min_agreement=min_agreement,
+            min_cosine=min_cosine,
         )
     except TorchSlimError as exc:
         raise TorchSlimError(f"export ({config.quant}, {config.precision}): {exc}") from exc
@@ -260,9 +279,17 @@ def export(
         except OSError as exc:
             raise TorchSlimError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
     return ExportReport(
-        path=None if path is None else str(path), bytes=len(data), op_types=graph_op_types(data),
-        quant=config.quant, precision=config.precision, opset=opset, parity=parity, packed_layers=packed_layers,
-        notes=notes, config=config.to_dict(), graph=data,
+        path=None if path is None else str(path),
+        bytes=len(data),
+        op_types=graph_op_types(data),
+        quant=config.quant,
+        precision=config.precision,
+        opset=opset,
+        parity=parity,
+        packed_layers=packed_layers,
+        notes=notes,
+        config=config.to_dict(),
+        graph=data,
     )
 
 
@@ -299,7 +326,8 @@ def _fuse_transformer(proto: Any, notes: list[str]) -> Any:
 
     optimizer = optimize_model(proto, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
     fused = {op: n for op, n in optimizer.get_fused_operator_statistics().items() if n}
-    notes.append("transformer fusion: " + (", ".join(f"{op} x{n}" for op, n in sorted(fused.items())) or "nothing fused"))
+    summary = ", ".join(f"{op} x{n}" for op, n in sorted(fused.items()))
+    notes.append(f"transformer fusion: {summary or 'nothing fused'}")
     return optimizer.model
 
 
@@ -320,7 +348,10 @@ def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
         source, output = Path(name) / "fp32.onnx", Path(name) / "int8.onnx"
         onnx.save(proto, str(source))
         ort_quantize_dynamic(
-            str(source), str(output), op_types_to_quantize=["MatMul", "Attention"], per_channel=True,
+            str(source),
+            str(output),
+            op_types_to_quantize=["MatMul", "Attention"],
+            per_channel=True,
             weight_type=QuantType.QInt8,
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -339,9 +370,7 @@ def _int4(proto: Any, packed: dict, config: ExportConfig, notes: list[str], reas
     from torchslim.export.int4 import gemm_to_matmul, ort_weight_only, pack_matmulnbits
 
     if _ort_version() < _MIN_ORT_FOR_NBITS:
-        raise MissingDependencyError(
-            "int4-weight needs onnxruntime >= 1.17 (MatMulNBits): pip install -U onnxruntime"
-        )
+        raise MissingDependencyError("int4-weight needs onnxruntime >= 1.17 (MatMulNBits): pip install -U onnxruntime")
     gemm_to_matmul(proto)
     eligible = {}
     for name, layer in packed.items():

@@ -76,8 +76,7 @@ def _digest(array: np.ndarray) -> str:
 def weight_digests(layers: dict[str, IntQuantLayer]) -> dict[str, str]:
     """``{digest of the transposed (K, N) dequantized weight: layer name}``, to find each layer in a graph."""
     return {
-        _digest(layer.dequantize_weight(torch.float32).detach().cpu().numpy().T): name
-        for name, layer in layers.items()
+        _digest(layer.dequantize_weight(torch.float32).detach().cpu().numpy().T): name for name, layer in layers.items()
     }
 
 
@@ -192,8 +191,9 @@ def pack_matmulnbits(model: Any, layers: dict[str, IntQuantLayer], *, accuracy_l
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         nodes.append(
-            helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{stem}_MatMulNBits",
-                             domain="com.microsoft", **attrs)
+            helper.make_node(
+                "MatMulNBits", inputs, list(node.output), name=f"{stem}_MatMulNBits", domain="com.microsoft", **attrs
+            )
         )
         done.append(name)
     del graph.node[:]
@@ -232,7 +232,11 @@ def ort_weight_only(model: Any, *, block_size: int, symmetric: bool, accuracy_le
     quant_logger.setLevel(logging.WARNING)  # it logs every node at INFO
     try:
         quantizer = MatMulNBitsQuantizer(
-            model, bits=4, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level or None,
+            model,
+            bits=4,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level or None,
             op_types_to_quantize=("MatMul",),
         )
         quantizer.process()
