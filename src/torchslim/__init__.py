@@ -56,6 +56,11 @@ _EXPORTS: dict[str, str] = {
     "sweep_bits": "torchslim.quantize",
     "export_onnx": "torchslim.export",
     "check_parity": "torchslim.export",
+    "export": "torchslim.export",
+    "ExportConfig": "torchslim.export",
+    "ExportReport": "torchslim.export",
+    "bench": "torchslim.measure.bench",
+    "BenchReport": "torchslim.measure.bench",
     "OnnxGraph": "torchslim.models.onnx_graph",
     "Measurement": "torchslim.measure",
     "fuse_parameters": "torchslim.distill.fusion",
@@ -92,8 +97,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ModelError,
         TorchSlimError,
     )
-    from torchslim.export import check_parity, export_onnx  # noqa: F401
+    from torchslim.export import ExportConfig, ExportReport, check_parity, export, export_onnx  # noqa: F401
     from torchslim.measure import Measurement, measure  # noqa: F401
+    from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
     from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
     from torchslim.prune import (  # noqa: F401

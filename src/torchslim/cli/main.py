@@ -12,7 +12,7 @@ import traceback
 import typer
 
 from torchslim._version import __version__
-from torchslim.cli import fuse_cmd, inspect_cmd, models_cmd, prune_cmd, quantize_cmd, run_cmd
+from torchslim.cli import bench_cmd, export_cmd, fuse_cmd, inspect_cmd, models_cmd, prune_cmd, quantize_cmd, run_cmd
 from torchslim.errors import TorchSlimError
 
 app = typer.Typer(
@@ -49,6 +49,8 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("models")(models_cmd.models)
 app.command("quantize")(quantize_cmd.quantize)
 app.command("prune")(prune_cmd.prune)
+app.command("export")(export_cmd.export)
+app.command("bench")(bench_cmd.bench)
 app.command("fuse")(fuse_cmd.fuse)
 
 

@@ -1,0 +1,79 @@
+"""``torchslim export``: a .slim model to an ONNX graph (fp32/fp16, int8 static/dynamic, 4-bit weight-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from torchslim.cli.common import console, load_data_for, parse_int_list, print_json, table
+from torchslim.errors import ConfigError
+
+FORMATS = ("onnx",)
+
+
+def export(
+    path: Path = typer.Argument(..., help="Input .slim file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+    fmt: str = typer.Option("onnx", "--format", help="Output format: onnx."),
+    quant: str = typer.Option("none", "--quant", help="none, int8-static, int8-dynamic or int4-weight."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (with --quant none)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration data spec (int8-static), e.g. digits."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data spec for the input shape and parity samples."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="One sample's shape, e.g. 1,28,28."),
+    block_size: int = typer.Option(32, "--block-size", help="int4-weight block for layers ORT quantizes."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits compute: 0-4 (4: int8)."),
+    fuse: bool = typer.Option(False, "--fuse-transformer", help="ORT transformer fusion before quantizing."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: chosen for the runtime)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export a .slim model to ONNX and check ONNX Runtime agrees with PyTorch (fails loudly if not)."""
+    import torch
+
+    from torchslim.export import ExportConfig
+    from torchslim.export import export as run_export
+    from torchslim.fileio import check_output_path
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format = {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
+    config = ExportConfig(
+        quant=quant, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
+        transformer_fusion=fuse, opset=opset,
+    )  # fmt: skip
+    if quant == "int8-static" and calib is None:
+        raise ConfigError("--quant int8-static needs --calib: expected a calibration data spec, e.g. --calib digits")
+    spec = calib or data
+    if spec is None and input_shape is None:
+        raise ConfigError("--data, --calib or --input-shape is missing: expected the model's input, e.g. --data digits")
+    target = check_output_path(out, path, force=force)
+    from torchslim.artifact import load
+
+    model = load(path, trust_factory=trust_factory)
+    calib_data = example = None
+    if spec is not None:
+        calib_data = load_data_for(spec, model).train
+    else:
+        shape = parse_int_list("--input-shape", input_shape)
+        example = torch.randn((8, *shape), generator=torch.Generator().manual_seed(0))
+    report = run_export(model, target, config, example_inputs=example, calib_data=calib_data)
+    summary = {"input": str(path), "input_bytes": path.stat().st_size, **report.to_dict()}
+    if json_output:
+        print_json(summary)
+        return
+    parity = report.parity
+    rows = [
+        ["file bytes", f"{summary['input_bytes']:,}", f"{report.bytes:,}"],
+        ["opset", "", str(report.opset)],
+        ["parity max abs error", "", f"{parity['max_abs_error']:.3g}"],
+        ["parity top-1 agreement", "", f"{parity['top1_agreement']:.2%}"],
+        ["parity cosine", "", f"{parity['cosine']:.6f}"],
+        ["operators", "", ", ".join(f"{op} x{n}" for op, n in sorted(report.op_types.items()))],
+    ]
+    out_console = console()
+    label = quant if quant != "none" else precision
+    out_console.print(table(f"export {path} -> {target} ({label}, {parity['samples']} parity samples)",
+                            ["", ".slim", ".onnx"], rows))  # fmt: skip
+    for note in report.notes:
+        out_console.print(f"note: {note}")
