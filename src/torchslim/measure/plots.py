@@ -71,3 +71,103 @@ def plot_accuracy_vs_size(
         figure.savefig(tmp, format="png")
     plt.close(figure)
     return Path(path)
+
+
+def plot_accuracy_vs_bits(
+    bits: Sequence[int],
+    accuracies: Sequence[float],
+    sizes: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    reference: float | None = None,
+    title: str = "accuracy vs bits per weight",
+) -> Path:
+    """Plot accuracy (left axis) and file size (right axis) against the weight bit width.
+
+    Args:
+        bits: bit widths (x).
+        accuracies: accuracies in ``[0, 1]``.
+        sizes: file bytes at each width.
+        path: PNG to write (atomically).
+        reference: the float model's accuracy, drawn as a dotted line.
+        title: plot title.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(bits)), key=lambda i: bits[i])
+    xs = [bits[i] for i in order]
+    figure, left = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    right = left.twinx()
+    left.plot(xs, [accuracies[i] * 100 for i in order], "o-", color="tab:blue", label="accuracy")
+    right.plot(xs, [sizes[i] / 1024 for i in order], "s--", color="tab:orange", label="file KiB")
+    if reference is not None:
+        left.axhline(reference * 100, color="tab:blue", alpha=0.4, linestyle=":", label="fp32 accuracy")
+    left.set_xticks(xs)
+    left.set_xlabel("bits per weight")
+    left.set_ylabel("top-1 accuracy (%)", color="tab:blue")
+    right.set_ylabel("file size (KiB)", color="tab:orange")
+    left.set_title(title)
+    left.grid(True, alpha=0.3)
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles=handles, loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_explored(
+    sizes: Sequence[float],
+    accuracies: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    chosen: int | None = None,
+    floor: float | None = None,
+    title: str = "explored candidates",
+) -> Path:
+    """Scatter many candidates (accuracy vs file bytes), draw their Pareto front, mark the chosen one.
+
+    Args:
+        sizes: file bytes per candidate.
+        accuracies: accuracies in ``[0, 1]``.
+        path: PNG to write (atomically).
+        chosen: index of the selected candidate (drawn as a star), or None.
+        floor: the accuracy budget (a dashed horizontal line), or None.
+        title: plot title.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    kib = [s / 1024 for s in sizes]
+    pct = [a * 100 for a in accuracies]
+    axes.scatter(kib, pct, color="tab:blue", alpha=0.6, s=18, label="candidates", zorder=3)
+    front = pareto_front(list(zip(sizes, accuracies, strict=True)))
+    axes.plot([kib[i] for i in front], [pct[i] for i in front], color="tab:orange", label="Pareto front", zorder=2)
+    if floor is not None:
+        axes.axhline(floor * 100, color="tab:red", linestyle="--", alpha=0.6, label="accuracy budget")
+    if chosen is not None:
+        axes.scatter([kib[chosen]], [pct[chosen]], marker="*", s=220, color="tab:green", label="chosen", zorder=4)
+    axes.set_xscale("log")
+    axes.set_xlabel("file bytes (KiB, log scale)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
