@@ -159,6 +159,14 @@ def export_onnx(
     return data
 
 
+def feed_array(tensor: Tensor) -> np.ndarray:
+    """A CPU array for ONNX Runtime: floating tensors as float32, integer ones (token ids, masks) as they are."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    return np.ascontiguousarray(tensor.numpy())
+
+
 def run_onnx(session: Any, inputs: Tensor | Sequence[Tensor], batch_size: int = 256) -> list[np.ndarray]:
     """Run an ORT session on tensors in chunks of ``batch_size``; returns each output, concatenated."""
     tensors = _as_tuple(inputs)
@@ -171,8 +179,7 @@ def run_onnx(session: Any, inputs: Tensor | Sequence[Tensor], batch_size: int = 
     total = tensors[0].shape[0]
     for start in range(0, total, batch_size):
         feed = {
-            name: item[start : start + batch_size].detach().to("cpu", torch.float32).contiguous().numpy()
-            for name, item in zip(names, tensors, strict=True)
+            name: feed_array(item[start : start + batch_size]) for name, item in zip(names, tensors, strict=True)
         }
         chunks.append(session.run(None, feed))
     return [np.concatenate([chunk[index] for chunk in chunks]) for index in range(len(chunks[0]))]

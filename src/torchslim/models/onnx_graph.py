@@ -131,7 +131,7 @@ class OnnxGraph(nn.Module):
         return self._session
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """Run the graph on float32 copies of ``inputs`` (CPU); outputs go to the first input's device.
+        """Run the graph on CPU copies of ``inputs`` (floats as float32); outputs go to the first input's device.
 
         Raises:
             DataError: the number of inputs differs from the graph's.
@@ -142,10 +142,9 @@ class OnnxGraph(nn.Module):
             raise DataError(
                 f"OnnxGraph takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}"
             )
-        feed = {
-            name: np.ascontiguousarray(item.detach().to("cpu", torch.float32).numpy())
-            for name, item in zip(names, inputs, strict=True)
-        }
+        from torchslim.export.onnx import feed_array
+
+        feed = {name: feed_array(item) for name, item in zip(names, inputs, strict=True)}
         device = inputs[0].device if inputs else torch.device("cpu")
         outputs = [torch.from_numpy(array).to(device) for array in session.run(None, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

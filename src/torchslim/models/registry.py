@@ -58,6 +58,10 @@ def resolve_factory(spec: str, trust: bool) -> tuple[Callable[..., nn.Module], s
     name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else spec
     if name in _MODELS:
         return _MODELS[name][0], BUILTIN_PREFIX + name
+    if spec.startswith("hf:"):  # a local Hugging Face directory (allowlisted: it names data, not code)
+        from torchslim.hf.loading import hf_factory
+
+        return hf_factory(spec), spec
     if ":" not in spec:
         raise ModelError(
             f"model {spec!r} is not registered: expected one of {', '.join(sorted(_MODELS))} "

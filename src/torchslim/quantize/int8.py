@@ -151,6 +151,15 @@ def _example(example_inputs: Any) -> Tensor:
     return example_inputs.detach().to("cpu", torch.float32)
 
 
+def _example_tuple(example_inputs: Any) -> Tensor | tuple[Tensor, ...]:
+    """A tensor (as ``_example``) or a tuple of tensors, e.g. ``(input_ids, attention_mask)`` (dtypes kept)."""
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+        isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] > 0 for t in example_inputs
+    ):
+        return tuple(t.detach().to("cpu") for t in example_inputs)
+    return _example(example_inputs)
+
+
 # --- ONNX helpers -------------------------------------------------------------------------------
 def _preprocess(onnx_bytes: bytes, directory: Path) -> Any:
     """ORT's recommended pre-processing (shape inference, graph optimization); returns a ModelProto."""
@@ -347,9 +356,10 @@ def quantize_dynamic(
     fp32 (listed in ``graph.skipped``). The model itself is not changed.
 
     Args:
-        model: a single-input fp32 model with at least one Linear layer.
+        model: an fp32 model with at least one Linear layer.
         config: a :class:`DynamicInt8` (default ``DynamicInt8()``).
-        example_inputs: input batch for the export (and the parity check in ``graph.parity``).
+        example_inputs: input batch for the export (and the parity check in ``graph.parity``): a tensor, or a
+            tuple of tensors for a model with several inputs (e.g. token ids and an attention mask).
 
     Returns:
         An :class:`OnnxGraph` holding the int8 graph.
@@ -364,7 +374,7 @@ def quantize_dynamic(
     config = DynamicInt8() if config is None else config
     if not isinstance(config, DynamicInt8):
         raise ConfigError(f"config = {type(config).__name__} is invalid: expected DynamicInt8")
-    example = _example(example_inputs)
+    example = _example_tuple(example_inputs)
     require_onnxruntime()
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic

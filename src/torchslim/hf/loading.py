@@ -1,0 +1,389 @@
+"""Load a local Hugging Face model directory (``hf:DIR``) as a torchslim model.
+
+``load_hf(DIR)`` builds the model with ``transformers`` from the directory only (``local_files_only``: the
+network is never touched), in float32 with eager attention (exportable to ONNX, traceable by Torch-Pruning),
+and wraps it in :class:`HFModel`, whose ``forward(input_ids, attention_mask)`` returns one tensor (the logits of
+a model with a head, else the last hidden state), so every torchslim technique, ``measure`` and ONNX export treat
+it like any other model. The tokenizer of the directory (if any) is ``model.tokenizer``.
+
+GPT-2 style ``transformers.pytorch_utils.Conv1D`` layers (a Linear with a transposed weight) are converted to
+``nn.Linear`` on load, so quantization and pruning see ordinary Linear layers.
+
+The recorded factory is ``{"name": "hf:DIR", "kwargs": {"weights": False, "heads": {...}}}``: a ``.slim`` file
+holds every tensor, so ``torchslim.load`` rebuilds the architecture from ``DIR/config.json`` alone (no weight
+files needed), sets the per-layer attention head counts recorded under ``heads`` (structural head pruning), and
+the artifact's module codecs restore every changed layer shape (pruned FFN and q/k/v widths, quantized layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchslim.errors import MissingDependencyError, ModelError
+
+__all__ = ["HFModel", "attention_modules", "encode", "load_hf", "require_transformers", "sync_config_"]
+
+HF_PREFIX = "hf:"
+# (projection names) of attention modules whose heads are counted, as in torchslim.prune.structural
+_QKV = (("query", "q_proj", "q", "q_lin"), ("key", "k_proj", "k", "k_lin"), ("value", "v_proj", "v", "v_lin"))
+_HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
+# config attributes naming the FFN width, by model family
+_FFN_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
+
+
+def require_transformers() -> ModuleType:
+    """Import and return ``transformers``.
+
+    Raises:
+        MissingDependencyError: it is not installed (the message says ``pip install 'torchslim[hf]'``).
+    """
+    if importlib.util.find_spec("transformers") is None:
+        raise MissingDependencyError(
+            "Hugging Face models need transformers: pip install 'torchslim[hf]' (or pip install transformers)"
+        )
+    import transformers
+
+    return transformers
+
+
+class HFModel(nn.Module):
+    """A Hugging Face model behind a tensor-in, tensor-out ``forward``.
+
+    Args:
+        model: the ``transformers`` model (``PreTrainedModel``), available as ``self.model``.
+        tokenizer: its tokenizer, or None (not a module; not saved in ``.slim`` files, reloaded from ``source``).
+        source: the model directory.
+
+    Attributes:
+        output: ``"logits"`` (models with a head) or ``"hidden"`` (base models: the last hidden state).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        kind = type(model).__name__
+        self.output = "logits" if "For" in kind or "LMHead" in kind else "hidden"
+        self._factory_base: dict[str, Any] | None = None
+        for module, n in attention_modules(self).values():
+            if not isinstance(getattr(module, "num_heads", None), int):
+                module.num_heads = n  # the attribute torchslim's structural head pruning reads and updates
+        self._heads_at_load = {name: n for name, (_, n) in attention_modules(self).items()}
+
+    @property
+    def config(self) -> Any:
+        """The ``transformers`` config of the wrapped model."""
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Run the model; returns logits ``(batch, tokens, vocab)`` / ``(batch, classes)`` or hidden states."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.logits if self.output == "logits" else out.last_hidden_state
+
+    def head_counts(self) -> dict[str, int]:
+        """Attention module name (relative to this wrapper) -> number of heads, from the q/k/v widths."""
+        return {name: n for name, (_, n) in attention_modules(self).items()}
+
+    @property
+    def _torchslim_factory(self) -> dict[str, Any] | None:
+        # The recorded factory plus the structure that shapes alone do not tell: per-module head counts.
+        if self._factory_base is None:
+            return None
+        kwargs = dict(self._factory_base["kwargs"])
+        heads = {name: n for name, n in self.head_counts().items() if self._heads_at_load.get(name) != n}
+        heads = {**dict(kwargs.get("heads") or {}), **heads}
+        if heads:
+            kwargs["heads"] = heads
+        else:
+            kwargs.pop("heads", None)
+        return {"name": self._factory_base["name"], "kwargs": kwargs}
+
+    @_torchslim_factory.setter
+    def _torchslim_factory(self, value: dict[str, Any]) -> None:
+        kwargs = dict(value["kwargs"])
+        # heads given to the factory are the reference from now on; differences are computed from there
+        self._factory_base = {"name": value["name"], "kwargs": kwargs}
+        self._heads_at_load = {**self.head_counts(), **dict(kwargs.get("heads") or {})}
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, output={self.output!r}"
+
+
+def attention_modules(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    """Attention modules with separate q/k/v ``nn.Linear`` children and a head size attribute.
+
+    Args:
+        model: any module (usually an :class:`HFModel`).
+
+    Returns:
+        Module name -> (module, current number of heads = q width // head size).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        size = next((getattr(module, a) for a in _HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int)), None)
+        if not size:
+            continue
+        children = dict(module.named_children())
+        projections = [next((children[c] for c in names if isinstance(children.get(c), nn.Linear)), None)
+                       for names in _QKV]
+        if any(p is None for p in projections):
+            continue
+        found[name] = (module, projections[0].out_features // size)
+    return found
+
+
+def sync_config_(model: nn.Module) -> dict[str, Any]:
+    """Make head counts and FFN widths recorded in modules and config agree with the layer shapes.
+
+    After structural pruning the q/k/v projections of an attention module are narrower: its
+    ``num_attention_heads``/``num_heads`` and ``all_head_size`` are set from them. When every FFN of the model
+    has the same (new) width, the config's ``intermediate_size`` (``n_inner`` for GPT-2) is set to it, so
+    ``model.model.save_pretrained`` writes a config that builds the same FFN shapes. The config's
+    ``num_attention_heads`` stays: Hugging Face derives the head size from it (``hidden_size /
+    num_attention_heads``), so fewer heads of the same size cannot be written there; torchslim records per-module
+    head counts in the ``.slim`` manifest instead.
+
+    Args:
+        model: an :class:`HFModel` (or any module with such attention modules).
+
+    Returns:
+        ``{"heads": {module: n}, "ffn": width or None}`` after the update.
+    """
+    heads = {}
+    for name, (module, n) in attention_modules(model).items():
+        size = next(getattr(module, a) for a in _HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int))
+        for attr in ("num_attention_heads", "num_heads"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, n)
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = n * size
+        heads[name] = n
+    ffn = None
+    config = getattr(model, "config", None)
+    widths = {layer.out_features for layer in ffn_layers(model).values()}
+    if config is not None and len(widths) == 1:
+        ffn = widths.pop()
+        for attr in _FFN_CONFIG_ATTRS:
+            if getattr(config, attr, None) is not None or (attr == "n_inner" and hasattr(config, "n_inner")):
+                setattr(config, attr, ffn)
+                break
+    return {"heads": heads, "ffn": ffn}
+
+
+def ffn_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The first Linear of each transformer FFN (its outputs are the FFN neurons), by module name.
+
+    Recognised: BERT-style ``intermediate.dense``, GPT-2 ``mlp.c_fc``, and ``mlp.fc1``/``mlp.up_proj``/
+    ``ffn.lin1``/``mlp.dense_h_to_4h``.
+    """
+    suffixes = ("intermediate.dense", "mlp.c_fc", "mlp.fc1", "mlp.up_proj", "ffn.lin1", "mlp.dense_h_to_4h")
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.endswith(suffixes)
+    }
+
+
+def _conv1d_to_linear_(model: nn.Module) -> int:
+    """Replace ``transformers.pytorch_utils.Conv1D`` (weight ``(in, out)``) by ``nn.Linear`` in place."""
+    from transformers.pytorch_utils import Conv1D
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        weight = module.weight
+        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+        if weight.device.type != "meta":
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        count += 1
+    return count
+
+
+def _set_heads(model: HFModel, heads: dict[str, int]) -> None:
+    found = attention_modules(model)
+    for name, n in heads.items():
+        if name not in found:
+            raise ModelError(
+                f"hf factory: heads names attention module {name!r}, which the model does not have: expected one "
+                f"of {', '.join(sorted(found)) or '(none)'}"
+            )
+        module = found[name][0]
+        size = next(getattr(module, a) for a in _HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int))
+        for attr in ("num_attention_heads", "num_heads"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, int(n))
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = int(n) * size
+
+
+def model_dir(spec: str | os.PathLike) -> Path:
+    """The directory of ``hf:DIR`` (or a plain path), checked to hold a ``config.json``.
+
+    Raises:
+        ModelError: not a directory, or no ``config.json`` in it (the message says what was found).
+    """
+    text = os.fspath(spec)
+    path = Path(text[len(HF_PREFIX):] if text.startswith(HF_PREFIX) else text).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"hf model {text!r}: {str(path)!r} is not a directory: expected a local Hugging Face model directory "
+            "(with config.json), e.g. one written by save_pretrained; models are never downloaded"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"hf model {text!r}: {str(path)!r} has no config.json: expected a Hugging Face model directory "
+            "written by save_pretrained"
+        )
+    return path.resolve()
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    weights: bool = True,
+    heads: dict[str, int] | None = None,
+    architecture: str | None = None,
+) -> HFModel:
+    """Load a local Hugging Face model directory, without network access, as an :class:`HFModel`.
+
+    Args:
+        path: the directory (``save_pretrained`` output), optionally written ``hf:DIR``.
+        weights: load the weights from the directory; False builds the architecture from ``config.json`` only
+            (random weights; ``torchslim.load`` does this and then loads the ``.slim`` tensors).
+        heads: attention module name -> head count, for a head-pruned model (set by ``torchslim.load``).
+        architecture: a ``transformers`` class name (default: ``config.architectures[0]``, else ``AutoModel``).
+
+    Returns:
+        The wrapped model in eval mode, float32, with ``model.tokenizer`` (None when the directory has none)
+        and its factory recorded for ``torchslim.save``.
+
+    Raises:
+        MissingDependencyError: ``transformers`` is not installed.
+        ModelError: not a model directory, an unknown architecture, or the weights cannot be loaded.
+    """
+    transformers = require_transformers()
+    directory = model_dir(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError for bad configs
+        raise ModelError(f"hf model {str(directory)!r}: cannot read config.json: {_first_line(exc)}") from exc
+    name = architecture or next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, name, None) if name else transformers.AutoModel
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelError(
+            f"hf model {str(directory)!r}: architecture {name!r} is not a transformers model class: pass "
+            "architecture='AutoModel' (or another class name)"
+        )
+    if getattr(config, "use_cache", None) is not None:
+        config.use_cache = False  # no key/value cache: forward returns tensors only (export, tracing)
+    try:
+        with _quiet():
+            if weights:
+                hf = cls.from_pretrained(
+                    directory, config=config, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+                )
+            else:
+                config._attn_implementation = "eager"
+                hf = cls._from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {_first_line(exc)}") from exc
+    _conv1d_to_linear_(hf)
+    tokenizer = _load_tokenizer(transformers, directory)
+    model = HFModel(hf.eval(), tokenizer, str(directory))
+    if heads:
+        _set_heads(model, {str(k): int(v) for k, v in heads.items()})
+    from torchslim.models.registry import FACTORY_ATTR
+
+    kwargs: dict[str, Any] = {"weights": False}
+    if heads:
+        kwargs["heads"] = {str(k): int(v) for k, v in heads.items()}
+    if architecture:
+        kwargs["architecture"] = architecture
+    setattr(model, FACTORY_ATTR, {"name": HF_PREFIX + str(directory), "kwargs": kwargs})
+    return model.eval()
+
+
+def hf_factory(spec: str):
+    """The factory ``create_model("hf:DIR", **kwargs)`` calls: :func:`load_hf` of that directory.
+
+    The returned model records ``hf:<absolute DIR>``; ``create_model`` then records the spec it was given.
+    """
+    directory = spec[len(HF_PREFIX):]
+
+    def build(**kwargs: Any) -> HFModel:
+        return load_hf(directory, **kwargs)
+
+    return build
+
+
+def _load_tokenizer(transformers: ModuleType, directory: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+    if not any((directory / n).is_file() for n in names):
+        return None
+    try:
+        with _quiet():
+            return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"hf model {str(directory)!r}: cannot load its tokenizer: {_first_line(exc)}") from exc
+
+
+def encode(
+    model: HFModel, texts: list[str], *, max_length: int = 128, pad_to: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Tokenize ``texts`` with the model's tokenizer into a padded batch.
+
+    Args:
+        model: an :class:`HFModel` with a tokenizer.
+        texts: the strings (one sample each).
+        max_length: longer texts are truncated to this many tokens.
+        pad_to: pad every sample to exactly this length (default: the longest in the batch).
+
+    Returns:
+        ``(input_ids, attention_mask)``, both int64 ``(len(texts), tokens)``.
+
+    Raises:
+        ModelError: the model has no tokenizer, or the tokenizer has no padding token and no end token.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ModelError(
+            f"hf model {getattr(model, 'source', '?')!r} has no tokenizer: save one in the model directory "
+            "(tokenizer.save_pretrained(DIR))"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError("the tokenizer has no padding token and no end-of-text token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    padding = "max_length" if pad_to else True
+    batch = tokenizer(
+        list(texts), padding=padding, truncation=True, max_length=pad_to or max_length, return_tensors="pt"
+    )
+    return batch["input_ids"].long(), batch["attention_mask"].long()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep transformers' load reports and progress bars off the terminal."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
