@@ -22,10 +22,13 @@ import triton.language as tl
 
 @triton.jit
 def _add_combine(a, b):
-    # Row sums use tl.reduce with this combine, not tl.sum (and tl.full, not tl.zeros): those are @jit
-    # function, which the interpreter cannot call unless TRITON_INTERPRET was set before triton
-    # was imported; the interpreter reduces through ``_add_combine.fn`` either way.
     return a + b
+
+
+# Row sums use tl.reduce with triton's own sum combine rather than tl.sum (and tl.full, not tl.zeros):
+# those are @jit library functions, which the interpreter cannot call unless TRITON_INTERPRET was set
+# before triton was imported; the interpreter recognises this combine and reduces with numpy.
+_SUM = getattr(tl.standard, "_sum_combine", None) or _add_combine
 
 
 def _lowbit_matmul_kernel(
@@ -123,8 +126,8 @@ def _lowbit_matmul_kernel(
                 part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype)))
                 part += tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
             else:
-                part = tl.reduce(x_even.to(tl.float32)[:, None, :] * lo[None, :, :], 2, _add_combine)
-                part += tl.reduce(x_odd.to(tl.float32)[:, None, :] * hi[None, :, :], 2, _add_combine)
+                part = tl.reduce(x_even.to(tl.float32)[:, None, :] * lo[None, :, :], 2, _SUM)
+                part += tl.reduce(x_odd.to(tl.float32)[:, None, :] * hi[None, :, :], 2, _SUM)
         else:
             kk = k0 + offs_j
             k_ok = (kk < K)[None, :]
@@ -141,7 +144,7 @@ def _lowbit_matmul_kernel(
                     xt = xt.to(tl.float32)
                 part = tl.dot(xt, tl.trans(v.to(xt.dtype)))
             else:
-                part = tl.reduce(xt.to(tl.float32)[:, None, :] * v[None, :, :], 2, _add_combine)
+                part = tl.reduce(xt.to(tl.float32)[:, None, :] * v[None, :, :], 2, _SUM)
         acc += part * s[None, :]
 
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -154,8 +157,9 @@ def _lowbit_matmul_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
     """``out = sum_s part[s] (+ bias)`` over a flat (M*N) output, in a fixed order (deterministic)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN

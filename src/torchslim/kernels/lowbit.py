@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, MissingDependencyError
 
 TUNE_ENV = "TORCHSLIM_KERNEL_TUNE"
@@ -28,8 +29,9 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 _NO_GROUP = 1 << 30  # "group size" of channel/tensor scales: every tile is in group 0
 
 
+@register_config("lowbit_kernel")
 @dataclasses.dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(Config):
     """Launch parameters of the low-bit matmul kernel.
 
     Args:
@@ -49,8 +51,18 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def validate(self) -> None:
+        for name, low, high in (("block_m", 1, 128), ("block_n", 16, 256), ("block_k", 2, 512)):
+            self.check_int(name, low, high)
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise self.fail(name, value, f"a power of two in [{low}, {high}]")
+        self.check_int("split_k", 1, 64)
+        self.check_choice("num_warps", (1, 2, 4, 8, 16))
+        self.check_int("num_stages", 1, 8)
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def triton_available() -> bool:
     """Whether ``triton`` can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
@@ -192,12 +204,28 @@ def _candidates(rows: int, layout: _Layout, sms: int) -> list[KernelConfig]:
     """Configurations timed by the tuner for one (shape, batch bucket)."""
     if rows <= GEMV_MAX_ROWS:
         block_m = _pow2_at_least(rows)
-        shapes = [(16, 128, 2, 2), (32, 64, 2, 2), (32, 128, 4, 2), (32, 256, 4, 2), (64, 64, 4, 2),
-                  (64, 128, 4, 3), (64, 128, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2)]
+        shapes = [
+            (16, 128, 2, 2),
+            (32, 64, 2, 2),
+            (32, 128, 4, 2),
+            (32, 256, 4, 2),
+            (64, 64, 4, 2),
+            (64, 128, 4, 3),
+            (64, 128, 8, 2),
+            (128, 64, 4, 2),
+            (128, 128, 8, 2),
+        ]
     else:
         block_m = min(64, max(16, _pow2_at_least(rows)))
-        shapes = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4),
-                  (64, 32, 4, 4), (128, 128, 8, 3)]
+        shapes = [
+            (32, 64, 4, 3),
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (128, 64, 4, 3),
+            (128, 64, 8, 4),
+            (64, 32, 4, 4),
+            (128, 128, 8, 3),
+        ]
     found: dict[KernelConfig, None] = {}
     for block_n, block_k, warps, stages in shapes:
         base = KernelConfig(block_m, block_n, _fit_block_k(block_k, layout, block_m >= 16), 1, warps, stages)
@@ -295,7 +323,10 @@ def _forward(x: torch.Tensor, layer: Any, interpret: bool, config: KernelConfig 
     if config is None:
         config = default_config(x2d.shape[0], layout, 8) if interpret else _choose_config(x2d, layer, layout, x.dtype)
     elif config.block_k != _fit_block_k(config.block_k, layout, config.block_m >= 16):
-        raise ConfigError(f"block_k = {config.block_k} is invalid for this layer: it must divide the group size")
+        raise ConfigError(
+            f"KernelConfig.block_k = {config.block_k} is invalid for this layer: expected a power of two dividing "
+            f"group_size = {layout.k_limit} and at least {_fit_block_k(2, layout, config.block_m >= 16)}"
+        )
     return _launch(x2d, layer, layout, config, interpret).reshape(*x.shape[:-1], layout.n)
 
 
@@ -351,9 +382,7 @@ def lowbit_linear(
     if x.device != layer.packed.device:
         raise ConfigError(f"input is on {x.device} but the layer's weights are on {layer.packed.device}")
     require_triton()
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
-    )
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad))
     if needs_grad:
         return _LowbitLinearFn.apply(x, layer.bias, layer, interpret, config)
     return _forward(x, layer, interpret, config)

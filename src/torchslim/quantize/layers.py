@@ -225,6 +225,15 @@ class IntQuantLayer(_DequantizingLayer):
             layer.bias.data.copy_(module.bias.detach().float())
         return layer.to(module.weight.device)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # CUDA fp16/bf16 inputs of a 4/8-bit linear run the Triton kernel on the packed weights.
+        if x.is_cuda and self.op == "linear":
+            from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
+
+            if dispatch_reason(self, x) is None:
+                return lowbit_linear(x, self)
+        return super().forward(x)
+
     def codes(self) -> torch.Tensor:
         """The affine codes ``q`` in ``[0, 2**bits)`` shaped ``(rows, groups, group_size)`` (uint8).
 
