@@ -9,6 +9,13 @@ interrupted (same seed, CPU).
 Determinism: ``torch.manual_seed(config.seed)`` at the start; the shuffle order of epoch ``e`` comes from
 its own generator seeded with ``seed * 1000003 + e``, so a resumed run regenerates the order and skips
 the steps already done; the global torch RNG (dropout) is saved in the checkpoint and restored.
+
+Data parallel: launched by ``torchrun`` (``WORLD_SIZE > 1``) or inside an initialised process group, the loop
+joins the group (gloo for a CPU model, NCCL for a CUDA one; :mod:`torchslim.distributed`), wraps the model in
+DistributedDataParallel and gives each rank ``order[rank::world]`` of the epoch's shuffled order, padded by
+repeating its start to a multiple of ``world`` (DistributedSampler semantics). ``batch_size`` is per rank, so
+N ranks with batch B step like one process with batch N * B on the same samples. Metrics are summed over
+ranks; rank 0 alone writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
 
+from torchslim import distributed
 from torchslim._callable_module import make_module_callable
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
@@ -50,6 +58,8 @@ __all__ = [
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _SHUFFLE_MULTIPLIER = 1000003
+# Rank r > 0 seeds its RNG (dropout, augmentation) with seed + r * _RANK_SEED_STRIDE; rank 0 keeps ``seed``.
+_RANK_SEED_STRIDE = 1 << 32
 # Config fields that may differ between a checkpoint and the run resuming it (they do not change the
 # math of the steps already taken): epochs may grow, checkpoints may be written more or less often.
 _RESUMABLE_CHANGES = ("epochs", "checkpoint_every")
@@ -447,6 +457,11 @@ def train(
         progress: show a Rich progress bar; None shows it only on an interactive stderr outside CI.
         on_epoch_end: called with each epoch's history dict after the epoch's checkpoint is written.
 
+    Under torchrun (``WORLD_SIZE > 1``) every rank must call ``train`` with the same arguments; see the
+    module doc. ``loss_fn`` then receives the DistributedDataParallel wrapper (call it like the model, so
+    gradients are averaged across ranks); ``progress`` shows on rank 0 only; ``on_epoch_end`` runs on every
+    rank with the same (rank-summed) record.
+
     Returns:
         A :class:`TrainResult`.
 
@@ -455,7 +470,8 @@ def train(
         DataError: empty data, NaN/Inf inputs, labels outside ``[0, outputs)``, or inputs the model
             does not accept.
         ModelError: the model has no trainable parameters.
-        TorchSlimError: the loss became NaN/Inf, or the checkpoint cannot be used to resume.
+        TorchSlimError: the loss became NaN/Inf (on any rank), the checkpoint cannot be used to resume
+            (also: written by another number of processes), or torchrun's process group cannot be set up.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -493,12 +509,17 @@ def train(
     loss_fn = loss_fn or default_loss
 
     device = device_of(model)
+    world = distributed.world_size() if distributed.init_from_env("nccl" if device.type == "cuda" else "gloo") else 1
+    rank = distributed.rank() if world > 1 else 0
+    local_samples = math.ceil(num_samples / world)  # this rank's shard (padded, as DistributedSampler does)
     # BatchNorm cannot train on a batch of one sample: drop such a last batch (one sample an epoch).
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    lone_last = has_batchnorm and num_samples > 1 and num_samples % config.batch_size == 1
-    used = num_samples - 1 if lone_last else num_samples
+    lone_last = has_batchnorm and local_samples > 1 and local_samples % config.batch_size == 1
+    used = local_samples - 1 if lone_last else local_samples
     steps_per_epoch = math.ceil(used / config.batch_size)
     set_seed(config.seed)
+    if rank:
+        torch.manual_seed(config.seed + rank * _RANK_SEED_STRIDE)  # own dropout/augmentation draws per rank
     optimizer = _make_optimizer(params, config)
     scheduler = _make_scheduler(optimizer, config)
 
@@ -509,6 +530,14 @@ def train(
     if path is not None and resume and path.exists():
         state = _load_checkpoint(path)
         _check_resume_config(state["config"], config, path)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world:
+            raise TorchSlimError(
+                f"cannot resume from checkpoint {str(path)!r}: it was written by {saved_world} process(es) but "
+                f"this run has {world}, so the data shards differ; resume with the same number of processes "
+                f"(torchrun --nproc_per_node {saved_world}, or no torchrun for 1)"
+            )
+        own = state["ranks"][rank] if state.get("ranks") else {"rng": state["rng"], "running": state.get("running")}
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -521,19 +550,25 @@ def train(
                 f"cannot resume from checkpoint {str(path)!r}: it does not match this model or optimizer "
                 f"({exc})"
             ) from exc
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(own["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch, skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
         global_step = int(state["global_step"])
         history = [dict(record) for record in state["history"]]
-        if skip_steps and state.get("running"):
-            running = dict(state["running"])
+        if skip_steps and own.get("running"):
+            running = dict(own["running"])
         resumed_from = global_step
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         if path is None:
             return
+        ranks = None
+        if world > 1:  # every rank's RNG and running sums, so a resumed run continues each rank exactly
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, {"rng": torch.get_rng_state(), "running": dict(running)})
+            if rank:
+                return
         _save_checkpoint(
             path,
             {
@@ -548,18 +583,27 @@ def train(
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "config": config.to_dict(),
+                "world_size": world,
+                "ranks": ranks,
             },
         )
 
-    # Capture the model's output inside loss_fn to score training accuracy without a second forward.
+    # The DDP wrapper averages gradients across ranks in backward; it shares the model's parameters.
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Capture the model's output inside loss_fn to score training accuracy without a second forward (the hook
+    # sits on the inner model, which the DDP wrapper calls).
     captured: list[Any] = [None]
     hook = model.register_forward_hook(lambda _module, _inputs, output: captured.__setitem__(0, output))
     try:
-        with _Progress(_want_progress(progress), config.epochs) as bar:
+        with _Progress(_want_progress(progress) and rank == 0, config.epochs) as bar:
             for epoch in range(start_epoch, config.epochs):
                 started = time.perf_counter()
-                model.train()
-                order = _epoch_order(num_samples, config.seed, epoch)
+                net.train()
+                order = _shard(_epoch_order(num_samples, config.seed, epoch), rank, world)
                 done = skip_steps
                 skip_steps = 0
                 bar.start_epoch(epoch, steps_per_epoch, done)
@@ -576,11 +620,15 @@ def train(
                         inputs = random_shift(inputs, config.augment_shift)
                     captured[0] = None
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model, inputs, targets, *extras)
+                    loss = loss_fn(net, inputs, targets, *extras)
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                         raise TorchSlimError(f"loss_fn must return a scalar tensor, got {shape}")
                     value = float(loss.detach())
+                    if world > 1:  # every rank stops together when any rank diverges (none is left waiting)
+                        total = distributed.all_reduce_sum([value], device)[0]
+                        if math.isfinite(value) and not math.isfinite(total):
+                            value = total
                     if not math.isfinite(value):
                         raise TorchSlimError(
                             f"the loss became {value} at epoch {epoch + 1}, step {done + 1} (global step "
@@ -605,6 +653,10 @@ def train(
                         if done < steps_per_epoch:  # the epoch end writes one anyway
                             checkpoint(epoch, done)
 
+                if world > 1:
+                    keys = ("loss_sum", "count", "correct", "scored")
+                    totals = distributed.all_reduce_sum([running[k] for k in keys], device)
+                    running = {k: (v if k == "loss_sum" else int(v)) for k, v in zip(keys, totals, strict=True)}
                 eval_accuracy = None
                 if eval_data is not None:
                     eval_accuracy = evaluate(model, eval_data)
@@ -626,6 +678,7 @@ def train(
                     on_epoch_end(dict(record))
     finally:
         hook.remove()
+        del net  # drops DDP's gradient hooks from the parameters
         model.eval()
 
     final = history[-1]["eval_accuracy"] if history else None
@@ -636,6 +689,16 @@ def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     """The shuffle order of ``epoch``: a function of (seed, epoch) only, so a resumed run regenerates it."""
     generator = torch.Generator().manual_seed(seed * _SHUFFLE_MULTIPLIER + epoch)
     return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def _shard(order: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s part of an epoch order: ``order`` padded by repeating its start to a multiple of ``world``,
+    then every ``world``-th index from ``rank`` (torch's DistributedSampler with ``drop_last=False``)."""
+    if world == 1:
+        return order
+    total = math.ceil(len(order) / world) * world
+    padded = (order * math.ceil(total / len(order)))[:total]
+    return padded[rank:total:world]
 
 
 def _batches(data: Dataset, order: list[int], batch_size: int):

@@ -29,12 +29,12 @@ def train(
     progress: bool | None = PROGRESS_OPT,
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train a model on a data set and save it as a .slim file."""
-    from torchslim.artifact import save
+    """Train a model on a data set and save it as a .slim file (data parallel under torchrun)."""
     from torchslim.data import load_data
+    from torchslim.distributed import is_main_process, save_on_main, world_size
     from torchslim.fileio import check_output_path
     from torchslim.models.compat import check_model_data, create_model_for_data
-    from torchslim.train import RECOMMENDED, TrainConfig
+    from torchslim.train import RECOMMENDED, TrainConfig, set_seed
     from torchslim.train import train as run_training
 
     target = check_output_path(out or Path(f"{model.replace(':', '_').replace('.', '_')}.slim"), force=force)
@@ -49,6 +49,7 @@ def train(
     }
     config = RECOMMENDED.get(model, TrainConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
     splits = load_data(data, seed=seed)
+    set_seed(seed)  # the initial weights depend on --seed only, not on what ran before in this process
     net = create_model_for_data(model, splits.input_shape, splits.num_classes)
     check_model_data(net, splits.example_inputs(1), splits.num_classes, data)
     started = time.perf_counter()
@@ -57,7 +58,12 @@ def train(
     )
     seconds = time.perf_counter() - started
     record = {"stage": "train", "data": data, "config": config.to_dict()}
-    save(net, target, recipe=[record], measurements={"accuracy": result.final_accuracy, "data": data})
+    if world_size() > 1:  # batch_size is per process: the global batch is world_size * batch_size
+        record["world_size"] = world_size()
+    # Under torchrun every rank trained the same weights; rank 0 alone writes and reports.
+    save_on_main(net, target, recipe=[record], measurements={"accuracy": result.final_accuracy, "data": data})
+    if not is_main_process():
+        return
     summary = {
         "model": model,
         "data": data,
@@ -66,6 +72,7 @@ def train(
         "accuracy": result.final_accuracy,
         "seconds": round(seconds, 2),
         "bytes": target.stat().st_size,
+        "processes": world_size(),
     }
     if json_output:
         print_json(summary)
