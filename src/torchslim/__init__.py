@@ -62,6 +62,11 @@ _EXPORTS: dict[str, str] = {
     "bench": "torchslim.measure.bench",
     "BenchReport": "torchslim.measure.bench",
     "OnnxGraph": "torchslim.models.onnx_graph",
+    "GPTQ": "torchslim.quantize.gptq",
+    "gptq_": "torchslim.quantize.gptq",
+    "load_hf": "torchslim.hf",
+    "prune_transformer_": "torchslim.hf",
+    "text_fidelity": "torchslim.hf",
     "Measurement": "torchslim.measure",
     "fuse_parameters": "torchslim.distill.fusion",
     "FusionResult": "torchslim.distill.fusion",
@@ -98,6 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TorchSlimError,
     )
     from torchslim.export import ExportConfig, ExportReport, check_parity, export, export_onnx  # noqa: F401
+    from torchslim.hf import load_hf, prune_transformer_, text_fidelity  # noqa: F401
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
@@ -126,5 +132,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sensitivity,
         sweep_bits,
     )
+    from torchslim.quantize.gptq import GPTQ, gptq_  # noqa: F401
     from torchslim.quantize.qat import qat  # noqa: F401
     from torchslim.train import TrainConfig, evaluate, train  # noqa: F401

@@ -3,6 +3,19 @@
 ``transformers`` is an optional extra (``pip install 'torchslim[hf]'``), imported only when a function here runs.
 """
 
+from torchslim.hf.fidelity import read_texts, reference_model, text_fidelity
 from torchslim.hf.loading import HFModel, attention_modules, encode, ffn_layers, load_hf, sync_config_
+from torchslim.hf.prune import prune_transformer_
 
-__all__ = ["HFModel", "attention_modules", "encode", "ffn_layers", "load_hf", "sync_config_"]
+__all__ = [
+    "HFModel",
+    "attention_modules",
+    "encode",
+    "ffn_layers",
+    "load_hf",
+    "prune_transformer_",
+    "read_texts",
+    "reference_model",
+    "sync_config_",
+    "text_fidelity",
+]

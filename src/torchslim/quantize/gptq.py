@@ -1,0 +1,441 @@
+"""GPTQ: k-bit weight quantization with Hessian-based error compensation (Frantar et al., 2023).
+
+Round-to-nearest quantizes every weight on its own. GPTQ quantizes a layer's input columns one at a time and
+spreads each column's rounding error over the columns not yet quantized, weighted by the inverse of the
+layer's input Hessian ``H = 2 X^T X`` (``X``: the layer's inputs on calibration data), which minimises
+``||W X - Q X||^2`` column by column. Columns are processed in blocks of ``blocksize`` with lazy updates; with
+``act_order`` columns with the largest Hessian diagonal (the most active inputs) go first.
+
+The result is exactly :class:`~torchslim.quantize.layers.IntQuantLayer`'s packed format (same codes, scales,
+zero points and groups of contiguous input columns), so it saves, loads, exports and runs like ``IntQuant``.
+With ``act_order`` and groups, each group's scale and zero point are computed from the original weights before
+the columns are reordered ("static groups"), so groups stay contiguous in the original column order.
+
+Layers are quantized in the order the model runs them, each on inputs that already went through the
+quantized earlier layers: each pass over the calibration data stops at the first layer still to quantize and
+collects the Hessians of it and of every layer fed the very same input tensor (q/k/v projections), which are
+then quantized together. A layer the calibration inputs never reach is quantized by round-to-nearest (the
+report says so). Works for any model with Linear/Conv1d/Conv2d layers (grouped convolutions included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from torchslim.config import Config, register_config
+from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.quantize.affine import compute_qparams, quantize_affine
+from torchslim.quantize.api import (
+    _HANDLERS,
+    QuantizeReport,
+    _replace,
+    plan_layers,
+    quantization_handler,
+)
+from torchslim.quantize.layers import SCALE_DTYPES, IntQuantLayer
+
+__all__ = ["GPTQ", "gptq_", "gptq_quantize", "layer_hessian"]
+
+_CALIBRATION_LIMIT = 256  # samples taken from a Dataset / DataLoader / DataSplits
+_CALIBRATION_BATCH = 32
+_DAMP_RETRIES = 4
+
+
+@register_config("gptq")
+@dataclasses.dataclass(frozen=True)
+class GPTQ(Config):
+    """GPTQ weight-only quantization into ``IntQuantLayer``'s packed k-bit format (needs calibration inputs).
+
+    Args:
+        bits: code width, 2..8 (3 and 4 are the usual choices).
+        group_size: input columns per scale/zero point (``None``: one per output channel).
+        act_order: quantize columns in order of decreasing Hessian diagonal (better at 3 bits).
+        damp: dampening added to the Hessian diagonal, as a fraction of its mean, in (0, 1].
+        blocksize: columns per lazy-update block (speed only; the result is the same up to rounding).
+        symmetric: fixed zero point ``2**(bits-1)`` (no zero points stored) instead of min/max.
+        scale_dtype: storage dtype of the scales.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    act_order: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+
+    def validate(self) -> None:
+        self.check_int("bits", 2, 8)
+        if self.group_size is not None:
+            self.check_int("group_size", 2)
+        self.check_choice("act_order", (True, False))
+        self.check_float("damp", 0.0, 1.0, lo_inclusive=False)
+        self.check_int("blocksize", 1)
+        self.check_choice("symmetric", (True, False))
+        self.check_choice("scale_dtype", tuple(SCALE_DTYPES))
+
+    @property
+    def granularity(self) -> str:
+        """``"group"`` or ``"channel"`` (``group_size=None``), as in ``IntQuant``."""
+        return "channel" if self.group_size is None else "group"
+
+
+@quantization_handler(GPTQ)
+def _needs_calibration(module: nn.Module, config: GPTQ) -> nn.Module:
+    raise ConfigError(
+        "GPTQ needs calibration inputs, which quantize_ does not take: use "
+        "torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs) (or IntQuant for round-to-nearest)"
+    )
+
+
+# --- the algorithm on one weight matrix -------------------------------------------------------------------------
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    config: GPTQ,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize one weight matrix with GPTQ.
+
+    Args:
+        weight: ``(rows, cols)`` float weight (a conv weight flattened to ``(out, in * kh * kw)``).
+        hessian: ``(cols, cols)`` input Hessian (``2 X^T X / n``; see :func:`layer_hessian`).
+        config: the :class:`GPTQ` settings.
+
+    Returns:
+        ``(dequantized, scale, zero_point)``: the quantized weight ``(rows, cols)`` in float32, and scales
+        ``(rows, groups)`` (``config.scale_dtype``) and int32 zero points ``(rows, groups)`` with groups of
+        ``group_size`` contiguous columns (the last one partial), as ``IntQuantLayer`` stores them.
+
+    Raises:
+        ModelError: the dampened Hessian is not positive definite even after raising the dampening.
+    """
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ModelError(f"gptq: Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    size = config.group_size or cols
+    groups = math.ceil(cols / size)
+    dtype = SCALE_DTYPES[config.scale_dtype]
+    scale = torch.ones(rows, groups, dtype=dtype)
+    zero_point = torch.zeros(rows, groups, dtype=torch.int32)
+
+    def set_params(group: int, columns: Tensor) -> None:
+        s, z = compute_qparams(columns.unsqueeze(1), config.bits, config.symmetric, dtype)
+        scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+
+    static = config.act_order or config.group_size is None
+    if static:
+        for group in range(groups):
+            set_params(group, W[:, group * size : (group + 1) * size])
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, config.damp)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, config.blocksize):
+        i2 = min(i1 + config.blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            original = int(perm[i1 + i])
+            group = original // size
+            if not static and original % size == 0:  # first column of a group: params from the current values
+                end = min(i1 + i + size, cols)
+                current = W1[:, i : min(end, i2) - i1]
+                if end > i2:  # the group runs past this block: apply this block's pending updates first
+                    pending = W[:, i2:end] - E1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
+                    current = torch.cat([current, pending], dim=1)
+                set_params(group, current)
+            w = W1[:, i]
+            s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
+            codes = quantize_affine(w.reshape(rows, 1, 1), s, z, config.bits).reshape(rows, 1)
+            q = ((codes.float() - z.float()) * s.float()).reshape(rows)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    if config.act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, scale, zero_point
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the dampening if needed."""
+    H = H.double()
+    mean = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for attempt in range(_DAMP_RETRIES):
+        try:
+            L = torch.linalg.cholesky(H + (damp * 10**attempt) * mean * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise ModelError(
+        f"gptq: the layer's input Hessian is not positive definite even with damp = {damp * 10 ** (_DAMP_RETRIES - 1)}"
+        ": use more (or more varied) calibration inputs, or a larger GPTQ.damp"
+    )
+
+
+# --- Hessians from a layer's inputs -----------------------------------------------------------------------------
+def _input_columns(module: nn.Module, x: Tensor) -> list[Tensor]:
+    """The layer's inputs as ``(samples, cols)`` matrices, one per conv group (one for Linear)."""
+    x = x.detach().float()
+    if isinstance(module, nn.Linear):
+        return [x.reshape(-1, x.shape[-1])]
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2) if x.dim() == 3 else x.unsqueeze(1)
+        kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
+        padding, dilation = (0, module.padding[0]), (1, module.dilation[0])
+    else:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    per_group = x.shape[1] // module.groups
+    out = []
+    for g in range(module.groups):
+        part = x[:, g * per_group : (g + 1) * per_group]
+        cols = F.unfold(part, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
+        out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+    return out
+
+
+class _Hessian:
+    """Running ``2 X^T X / n`` of a layer's inputs (one per conv group)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.sums: list[Tensor] | None = None
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        columns = _input_columns(self.module, x)
+        if self.sums is None:
+            self.sums = [torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64, device=c.device) for c in columns]
+        for total, c in zip(self.sums, columns, strict=True):
+            total += c.double().T @ c.double()
+        self.count += columns[0].shape[0]
+
+    def matrices(self) -> list[Tensor]:
+        return [(2.0 * total / max(self.count, 1)).float().cpu() for total in self.sums or []]
+
+
+def layer_hessian(module: nn.Module, inputs: Tensor) -> Tensor:
+    """The GPTQ Hessian ``2 X^T X / n`` of a Linear/Conv layer for the given layer inputs.
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (``groups=1``).
+        inputs: what the layer receives in ``forward`` (any batch shape).
+
+    Returns:
+        ``(cols, cols)`` float32, ``cols`` = the flattened weight's input dimension.
+    """
+    acc = _Hessian(module)
+    acc.add(inputs)
+    return acc.matrices()[0]
+
+
+def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) -> IntQuantLayer:
+    """GPTQ one layer (each conv group on its own Hessian) into an ``IntQuantLayer``."""
+    weight = module.weight.detach().float()
+    rows = weight.shape[0]
+    matrix = weight.reshape(rows, -1).cpu()
+    per_group = rows // len(hessians)
+    parts = [
+        gptq_quantize(matrix[g * per_group : (g + 1) * per_group], h, config) for g, h in enumerate(hessians)
+    ]
+    quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
+    scale = torch.cat([p[1] for p in parts])
+    zero_point = torch.cat([p[2] for p in parts])
+    stand_in = _with_weight(module, quantized.to(module.weight.device, module.weight.dtype))
+    # from_qparams re-quantizes the GPTQ values with the same scales: they sit on the grid, so the codes are exact
+    return IntQuantLayer.from_qparams(
+        stand_in, scale, zero_point, config.bits, config.granularity, config.group_size, config.symmetric,
+        "nearest", config.scale_dtype,
+    )
+
+
+def _with_weight(module: nn.Module, weight: Tensor) -> nn.Module:
+    clone = type(module).__new__(type(module))
+    clone.__dict__ = {**module.__dict__, "_parameters": dict(module._parameters)}
+    clone._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    return clone
+
+
+# --- calibration data -------------------------------------------------------------------------------------------
+def _calibration_batches(calib_inputs: Any) -> list[tuple[Tensor, ...]]:
+    """Batches of positional model inputs.
+
+    Accepted: a tensor (one batch), a tuple of tensors (one batch of several inputs, e.g. ``(input_ids,
+    attention_mask)``), a list of such batches, or a ``Dataset``/``DataLoader``/``DataSplits`` of ``(x, y)``
+    samples (up to 256 inputs).
+    """
+    if isinstance(calib_inputs, Tensor):
+        batches: list = [calib_inputs]
+    elif isinstance(calib_inputs, tuple) and calib_inputs and all(isinstance(t, Tensor) for t in calib_inputs):
+        batches = [calib_inputs]
+    elif isinstance(calib_inputs, list):
+        batches = list(calib_inputs)
+    elif isinstance(calib_inputs, (Dataset, DataLoader)) or hasattr(calib_inputs, "train"):
+        from torchslim.quantize.int8 import calibration_inputs
+
+        inputs = calibration_inputs(calib_inputs, _CALIBRATION_LIMIT)
+        batches = list(inputs.split(_CALIBRATION_BATCH))
+    else:
+        raise DataError(
+            f"gptq_: calib_inputs is a {type(calib_inputs).__name__}: expected a tensor, a tuple of tensors, a list "
+            "of batches, a Dataset, a DataLoader or DataSplits"
+        )
+    out = []
+    for index, batch in enumerate(batches):
+        batch = (batch,) if isinstance(batch, Tensor) else batch
+        if not (isinstance(batch, (tuple, list)) and batch and all(isinstance(t, Tensor) for t in batch)):
+            raise DataError(
+                f"gptq_: calibration batch {index} is a {type(batch).__name__}: expected a tensor or a tuple of tensors"
+            )
+        if batch[0].dim() == 0 or batch[0].shape[0] == 0:
+            raise DataError(f"gptq_: calibration batch {index} is empty: expected at least one sample")
+        out.append(tuple(batch))
+    if not out:
+        raise DataError("gptq_: calib_inputs holds no batch: expected at least one calibration sample")
+    return out
+
+
+# --- the in-place verb ------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised from a hook to end a calibration pass early."""
+
+
+def gptq_(
+    model: nn.Module,
+    config: GPTQ,
+    calib_inputs: Any,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    overrides: Mapping[str, Config | None] | None = None,
+) -> QuantizeReport:
+    """Quantize the model's Linear/Conv layers with GPTQ, in place, layer by layer in execution order.
+
+    The same layer selection as :func:`~torchslim.quantize.quantize_`; layers given another config in
+    ``overrides`` (e.g. ``IntQuant(bits=8)``) are quantized by that config's handler first.
+
+    Args:
+        model: the float model.
+        config: a :class:`GPTQ`.
+        calib_inputs: calibration inputs (unlabelled): a tensor, a tuple of tensors passed positionally (e.g.
+            ``(input_ids, attention_mask)``), a list of such batches, or a Dataset/DataLoader/DataSplits.
+        filter_fn: ``filter_fn(module, name) -> bool``; false skips the layer.
+        overrides: per-layer configs by module name; ``None`` skips that layer.
+
+    Returns:
+        A :class:`~torchslim.quantize.QuantizeReport`; layers the calibration inputs never reached are quantized
+        by round-to-nearest and marked ``"method": "round-to-nearest"``.
+
+    Raises:
+        ConfigError: ``config`` is not a GPTQ, or an override is invalid (nothing is changed).
+        DataError: unusable calibration inputs, or the model fails on them (nothing is changed).
+        ModelError: a Hessian that cannot be inverted.
+    """
+    if not isinstance(config, GPTQ):
+        raise ConfigError(f"config = {type(config).__name__} is invalid for gptq_: expected GPTQ")
+    batches = _calibration_batches(calib_inputs)
+
+    def check(name: str, chosen: Config) -> None:
+        if type(chosen) not in _HANDLERS:
+            raise ConfigError(
+                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+                f"{', '.join(c.__name__ for c in _HANDLERS)}"
+            )
+
+    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [tuple(t.to(device) for t in batch) for batch in batches]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                model(*batches[0])
+            except Exception as exc:
+                shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
+                raise DataError(f"gptq_: the model fails on the calibration inputs ({shapes}): {exc}") from exc
+            for name, module, chosen in plan:
+                if not isinstance(chosen, GPTQ):
+                    _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+                    report.quantized[name] = chosen.to_dict()
+            remaining = {module: (name, chosen) for name, module, chosen in plan if isinstance(chosen, GPTQ)}
+            while remaining:
+                stage = _next_stage(model, batches, remaining)
+                if not stage:  # the rest is never reached by the calibration inputs
+                    for module, (name, chosen) in remaining.items():
+                        _replace(model, name, _round_to_nearest(module, chosen))
+                        report.quantized[name] = {
+                            **chosen.to_dict(), "method": "round-to-nearest",
+                            "reason": "not reached by the calibration inputs",
+                        }
+                    break
+                for module, hessian in stage.items():
+                    name, chosen = remaining.pop(module)
+                    _replace(model, name, _quantize_module(module, hessian.matrices(), chosen))
+                    report.quantized[name] = {**chosen.to_dict(), "method": "gptq"}
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return report
+
+
+def _round_to_nearest(module: nn.Module, config: GPTQ) -> IntQuantLayer:
+    return IntQuantLayer.from_float(
+        module, config.bits, config.granularity, config.group_size, config.symmetric, "nearest", config.scale_dtype
+    )
+
+
+def _next_stage(
+    model: nn.Module, batches: Iterable[tuple[Tensor, ...]], remaining: dict[nn.Module, Any]
+) -> dict[nn.Module, _Hessian]:
+    """Run the calibration batches up to the first layer still to quantize; collect the Hessians of that layer and
+    of the layers fed the same input tensor. Returns {} when no remaining layer runs."""
+    stage: dict[nn.Module, _Hessian] = {}
+    state: dict[str, Any] = {"key": None, "fixed": False}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        if module in stage:
+            stage[module].add(x)
+            return
+        if not state["fixed"] and (state["key"] is None or state["key"] == key):
+            state["key"] = key
+            stage[module] = _Hessian(module)
+            stage[module].add(x)
+            return
+        raise _Stop
+
+    handles = [module.register_forward_pre_hook(hook) for module in remaining]
+    try:
+        for batch in batches:
+            try:
+                model(*batch)
+            except _Stop:
+                pass
+            state["fixed"] = True
+            if not stage:
+                break
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stage
