@@ -24,9 +24,12 @@ quantizes the fused ``Attention`` weights (``QAttention``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -328,13 +331,29 @@ def _fuse_transformer(proto: Any, notes: list[str]) -> Any:
     fused = {op: n for op, n in optimizer.get_fused_operator_statistics().items() if n}
     summary = ", ".join(f"{op} x{n}" for op, n in sorted(fused.items()))
     notes.append(f"transformer fusion: {summary or 'nothing fused'}")
-    return optimizer.model
+    model = optimizer.model
+    if fused and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 def _to_fp16(proto: Any) -> Any:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+
+
+@contextlib.contextmanager
+def _root_warnings_off() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
@@ -347,14 +366,15 @@ def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="torchslim-export-") as name:
         source, output = Path(name) / "fp32.onnx", Path(name) / "int8.onnx"
         onnx.save(proto, str(source))
-        ort_quantize_dynamic(
-            str(source),
-            str(output),
-            op_types_to_quantize=["MatMul", "Attention"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        with _root_warnings_off():  # ORT logs a pre-processing hint on the root logger
+            ort_quantize_dynamic(
+                str(source),
+                str(output),
+                op_types_to_quantize=["MatMul", "Attention"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         data = output.read_bytes()
     ops = graph_op_types(data)
     if not (ops["MatMulInteger"] or ops["QAttention"] or ops["DynamicQuantizeMatMul"]):
