@@ -51,10 +51,11 @@ def _lowbit_matmul_kernel(
     scale_stride_g,
     zp_stride_n,
     zp_stride_g,
-    k_per_split,
+    tiles_per_split,
     BITS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     NIBBLE_PAIRS: tl.constexpr,
+    EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -71,7 +72,9 @@ def _lowbit_matmul_kernel(
     matching even/odd activations. Otherwise each element's byte is addressed on its own (8-bit:
     contiguous bytes; 4-bit rows that start mid-byte: per-element nibble shifts). ``LANES_K`` is the
     number of elements per tile row in one half (``BLOCK_K // 2`` or ``BLOCK_K``). ``USE_DOT`` picks
-    tensor-core ``tl.dot`` (tiled path, BLOCK_M >= 16) or a broadcast multiply and row sum (GEMV).
+    tensor-core ``tl.dot`` (tiled path, BLOCK_M >= 16) or broadcast multiplies accumulated per lane and
+    summed once at the end (GEMV). ``EVEN_K`` (K is a multiple of BLOCK_K) drops the K masks so the
+    packed bytes load as wide vectors. Split ``program_id(1)`` covers ``tiles_per_split`` K-tiles.
     ``DOT_FP32`` feeds tl.dot fp32 operands (exact here: integers times upcast activations); only the
     interpreter uses it, as its tl.dot multiplies bfloat16 bit patterns as integers (triton 3.9).
     ``PARTIAL`` stores fp32 partial sums of split ``program_id(1)`` (reduced by ``_splitk_reduce``);
@@ -87,19 +90,26 @@ def _lowbit_matmul_kernel(
     n_mask = offs_n < N
     code_mask = (1 << BITS) - 1
     keep = code_mask | 0x4B000000
+    flip = (1 << (BITS - 1)) | 0x4B000000
 
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    t_start = pid_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, (K + BLOCK_K - 1) // BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     if NIBBLE_PAIRS:
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * row_bytes
     else:
         elem_rows = offs_n.to(tl.int64)[:, None] * row_elems
     if SYMMETRIC:
-        zm = (1 << (BITS - 1)) + 0x4B000000
         zc = 8388608.0 + (1 << (BITS - 1))
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    if USE_DOT:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    else:  # GEMV: products accumulate per lane; one cross-lane sum after the loop
+        if BLOCK_M == 1:
+            acc2 = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        else:
+            acc3 = tl.full((BLOCK_M, BLOCK_N, LANES_K), 0.0, tl.float32)
+    for t in range(t_start, t_end):
+        k0 = t * BLOCK_K
         g = k0 // group_size
         s = tl.load(scale_ptr + offs_n * scale_stride_n + g * scale_stride_g, mask=n_mask, other=0.0).to(tl.float32)
         if not SYMMETRIC:
@@ -113,39 +123,72 @@ def _lowbit_matmul_kernel(
             zc = (z + 8388608).to(tl.float32)[:, None]
         if NIBBLE_PAIRS:
             kk = k0 + 2 * offs_j
-            b = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0)
-            b = b.to(tl.int32)
-            lo = ((b + zm) & keep).to(tl.float32, bitcast=True) - zc
-            hi = (((b >> 4) + zm) & keep).to(tl.float32, bitcast=True) - zc
-            x_even = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=m_mask[:, None] & (kk + 1 < K)[None, :], other=0.0)
+            w_tile = w_rows + (t * LANES_K + offs_j)[None, :]
+            if EVEN_K:
+                b = tl.load(w_tile, mask=n_mask[:, None], other=0).to(tl.int32)
+                x_even = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
+                x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                b = tl.load(w_tile, mask=n_mask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+                x_even = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+                x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=m_mask[:, None] & (kk + 1 < K)[None, :], other=0.0)
+            if SYMMETRIC:  # (s + 2**(bits-1)) mod 2**bits flips the top code bit: one bitwise op
+                lo = ((b & code_mask) ^ flip).to(tl.float32, bitcast=True) - zc
+                hi = (((b >> 4) & code_mask) ^ flip).to(tl.float32, bitcast=True) - zc
+            else:
+                lo = ((b + zm) & keep).to(tl.float32, bitcast=True) - zc
+                hi = (((b >> 4) + zm) & keep).to(tl.float32, bitcast=True) - zc
             if USE_DOT:
                 if DOT_FP32:
                     x_even = x_even.to(tl.float32)
                     x_odd = x_odd.to(tl.float32)
                 part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype)))
                 part += tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
+                acc += part * s[None, :]
+            elif BLOCK_M == 1:  # one row: 2-D products, weights back in element order (lo, hi per byte)
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * LANES_K))
+                kx = k0 + tl.arange(0, 2 * LANES_K)
+                if EVEN_K:
+                    xt = tl.load(x_ptr + kx)
+                else:
+                    xt = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
+                acc2 += xt.to(tl.float32)[None, :] * w * s[:, None]
             else:
-                part = tl.reduce(x_even.to(tl.float32)[:, None, :] * lo[None, :, :], 2, _SUM)
-                part += tl.reduce(x_odd.to(tl.float32)[:, None, :] * hi[None, :, :], 2, _SUM)
+                prod = x_even.to(tl.float32)[:, None, :] * lo[None, :, :]
+                prod += x_odd.to(tl.float32)[:, None, :] * hi[None, :, :]
+                acc3 += prod * s[None, :, None]
         else:
             kk = k0 + offs_j
-            k_ok = (kk < K)[None, :]
             e = elem_rows + kk[None, :]
-            if BITS == 8:
-                code = tl.load(w_ptr + e, mask=n_mask[:, None] & k_ok, other=0).to(tl.int32)
+            if EVEN_K:
+                w_mask = n_mask[:, None]
+                x_mask = m_mask[:, None]
             else:
-                code = tl.load(w_ptr + (e >> 1), mask=n_mask[:, None] & k_ok, other=0).to(tl.int32)
+                w_mask = n_mask[:, None] & (kk < K)[None, :]
+                x_mask = m_mask[:, None] & (kk < K)[None, :]
+            if BITS == 8:
+                code = tl.load(w_ptr + e, mask=w_mask, other=0).to(tl.int32)
+            else:  # 4-bit rows that start mid-byte: each element picks its nibble
+                code = tl.load(w_ptr + (e >> 1), mask=w_mask, other=0).to(tl.int32)
                 code = code >> ((e & 1) * 4).to(tl.int32)
-            v = ((code + zm) & keep).to(tl.float32, bitcast=True) - zc
-            xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_ok, other=0.0)
+            if SYMMETRIC:
+                v = ((code & code_mask) ^ flip).to(tl.float32, bitcast=True) - zc
+            else:
+                v = ((code + zm) & keep).to(tl.float32, bitcast=True) - zc
+            xt = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
             if USE_DOT:
                 if DOT_FP32:
                     xt = xt.to(tl.float32)
-                part = tl.dot(xt, tl.trans(v.to(xt.dtype)))
+                acc += tl.dot(xt, tl.trans(v.to(xt.dtype))) * s[None, :]
+            elif BLOCK_M == 1:
+                acc2 += xt.to(tl.float32) * v * s[:, None]
             else:
-                part = tl.reduce(xt.to(tl.float32)[:, None, :] * v[None, :, :], 2, _SUM)
-        acc += part * s[None, :]
+                acc3 += (xt.to(tl.float32)[:, None, :] * v[None, :, :]) * s[None, :, None]
+    if not USE_DOT:
+        if BLOCK_M == 1:
+            acc = tl.reshape(tl.reduce(acc2, 1, _SUM), (1, BLOCK_N))
+        else:
+            acc = tl.reduce(acc3, 2, _SUM)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if PARTIAL:

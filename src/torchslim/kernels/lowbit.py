@@ -272,9 +272,8 @@ def _launch(x2d: torch.Tensor, layer: Any, layout: _Layout, config: KernelConfig
     rows, n = x2d.shape[0], layout.n
     use_dot = config.block_m >= 16
     k_steps = -(-layout.k // config.block_k)
-    split = max(1, min(config.split_k, k_steps))
-    k_per_split = -(-k_steps // split) * config.block_k
-    split = -(-layout.k // k_per_split)  # no empty splits
+    tiles_per_split = -(-k_steps // max(1, min(config.split_k, k_steps)))
+    split = -(-k_steps // tiles_per_split)  # no empty splits
     out = torch.empty((rows, n), dtype=x2d.dtype, device=x2d.device)
     bias = layer.bias if layer.bias is not None else layer.scale  # placeholder pointer when there is no bias
     zero_point = layer.zero_point if not layout.symmetric else layer.packed
@@ -287,8 +286,9 @@ def _launch(x2d: torch.Tensor, layer: Any, layout: _Layout, config: KernelConfig
         x2d.stride(0), n, rows * n,
         layout.row_elems, layout.row_bytes, layout.group_size,
         layout.scale_strides[0], layout.scale_strides[1], layout.zp_strides[0], layout.zp_strides[1],
-        k_per_split,
+        tiles_per_split,
         BITS=layout.bits, SYMMETRIC=layout.symmetric, NIBBLE_PAIRS=layout.nibble_pairs,
+        EVEN_K=layout.k % config.block_k == 0,
         HAS_BIAS=layer.bias is not None, PARTIAL=partial, USE_DOT=use_dot,
         DOT_FP32=interpret and x2d.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
