@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -721,3 +722,77 @@ def test_killed_save_never_leaves_a_partial_file(tmp_path):
                 child.wait()
             child.stdout.close()
             child.stderr.close()
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+
+def _data_start(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
+
+
+def test_every_tensor_records_the_sha256_of_its_stored_bytes(slim, good_file):
+    manifest = read_manifest(slim)
+    header = artifact.read_header(slim)
+    start = _data_start(good_file)
+    encodings = set()
+    for name, entry in manifest["tensors"].items():
+        raw = b"".join(
+            good_file[start + header[k]["data_offsets"][0] : start + header[k]["data_offsets"][1]]
+            for k in entry["stored"]
+        )
+        assert entry["sha256"] == hashlib.sha256(raw).hexdigest(), name
+        encodings.add(entry["encoding"])
+    assert encodings == {"dense", "bitmask"}  # several stored arrays per tensor are covered
+    metadata = header["__metadata__"]
+    assert metadata["torchslim.sha256"] == hashlib.sha256(metadata["torchslim"].encode()).hexdigest()
+
+
+def test_flipped_byte_in_tensor_data_is_caught_naming_the_tensor(slim, good_file):
+    header = artifact.read_header(slim)
+    start = _data_start(good_file)
+    for key, info in header.items():
+        if key == "__metadata__" or info["data_offsets"][0] == info["data_offsets"][1]:
+            continue
+        begin, end = info["data_offsets"]
+        name = next(n for n, e in read_manifest(slim)["tensors"].items() if key in e["stored"])
+        slim.write_bytes(_flip(good_file, start + (begin + end) // 2))
+        # a flipped mask bit changes the number of values (caught by decoding); any other flip by the checksum
+        detail = "stored" if key.endswith(".mask") else "stored bytes do not match the manifest's sha256 checksum"
+        for reader in (load, tensor_table):
+            with pytest.raises(ArtifactError, match=rf"tensor {re.escape(repr(name))}: {detail}"):
+                reader(slim)
+
+
+def test_edited_manifest_fails_its_checksum(slim, good_file):
+    version = b'\\"torchslim_version\\": \\"'
+    at = good_file.index(version) + len(version)
+    changed = good_file[:at] + (b"9" if good_file[at : at + 1] != b"9" else b"8") + good_file[at + 1 :]
+    slim.write_bytes(changed)
+    for reader in (load, read_manifest, tensor_table):
+        with pytest.raises(ArtifactError, match="manifest does not match its sha256 checksum"):
+            reader(slim)
+
+
+def test_files_without_checksums_still_load(slim, good_file):
+    reference = load(slim)
+
+    def strip(m):
+        for entry in m["tensors"].values():
+            entry.pop("sha256")
+
+    _rewrite(slim, manifest=strip)  # also drops the manifest checksum: a file from before checksums
+    assert "torchslim.sha256" not in artifact.read_header(slim)["__metadata__"]
+    _assert_same_state(reference, load(slim))
+    assert len(tensor_table(slim)) == len(reference.state_dict())
+
+
+@pytest.mark.parametrize("bad", ["ABC", 7, "0" * 63, "G" * 64])
+def test_malformed_tensor_checksum_names_the_field(slim, bad):
+    _rewrite(slim, manifest=lambda m: m["tensors"]["1.bias"].update(sha256=bad))
+    with pytest.raises(ArtifactError, match=r"tensors\['1.bias'\].*optional 'sha256': 64 lowercase hex"):
+        load(slim)

@@ -8,8 +8,14 @@ whichever is smallest; all lossless) and a manifest under the safetensors metada
      "factory": {"name": "torchslim.models:lenet5", "kwargs": {}},
      "modules": {"1": {"codec": "nn.Linear", "spec": {"in_features": 784, ...}}},
      "tensors": {"1.weight": {"encoding": "bitmask", "dtype": "float32", "shape": [120, 784],
-                              "stored": ["1.weight.values", "1.weight.mask"]}, ...},
+                              "stored": ["1.weight.values", "1.weight.mask"], "sha256": "9f2c..."}, ...},
      "recipe": ..., "measurements": ..., "extra": ...}
+
+Integrity: each tensor entry records the SHA-256 of its stored arrays' bytes, and the metadata key
+``"torchslim.sha256"`` holds the SHA-256 of the manifest text, so any changed byte of a file is either
+caught (``ArtifactError`` naming the tensor or the manifest) or harmless (JSON whitespace). Files
+written before checksums existed (no such fields) still load, unverified. These checksums detect
+accidental corruption; they are not signatures (whoever can edit the file can recompute them).
 
 ``load`` rebuilds the model from its factory (allowlisted factories only, unless
 ``trust_factory=True``), replaces the modules listed in ``modules`` through their codecs, decodes
@@ -18,6 +24,7 @@ the tensors and loads them strictly. No pickle is read or written anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import numbers
@@ -40,6 +47,7 @@ from torchslim.artifact.encodings import (
     dtype_name,
     encode_tensor,
     parse_dtype,
+    parts_digest,
     stored_key,
     tensor_info,
 )
@@ -47,6 +55,7 @@ from torchslim.artifact.encodings import ENCODINGS as ENCODINGS
 from torchslim.artifact.io import (
     FORMAT,
     FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     corrupted,
     manifest_from_header,
@@ -128,8 +137,10 @@ def save(
         "tensors": entries,
         **sections,
     }
+    text = json.dumps(manifest)
+    metadata = {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode("utf-8")).hexdigest()}
     try:
-        data = safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
+        data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as exc:  # safetensors raises several types; the cause is chained
         raise ArtifactError(f"save({str(path)!r}): cannot serialise the tensors: {exc}") from exc
     try:
@@ -313,6 +324,7 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             "dtype": dtype_name(value.dtype),
             "shape": list(value.shape),
             "stored": stored,
+            "sha256": parts_digest(tensors[key] for key in stored),
         }
     return tensors, entries
 
@@ -501,13 +513,21 @@ def _decode_one(name: str, entry: dict[str, Any], fetch, available: set[str], wh
             f"{where}: tensor {name!r} lists stored arrays {entry['stored']!r}, expected {expected!r} "
             f"for encoding {encoding.name!r}"
         )
-    parts = {}
+    parts, by_key = {}, {}
     for suffix, key in zip(encoding.parts, expected, strict=True):
         if key not in available:
             raise ArtifactError(f"{where}: tensor {name!r}: stored array {key!r} is missing from the file")
-        parts[suffix] = fetch(key)
+        parts[suffix] = by_key[key] = fetch(key)
     dtype = parse_dtype(entry["dtype"], label)
-    return decode_tensor(encoding.name, parts, dtype, tuple(entry["shape"]), label)
+    tensor = decode_tensor(encoding.name, parts, dtype, tuple(entry["shape"]), label)
+    # after decoding, so a malformed array keeps its specific message; the checksum catches the rest
+    recorded = entry.get("sha256")
+    if recorded is not None and parts_digest(by_key[key] for key in entry["stored"]) != recorded:
+        raise ArtifactError(
+            f"{where}: tensor {name!r}: stored bytes do not match the manifest's sha256 checksum (the file "
+            "was corrupted or changed after it was written; use the original file)"
+        )
+    return tensor
 
 
 def _check_state_shapes(

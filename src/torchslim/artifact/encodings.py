@@ -11,8 +11,9 @@ New encodings register in :data:`ENCODINGS`; the manifest names the encoding per
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,3 +241,16 @@ def decode_tensor(
             "(a newer torchslim may have written this file; upgrade torchslim)"
         )
     return encoding.decode(parts, dtype, shape, where)
+
+
+def parts_digest(parts: Iterable[torch.Tensor]) -> str:
+    """SHA-256 (hex) of the raw bytes of ``parts``, in order: the checksum a manifest records per tensor.
+
+    The bytes are those safetensors stores (C order, little-endian), read without copying.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        flat = part.detach().contiguous().reshape(-1)
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()

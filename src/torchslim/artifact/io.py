@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from torchslim.errors import ArtifactError
 FORMAT = "torchslim.slim"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "torchslim"
+MANIFEST_DIGEST_KEY = "torchslim.sha256"  # SHA-256 (hex) of the manifest text; absent in older files
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 METADATA_KEY = "__metadata__"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
@@ -126,6 +130,14 @@ def manifest_from_header(header: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: safetensors file without a {MANIFEST_KEY!r} manifest in its metadata: "
             "expected a .slim file written by torchslim.save"
         )
+    recorded = metadata.get(MANIFEST_DIGEST_KEY)
+    if recorded is not None and (
+        not isinstance(recorded, str) or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != recorded
+    ):
+        raise ArtifactError(
+            f"{where}: the manifest does not match its sha256 checksum (metadata {MANIFEST_DIGEST_KEY!r}): "
+            "the file was corrupted or changed after it was written; use the original file"
+        )
     try:
         manifest = json.loads(text)
     except ValueError as exc:
@@ -199,8 +211,11 @@ def validate_manifest(manifest: Any, where: str) -> None:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         )
         ok = ok and isinstance(stored, list) and all(isinstance(k, str) for k in stored)
+        digest = entry.get("sha256") if ok else None
+        ok = ok and (digest is None or (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) is not None))
         if not ok:
             raise ArtifactError(
                 f"{where}: manifest tensors[{name!r}] = {entry!r} is invalid: expected "
-                "{'encoding': str, 'dtype': str, 'shape': [non-negative ints], 'stored': [str]}"
+                "{'encoding': str, 'dtype': str, 'shape': [non-negative ints], 'stored': [str], "
+                "optional 'sha256': 64 lowercase hex digits}"
             )
