@@ -1,0 +1,243 @@
+"""Synthetic transfer sets for simulated (data-free) distillation: :class:`SyntheticData` and :func:`synthesize`.
+
+Methods:
+
+- ``bn-inversion`` (Yin et al. 2020, DeepInversion): optimise random inputs so that the batch statistics each
+  BatchNorm layer of the teacher sees match its running mean and variance, while the teacher classifies them as
+  chosen classes (balanced), with total-variation and L2 priors and random jitter. Uses no data at all. The
+  inputs can be optimised at a lower resolution and upsampled (``downsample``), a strong smoothness prior.
+- ``mixup``: convex mixtures of random pairs of a handful of unlabelled ``source`` samples, shifted and noised.
+- ``noise``: the ``source`` samples shifted and noised (or pure standard-normal noise without a source).
+
+Labels are the teacher's arg-max; :func:`torchslim.distill.distill` adds the teacher's logits as soft targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchslim.config import Config, register_config
+from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.measure._common import device_of
+
+__all__ = ["METHODS", "SyntheticData", "synthesize"]
+
+METHODS = ("bn-inversion", "mixup", "noise")
+
+
+@register_config("synthetic")
+@dataclasses.dataclass(frozen=True)
+class SyntheticData(Config):
+    """How to make a synthetic transfer set.
+
+    Attributes:
+        method: ``"bn-inversion"``, ``"mixup"`` or ``"noise"``.
+        n: number of synthetic samples (>= 1).
+        seed: seed of every random choice (>= 0); the same seed gives the same samples.
+        steps: bn-inversion: Adam steps per batch (>= 1).
+        lr: bn-inversion: Adam learning rate (> 0), cosine-decayed to 0.
+        batch_size: bn-inversion: samples optimised together (>= 2: batch statistics need several).
+        bn_weight: bn-inversion: weight of the BatchNorm-statistics loss (>= 0).
+        tv_weight: bn-inversion: weight of the total-variation prior (>= 0).
+        l2_weight: bn-inversion: weight of the mean squared input (>= 0).
+        jitter: bn-inversion: random circular shifts of up to this many pixels each step (>= 0).
+        downsample: bn-inversion: optimise images at ``1/downsample`` of the input size, upsampled bilinearly
+            (>= 1; 1 optimises every pixel).
+        noise_std: mixup/noise: standard deviation of the added Gaussian noise (>= 0).
+        max_shift: mixup/noise: random shifts of up to this many pixels (>= 0; images only).
+    """
+
+    method: str = "bn-inversion"
+    n: int = 2048
+    seed: int = 0
+    steps: int = 200
+    lr: float = 0.1
+    batch_size: int = 256
+    bn_weight: float = 1.0
+    tv_weight: float = 1e-3
+    l2_weight: float = 1e-4
+    jitter: int = 2
+    downsample: int = 1
+    noise_std: float = 0.2
+    max_shift: int = 2
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        self.check_choice("method", METHODS)
+        self.check_int("n", 1)
+        self.check_int("seed", 0)
+        self.check_int("steps", 1)
+        self.check_float("lr", 0, lo_inclusive=False)
+        self.check_int("batch_size", 2)
+        self.check_float("bn_weight", 0)
+        self.check_float("tv_weight", 0)
+        self.check_float("l2_weight", 0)
+        self.check_int("jitter", 0)
+        self.check_int("downsample", 1)
+        self.check_float("noise_std", 0)
+        self.check_int("max_shift", 0)
+
+
+def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[int, ...],
+               source: torch.Tensor | None = None) -> TensorDataset:
+    """Make ``config.n`` synthetic inputs and label them with the teacher's arg-max.
+
+    Args:
+        teacher: the trained teacher (its train/eval mode is restored; its weights are not changed).
+        config: the :class:`SyntheticData` settings.
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        source: ``(k, *input_shape)`` unlabelled samples for ``mixup`` (required, k >= 2) and ``noise``
+            (optional); ``bn-inversion`` uses none.
+
+    Returns:
+        ``TensorDataset(x float32 (n, *input_shape), y int64 (n,))`` on the CPU.
+
+    Raises:
+        ConfigError: not a SyntheticData config; a source with ``bn-inversion``; ``mixup`` without a source.
+        DataError: a source whose sample shape differs from ``input_shape`` or holds NaN/Inf.
+        ModelError: ``bn-inversion`` with a teacher that has no BatchNorm layer, or a teacher that rejects
+            inputs of ``input_shape``.
+    """
+    if not isinstance(config, SyntheticData):
+        raise ConfigError(f"synthesize config = {type(config).__name__} is invalid: expected SyntheticData")
+    input_shape = tuple(int(d) for d in input_shape)
+    if source is not None:
+        if config.method == "bn-inversion":
+            raise ConfigError("SyntheticData.method = 'bn-inversion' uses no samples: pass source=None "
+                              "(or choose method='mixup'/'noise')")
+        source = torch.as_tensor(source).detach().float().cpu()
+        if tuple(source.shape[1:]) != input_shape:
+            raise DataError(f"source samples have shape {tuple(source.shape[1:])}: expected {input_shape}")
+        if not bool(torch.isfinite(source).all()):
+            raise DataError("source has NaN or Inf values: expected finite samples")
+    if config.method == "mixup" and (source is None or source.shape[0] < 2):
+        raise ConfigError("SyntheticData.method = 'mixup' needs source: at least 2 unlabelled samples to mix")
+    generator = torch.Generator().manual_seed(config.seed)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        classes = _num_classes(teacher, input_shape)
+        if config.method == "bn-inversion":
+            x = _bn_inversion(teacher, config, input_shape, classes, generator)
+        else:
+            x = _augment(config, input_shape, source, generator)
+        device = device_of(teacher)
+        with torch.no_grad():
+            y = torch.cat([teacher(x[i:i + 256].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), 256)])
+    finally:
+        teacher.train(was_training)
+    return TensorDataset(x, y.long())
+
+
+
+def _num_classes(teacher: nn.Module, input_shape: tuple[int, ...]) -> int:
+    try:
+        with torch.no_grad():
+            out = teacher(torch.zeros(2, *input_shape, device=device_of(teacher)))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelError(f"the teacher does not accept inputs of shape {input_shape} ({exc})") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ModelError(f"the teacher must return (batch, classes) logits, got {getattr(out, 'shape', type(out))}")
+    return int(out.shape[1])
+
+
+def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random whole-pixel shifts per image, edges replicated (images only)."""
+    if max_shift == 0 or x.ndim != 4:
+        return x
+    n, _, h, w = x.shape
+    offsets = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    out = torch.empty_like(x)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        out[i] = padded[i, :, max_shift - dy:max_shift - dy + h, max_shift - dx:max_shift - dx + w]
+    return out
+
+
+def _augment(config: SyntheticData, input_shape: tuple[int, ...], source: torch.Tensor | None,
+             generator: torch.Generator) -> torch.Tensor:
+    n = config.n
+    if source is None:  # "noise" without samples: standard-normal inputs
+        return torch.randn(n, *input_shape, generator=generator)
+    first = torch.randint(0, source.shape[0], (n,), generator=generator)
+    x = source[first]
+    if config.method == "mixup":
+        # A second, different sample for each; lambda ~ U(0, 1), the mixup paper's Beta(1, 1).
+        second = (first + torch.randint(1, source.shape[0], (n,), generator=generator)) % source.shape[0]
+        lam = torch.rand(n, *([1] * len(input_shape)), generator=generator)
+        x = lam * x + (1 - lam) * source[second]
+    x = _shift(x, config.max_shift, generator)
+    return x + config.noise_std * torch.randn(x.shape, generator=generator)
+
+
+def _bn_inversion(teacher: nn.Module, config: SyntheticData, input_shape: tuple[int, ...], classes: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats and m.running_mean is not None]
+    if not norms:
+        raise ModelError(f"SyntheticData.method = 'bn-inversion' needs a teacher with BatchNorm running statistics; "
+                         f"{type(teacher).__name__} has none: use method='mixup' or 'noise' with a few samples")
+    device = device_of(teacher)
+    losses: list[torch.Tensor] = []
+
+    def hook(module, inputs, _output):
+        x = inputs[0]
+        dims = [0] + list(range(2, x.ndim))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        losses.append(torch.linalg.vector_norm(mean - module.running_mean)
+                      + torch.linalg.vector_norm(var - module.running_var))
+
+    handles = [m.register_forward_hook(hook) for m in norms]
+    image = len(input_shape) == 3
+    low = input_shape
+    if image and config.downsample > 1:
+        low = (input_shape[0],) + tuple(max(1, math.ceil(d / config.downsample)) for d in input_shape[1:])
+    batches = []
+    try:
+        for start in range(0, config.n, config.batch_size):
+            count = min(config.batch_size, config.n - start)
+            count = max(count, 2)  # batch statistics need two samples; the extra one is dropped below
+            targets = (torch.arange(start, start + count) % classes).to(device)
+            param = torch.randn(count, *low, generator=generator).to(device).requires_grad_(True)
+            optimizer = torch.optim.Adam([param], lr=config.lr, betas=(0.5, 0.9))
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+            shifts = torch.randint(-config.jitter, config.jitter + 1, (config.steps, 2), generator=generator).tolist()
+            for step in range(config.steps):
+                x = _upsample(param, input_shape) if low != input_shape else param
+                if image and config.jitter:
+                    x = torch.roll(x, shifts=tuple(shifts[step]), dims=(2, 3))
+                losses.clear()
+                out = teacher(x)
+                loss = F.cross_entropy(out, targets) + config.bn_weight * torch.stack(losses).sum()
+                if image:
+                    loss = loss + config.tv_weight * _total_variation(x)
+                loss = loss + config.l2_weight * x.pow(2).mean()
+                (grad,) = torch.autograd.grad(loss, [param])  # gradients of the input only, not the weights
+                param.grad = grad
+                optimizer.step()
+                schedule.step()
+            with torch.no_grad():
+                final = _upsample(param, input_shape) if low != input_shape else param
+            batches.append(final.detach().cpu()[: min(config.batch_size, config.n - start)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(batches)[: config.n].contiguous()
+
+
+def _upsample(param: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    return F.interpolate(param, size=tuple(input_shape[1:]), mode="bilinear", align_corners=False)
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the image of squared neighbour differences, averaged over the batch."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).sum(dim=(1, 2, 3))
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum(dim=(1, 2, 3))
+    return (dh + dw).mean()
