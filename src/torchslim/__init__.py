@@ -68,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
     "Measurement": "torchslim.measure",
+    "lowbit_linear": "torchslim.kernels",
     "fuse_parameters": "torchslim.distill.fusion",
     "FusionResult": "torchslim.distill.fusion",
     "ParameterFusion": "torchslim.distill.fusion",
