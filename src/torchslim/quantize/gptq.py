@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
-from torchslim.quantize.affine import compute_qparams, quantize_affine
+from torchslim.quantize.affine import compute_qparams
 from torchslim.quantize.api import (
     _HANDLERS,
     QuantizeReport,
@@ -131,9 +131,18 @@ def gptq_quantize(
     scale = torch.ones(rows, groups, dtype=dtype)
     zero_point = torch.zeros(rows, groups, dtype=torch.int32)
 
+    # float32 views used in the column loop: the same arithmetic as quantize_affine / dequantization
+    inv_scale = torch.ones(rows, groups)
+    scale32 = torch.ones(rows, groups)
+    offset = torch.zeros(rows, groups)  # zero_point + 0.5 (round to nearest)
+    qmax = float((1 << config.bits) - 1)
+
     def set_params(group: int, columns: Tensor) -> None:
         s, z = compute_qparams(columns.unsqueeze(1), config.bits, config.symmetric, dtype)
         scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+        scale32[:, group] = s[:, 0].float()
+        inv_scale[:, group] = 1.0 / s[:, 0].float()
+        offset[:, group] = z[:, 0].float() + 0.5
 
     static = config.act_order or config.group_size is None
     if static:
@@ -142,6 +151,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, config.damp)
+    order = perm.tolist()
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, config.blocksize):
         i2 = min(i1 + config.blocksize, cols)
@@ -150,7 +160,7 @@ def gptq_quantize(
         E1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            original = int(perm[i1 + i])
+            original = order[i1 + i]
             group = original // size
             if not static and original % size == 0:  # first column of a group: params from the current values
                 end = min(i1 + i + size, cols)
@@ -160,9 +170,8 @@ def gptq_quantize(
                     current = torch.cat([current, pending], dim=1)
                 set_params(group, current)
             w = W1[:, i]
-            s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
-            codes = quantize_affine(w.reshape(rows, 1, 1), s, z, config.bits).reshape(rows, 1)
-            q = ((codes.float() - z.float()) * s.float()).reshape(rows)
+            codes = torch.floor(w * inv_scale[:, group] + offset[:, group]).clamp_(0, qmax)
+            q = (codes - (offset[:, group] - 0.5)) * scale32[:, group]
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
