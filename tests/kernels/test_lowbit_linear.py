@@ -7,7 +7,6 @@ fresh process). The same cases run compiled on CUDA when a GPU is present.
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -47,6 +46,12 @@ LAYERS = [
     (8, "tensor", None, True, 48, 96, False),
 ]
 BATCHES = [(1, torch.bfloat16), (3, torch.float16), (8, torch.bfloat16), (17, torch.float16)]
+
+
+@pytest.fixture(autouse=True)
+def _untuned(monkeypatch):
+    """Heuristic launch configs on CUDA: tuning every small test shape would compile dozens of variants."""
+    monkeypatch.setenv("TORCHSLIM_KERNEL_TUNE", "0")
 
 
 def make_layer(bits, granularity, group_size, symmetric, n, k, bias, seed=0) -> IntQuantLayer:
@@ -203,7 +208,6 @@ def test_triton_interpret_env_var_selects_the_interpreter_in_a_fresh_process():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_forward_dispatches_to_the_kernel_on_packed_weights(monkeypatch):
     model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.SiLU(), nn.Linear(512, 256, bias=False))
-    reference_model = copy.deepcopy(model)
     ts.quantize_(model, ts.IntQuant(bits=4, granularity="group", group_size=128))
     model = model.cuda()
     assert all(m.packed.is_cuda and m.packed.dtype == torch.uint8 for m in model if isinstance(m, IntQuantLayer))
@@ -222,7 +226,18 @@ def test_cuda_forward_dispatches_to_the_kernel_on_packed_weights(monkeypatch):
         )
         torch.testing.assert_close(y.float(), exact.T, rtol=3e-2, atol=3e-2)
     assert len(calls) >= 8
-    assert reference_model[0].weight.shape == (512, 256)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_tuner_picks_a_config_once_and_reuses_it(monkeypatch):
+    monkeypatch.setenv("TORCHSLIM_KERNEL_TUNE", "1")
+    layer = make_layer(4, "group", 128, False, 1024, 512, False).cuda()
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    tuned_before = len(lowbit._TUNED)
+    assert_close_to_reference(lowbit_linear(x, layer), x, layer)
+    assert len(lowbit._TUNED) == tuned_before + 1
+    assert_close_to_reference(lowbit_linear(x, layer), x, layer)
+    assert len(lowbit._TUNED) == tuned_before + 1
 
 
 COMPILE_CASES = [  # (dtype, bits, symmetric, nibble_pairs, use_dot, block_m, block_n, block_k, partial)
