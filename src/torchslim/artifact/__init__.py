@@ -78,6 +78,7 @@ def save(
     measurements: Any = None,
     extra: Any = None,
     factory: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``model`` to a ``.slim`` file atomically (the old file survives any failure).
 
@@ -91,6 +92,8 @@ def save(
         extra: any other JSON-safe data.
         factory: ``{"name": "pkg.mod:callable", "kwargs": {...}}`` for a model not built with
             ``create_model``; overrides the recorded factory.
+        allow_nonfinite: write parameters holding NaN/Inf (e.g. to keep a diverged run for debugging);
+            by default such a model is refused.
 
     Returns:
         ``path`` as a ``Path``.
@@ -99,11 +102,15 @@ def save(
         ArtifactError: no factory; a non-JSON-safe manifest value (the message names the key); a
             module that differs from the factory model and has no codec; a state entry that is not
             a tensor; the tensors cannot be serialised; the file cannot be written (OSError).
+        ModelError: a parameter holds NaN/Inf and ``allow_nonfinite`` is false.
     """
     from torchslim.models import factory_of
+    from torchslim.models.checks import check_finite_weights
 
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"save: model is a {type(model).__name__}, expected a torch.nn.Module")
+    if not allow_nonfinite:
+        check_finite_weights(model, f"save({str(path)!r})", hint=", or pass allow_nonfinite=True to keep it as is")
     if factory is None:
         factory = factory_of(model)
         if factory is None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
+from torchslim.models.checks import check_finite_weights
 from torchslim.quantize.affine import GRANULARITIES, ROUNDINGS
 from torchslim.quantize.layers import (
     HALF_DTYPES,
@@ -173,6 +174,7 @@ def quantize_(
     Raises:
         ConfigError: an unsupported config type, an override naming no layer, or a group size that
             does not divide a layer's input dimension while ``pad`` is off.
+        ModelError: a selected layer's weights hold NaN/Inf.
     """
 
     def check(name: str, chosen: Config) -> None:
@@ -213,6 +215,7 @@ def plan_layers(
     Raises:
         ConfigError: an override naming no layer, a config ``check`` refuses, or a group size that
             does not divide a layer's input dimension while ``pad`` is off.
+        ModelError: a selected layer's weights hold NaN/Inf.
     """
     overrides = dict(overrides or {})
     names = {name for name, _ in model.named_modules()}
@@ -249,6 +252,7 @@ def plan_layers(
             report.skipped[name] = str(exc)
             continue
         _check_groups(name, module, chosen)
+        check_finite_weights(module, f"quantize: layer {name!r}", recurse=False, prefix=name)
         plan.append((name, module, chosen))
     return plan, report
 
