@@ -63,6 +63,15 @@ def main_worker(out: Path, global_batch: int) -> None:
     model(x).sum().backward()
     report["grad_sum"] = float(model[1].weight.grad.sum())
 
+    # Resume the 2-epoch checkpoint for a third epoch (every rank reads it; rank 0 rewrites it).
+    resumed = tiny_mlp()
+    again = train(
+        resumed, train_data, api_config(global_batch // 2).replace(epochs=3), checkpoint_path=out / "ckpt.pt",
+        resume=True, progress=False,
+    )  # fmt: skip
+    report.update(resumed_from=again.resumed_from, resumed_steps=again.steps)
+    distributed.save_on_main(resumed, out / "resumed.slim")
+
     if rank == 0:
         write_npz(out / "data.npz")
     distributed.barrier()

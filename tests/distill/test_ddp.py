@@ -72,9 +72,19 @@ def test_rank_zero_alone_writes_and_the_checkpoint_holds_every_rank(launched):
     assert [r["rank"] for r in reports] == [0, 1]
     assert [r["main"] for r in reports] == [True, False] and [r["env_main"] for r in reports] == [True, False]
     state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["epoch"] == 2
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["epoch"] == 3  # after the resume
     assert not torch.equal(state["ranks"][0]["rng"], state["ranks"][1]["rng"])  # each rank draws its own numbers
     assert stdout.count('"out":') == 1  # the CLI summary is printed once, by rank 0
+
+
+def test_a_two_process_checkpoint_resumes_under_two_processes(launched):
+    out, reports, _ = launched
+    train_data, _ = worker.data()
+    torch.manual_seed(0)
+    single = tiny_mlp()
+    ts.train(single, train_data, worker.api_config(GLOBAL_BATCH).replace(epochs=3), progress=False)
+    assert [(r["resumed_from"], r["resumed_steps"]) for r in reports] == [(12, 18), (12, 18)]
+    assert max_difference(ts.load(out / "resumed.slim"), single) < TOL
 
 
 def test_after_training_the_model_is_plain_again(launched):
@@ -98,6 +108,6 @@ def test_resuming_a_two_process_checkpoint_in_one_process_is_refused(launched, t
     checkpoint = tmp_path / "ckpt.pt"
     checkpoint.write_bytes((out / "ckpt.pt").read_bytes())
     train_data, _ = worker.data()
-    config = worker.api_config(GLOBAL_BATCH // 2).replace(epochs=3)
+    config = worker.api_config(GLOBAL_BATCH // 2).replace(epochs=4)
     with pytest.raises(TorchSlimError, match=r"written by 2 process\(es\) but this run has 1.*--nproc_per_node 2"):
         ts.train(tiny_mlp(), train_data, config, checkpoint_path=checkpoint, resume=True, progress=False)
