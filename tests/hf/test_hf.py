@@ -1,0 +1,135 @@
+"""hf:DIR models through every technique: load, prune heads/FFN, quantize (k-bit, GPTQ, int8), save/load, ONNX."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.export.int4 import dequantized_copy
+from torchslim.hf import encode, read_texts, reference_model, text_fidelity
+
+from .conftest import TEXTS
+
+pytest.importorskip("transformers")
+
+
+def _batch(model):
+    return encode(model, TEXTS)  # padded: several lengths
+
+
+def test_load_hf_offline_with_tokenizer(bert_dir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    model = ts.load_hf(f"hf:{bert_dir}")
+    ids, mask = _batch(model)
+    assert ids.dtype == torch.int64 and int(mask.sum()) < mask.numel()
+    out = model(ids, mask)
+    assert out.shape == (len(TEXTS), ids.shape[1], 64) and model.output == "hidden"
+    assert ts.read_manifest(ts.save(model, bert_dir.parent / "plain.slim"))["factory"] == {
+        "name": f"hf:{bert_dir.resolve()}", "kwargs": {"weights": False}
+    }
+    same = ts.create_model(f"hf:{bert_dir}")
+    assert torch.equal(same(ids, mask), out)
+
+
+def test_load_errors_name_the_directory(tmp_path):
+    with pytest.raises(ModelError, match="is not a directory"):
+        ts.load_hf(tmp_path / "missing")
+    with pytest.raises(ModelError, match="has no config.json"):
+        ts.load_hf(tmp_path)
+
+
+def test_import_torchslim_does_not_import_transformers():
+    code = (
+        "import sys, torchslim, torchslim.hf, torchslim.quantize.gptq; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bert_heads_and_ffn_pruned_saved_loaded_exported(bert_dir, tmp_path):
+    model = ts.load_hf(bert_dir)
+    original = copy.deepcopy(model)
+    ids, mask = _batch(model)
+    report = ts.prune_transformer_(model, ts.ChannelPruning(amount=0.5, heads=0.5), (ids, mask))
+    assert report.params_after < 0.6 * report.params_before
+    attention = model.model.encoder.layer[0].attention.self
+    assert (attention.num_attention_heads, attention.all_head_size, attention.query.out_features) == (2, 32, 32)
+    assert model.config.intermediate_size == 64
+    assert model.model.encoder.layer[1].intermediate.dense.out_features == 64
+    path = ts.save(model, tmp_path / "pruned.slim")
+    assert ts.read_manifest(path)["factory"]["kwargs"]["heads"] == {
+        f"model.encoder.layer.{i}.attention.self": 2 for i in range(2)
+    }
+    loaded = ts.load(path)
+    assert loaded.model.encoder.layer[1].attention.self.num_attention_heads == 2
+    expected = model(ids, mask)
+    assert torch.equal(loaded(ids, mask), expected)
+    parity = ts.check_parity(loaded, ts.export_onnx(loaded, (ids, mask)), (ids, mask), atol=1e-4)
+    assert parity["max_abs_error"] <= 1e-4
+    fid = text_fidelity(loaded, original, TEXTS)
+    assert fid["output"] == "hidden" and fid["top1_agreement"] is None and -1.0 <= fid["cosine"] < 1.0
+
+
+def test_gpt2_ffn_pruned_roundtrip_and_fused_heads_refused(gpt2_dir, tmp_path):
+    model = ts.load_hf(gpt2_dir)
+    assert isinstance(model.model.transformer.h[0].attn.c_attn, torch.nn.Linear)  # Conv1D converted
+    ids, mask = _batch(model)
+    with pytest.raises(ConfigError, match="no attention module can lose a head"):
+        ts.prune_transformer_(copy.deepcopy(model), ts.ChannelPruning(amount=0.0, heads=0.5), (ids, mask))
+    ts.prune_transformer_(model, ts.ChannelPruning(amount=0.5), (ids, mask))
+    assert model.model.transformer.h[0].mlp.c_fc.out_features == 128 and model.config.n_inner == 128
+    loaded = ts.load(ts.save(model, tmp_path / "gpt2.slim"))
+    assert torch.equal(loaded(ids, mask), model(ids, mask))
+    parity = ts.check_parity(loaded, ts.export_onnx(loaded, (ids, mask)), (ids, mask), atol=1e-4)
+    assert parity["top1_agreement"] == 1.0
+
+
+def test_gpt2_int4_and_gptq_saved_loaded_exported_and_gptq_more_faithful(gpt2_dir, tmp_path):
+    fp32 = ts.load_hf(gpt2_dir)
+    ids, mask = _batch(fp32)
+    fp32_bytes = ts.save(fp32, tmp_path / "fp32.slim").stat().st_size
+    rtn, gptq = copy.deepcopy(fp32), copy.deepcopy(fp32)
+    ts.quantize_(rtn, ts.IntQuant(bits=3, granularity="group", group_size=32))
+    report = ts.gptq_(gptq, ts.GPTQ(bits=3, group_size=32, act_order=True), (ids, mask))
+    assert len(report.quantized) == 9 and all(r["method"] == "gptq" for r in report.quantized.values())
+    path = ts.save(gptq, tmp_path / "gptq.slim")
+    assert path.stat().st_size < 0.6 * fp32_bytes  # the fp32 token/position embeddings stay
+    loaded = ts.load(path)
+    assert torch.equal(loaded(ids, mask), gptq(ids, mask))
+    plain, packed = dequantized_copy(loaded)  # packed layers exported with exactly their dequantized weights
+    assert len(packed) == 9
+    parity = ts.check_parity(loaded, ts.export_onnx(plain, (ids, mask)), (ids, mask), atol=1e-4)
+    assert parity["top1_agreement"] == 1.0
+    rtn_fid, gptq_fid = text_fidelity(rtn, fp32, TEXTS), text_fidelity(loaded, fp32, TEXTS)
+    assert rtn_fid["output"] == "logits" and rtn_fid["tokens"] == int(mask.sum())
+    assert 1 - gptq_fid["cosine"] < 0.7 * (1 - rtn_fid["cosine"])
+    assert gptq_fid["top1_agreement"] >= rtn_fid["top1_agreement"]
+
+
+def test_bert_dynamic_int8_fidelity(bert_dir, tmp_path, texts_file):
+    model = ts.load_hf(bert_dir)
+    ids, mask = _batch(model)
+    graph = ts.quantize_dynamic(model, example_inputs=(ids, mask))
+    loaded = ts.load(ts.save(graph, tmp_path / "int8.slim"))
+    assert torch.allclose(loaded(ids, mask), graph(ids, mask))
+    reference = reference_model(loaded)
+    fid = text_fidelity(loaded, reference, read_texts(texts_file))
+    assert fid["texts"] == len(TEXTS) and fid["cosine"] > 0.99
+
+
+def test_read_texts_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_texts(tmp_path / "none.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no text"):
+        read_texts(tmp_path / "empty.txt")
