@@ -68,6 +68,11 @@ _EXPORTS: dict[str, str] = {
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
     "Measurement": "torchslim.measure",
+    "KD": "torchslim.distill",
+    "SyntheticData": "torchslim.distill",
+    "distill": "torchslim.distill",
+    "distillation_loss": "torchslim.distill",
+    "synthesize": "torchslim.distill",
     "lowbit_linear": "torchslim.kernels",
     "fuse_parameters": "torchslim.distill.fusion",
     "FusionResult": "torchslim.distill.fusion",
@@ -94,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.artifact import load, read_manifest, save  # noqa: F401
     from torchslim.config import Config, register_config  # noqa: F401
     from torchslim.data import DataSplits, load_data  # noqa: F401
+    from torchslim.distill import KD, SyntheticData, distill, distillation_loss, synthesize  # noqa: F401
     from torchslim.distill.fusion import FusionResult, ParameterFusion, fuse_parameters  # noqa: F401
     from torchslim.errors import (  # noqa: F401
         ArtifactError,

@@ -13,6 +13,7 @@ import typer
 
 from torchslim._version import __version__
 from torchslim.cli import bench_cmd, export_cmd, fuse_cmd, inspect_cmd, models_cmd, prune_cmd, quantize_cmd, run_cmd
+from torchslim.cli import distill_cmd
 from torchslim.errors import TorchSlimError
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ app.command("prune")(prune_cmd.prune)
 app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
 app.command("fuse")(fuse_cmd.fuse)
+app.command("distill")(distill_cmd.distill)
 
 
 def main(argv: list[str] | None = None) -> int:

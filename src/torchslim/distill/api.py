@@ -161,6 +161,28 @@ def _check_models(student: nn.Module, teacher: nn.Module) -> None:
                          "frozen, so pass a separate copy (copy.deepcopy) of the uncompressed model")
 
 
+def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> None:
+    """Run one sample through both models: the logits must have the same number of classes."""
+    tensors = _tensors_of(data)
+    sample = tensors[0][:1] if tensors is not None else torch.as_tensor(data[0][0]).unsqueeze(0)
+    widths = []
+    for role, model in (("student", student), ("teacher", teacher)):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                widths.append(tuple(_logits(model(sample.to(device_of(model)))).shape))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise DataError(f"distill: the {role} does not accept inputs of shape {tuple(sample.shape[1:])} "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                            ) from exc
+        finally:
+            model.train(was_training)
+    if widths[0] != widths[1]:
+        raise ModelError(f"distill: student logits {widths[0]} and teacher logits {widths[1]} differ; expected the "
+                         "same classes")
+
+
 def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
                   input_shape: tuple[int, ...] | None) -> tuple[Dataset, bool]:
     """(training dataset, synthetic?) from a Dataset, DataSplits, DataLoader or SyntheticData."""
@@ -247,6 +269,7 @@ def distill(
     if isinstance(eval_data, DataSplits):
         eval_data = eval_data.test
     train_data, synthetic = _resolve_data(data, teacher, source, input_shape)
+    _check_outputs(student, teacher, train_data)
     pairs = parse_pairs(config.features)
     # Synthetic inputs are fixed, so their logits are cached whenever the loop does not shift them.
     cache = config.cache_logits or (synthetic and not train_config.augment_shift and not pairs)
