@@ -133,3 +133,19 @@ def test_read_texts_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(DataError, match="holds no text"):
         read_texts(tmp_path / "empty.txt")
+
+
+def test_cli_eval_text_reports_fidelity(bert_dir, tmp_path, texts_file, capsys):
+    import json
+
+    from torchslim.cli.main import main
+
+    model = ts.load_hf(bert_dir)
+    ts.quantize_(model, ts.IntQuant(bits=4, granularity="group", group_size=32))
+    path = ts.save(model, tmp_path / "q4.slim")
+    assert main(["eval", str(path), "--text", str(texts_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["texts"] == len(TEXTS) and result["bytes"] == path.stat().st_size
+    assert 0.9 < result["cosine"] < 1.0 and result["top1_agreement"] is None
+    assert main(["eval", str(path), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
