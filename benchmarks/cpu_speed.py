@@ -211,12 +211,9 @@ def run_cnn(runner: Runner, quick: bool) -> None:
     size, batch = (112, 1) if quick else (224, 1)
     name = f"ResNet-18 (3x{size}x{size}, batch {batch})"
     torch.manual_seed(0)
-    # Random-init logits are near-ties: int8 noise flips their top-1 at cosine 0.9999, and quantize_static's fixed
-    # agreement check (>= 0.9 on the calibration samples, meant for trained models) would refuse the graph. The
-    # check is relaxed for this speed benchmark only; cosine to fp32 is reported for every row instead.
-    import torchslim.quantize.int8 as int8
-
-    int8.STATIC_MIN_AGREEMENT = 0.0
+    # Random-init logits are near-ties: int8 noise flips their top-1 at cosine 0.9999, so the top-1 agreement check
+    # (meant for trained models) is off for this speed benchmark (min_agreement=0.0 below); cosine to fp32 is
+    # reported for every row instead.
     model = ResNet18().eval()
     calib = torch.randn(8 if quick else 32, 3, size, size, generator=torch.Generator().manual_seed(1))
     x = calib[:batch].clone()

@@ -369,3 +369,9 @@ def test_every_range_holds_zero_and_stays_inside_the_data(values, name, symmetri
         assert lo == -hi and hi <= bound * (1 + 1e-9)
     else:
         assert min(values.min(), 0.0) * (1 + 1e-9) <= lo and hi <= max(values.max(), 0.0) * (1 + 1e-9)
+
+
+def test_static_min_agreement_is_validated_before_work():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="min_agreement = 1.5"):
+        quantize_static(model, torch.randn(4, 4), min_agreement=1.5)

@@ -304,10 +304,11 @@ def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, o
     if packed and config.quant != "int4-weight":
         notes.append(f"{len(packed)} packed IntQuantLayer(s) exported with their dequantized weights")
     if config.quant == "int8-static" and not config.transformer_fusion:
-        from torchslim.quantize.int8 import StaticInt8, quantize_static
+        from torchslim.quantize.int8 import STATIC_MIN_AGREEMENT, StaticInt8, quantize_static
 
         static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples)
-        graph = quantize_static(plain, calib, static, example_inputs=example)
+        agreement = STATIC_MIN_AGREEMENT if config.min_agreement is None else config.min_agreement
+        graph = quantize_static(plain, calib, static, example_inputs=example, min_agreement=agreement)
         notes.extend(f"{name}: {reason}" for name, reason in graph.skipped.items())
         return graph.onnx_bytes(), []
     onnx = require_onnx()

@@ -277,13 +277,14 @@ def quantize_static(
     config: StaticInt8 | None = None,
     *,
     example_inputs: Tensor | None = None,
+    min_agreement: float = STATIC_MIN_AGREEMENT,
 ) -> OnnxGraph:
     """Static int8 (W8A8) post-training quantization executed by ONNX Runtime (QDQ, int8 kernels).
 
     The model is exported to fp32 ONNX, activation ranges are calibrated with ``config.observer`` on
     the first ``config.calibration_samples`` samples, and ORT's quantizer writes a QDQ graph (int8
     weights, uint8 activations, or int8 with ``symmetric_activations``). The int8 graph must agree
-    with the fp32 model on the top-1 class of at least ``STATIC_MIN_AGREEMENT`` of the calibration
+    with the fp32 model on the top-1 class of at least ``min_agreement`` of the calibration
     samples. The model itself is not changed.
 
     Args:
@@ -291,12 +292,14 @@ def quantize_static(
         calibration_data: Tensor, Dataset, DataLoader or DataSplits (its ``train`` split).
         config: a :class:`StaticInt8` (default ``StaticInt8()``).
         example_inputs: input batch for the export (default: the first calibration sample).
+        min_agreement: smallest allowed top-1 agreement with the fp32 model on the calibration samples
+            (in [0, 1]; lower it for models whose logits are near-ties, e.g. random weights).
 
     Returns:
         An :class:`OnnxGraph` holding the int8 graph (``graph.parity``, ``graph.skipped`` describe it).
 
     Raises:
-        ConfigError: ``config`` is not a StaticInt8.
+        ConfigError: ``config`` is not a StaticInt8, or ``min_agreement`` is outside [0, 1].
         DataError: empty or unsupported calibration data, or bad ``example_inputs`` (before any work).
         MissingDependencyError: onnxruntime or onnx is not installed.
         ModelError: the model cannot be exported.
@@ -305,6 +308,8 @@ def quantize_static(
     config = StaticInt8() if config is None else config
     if not isinstance(config, StaticInt8):
         raise ConfigError(f"config = {type(config).__name__} is invalid: expected StaticInt8")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 <= min_agreement <= 1:
+        raise ConfigError(f"min_agreement = {min_agreement!r} is invalid: expected a number in [0, 1]")
     inputs = calibration_inputs(calibration_data, config.calibration_samples)
     example = inputs[:1] if example_inputs is None else _example(example_inputs)
     require_onnxruntime()
@@ -334,7 +339,7 @@ def quantize_static(
         int8 = output.read_bytes()
     graph = OnnxGraph.from_bytes(int8, source_factory=factory_of(model), quantization=config.to_dict())
     try:
-        graph.parity = check_parity(model, int8, inputs, atol=None, min_agreement=STATIC_MIN_AGREEMENT)
+        graph.parity = check_parity(model, int8, inputs, atol=None, min_agreement=min_agreement)
     except TorchSlimError as exc:
         raise TorchSlimError(
             f"static int8 ({config.observer} observer): the int8 graph is too far from the fp32 model: "
