@@ -12,8 +12,19 @@ import traceback
 import typer
 
 from torchslim._version import __version__
-from torchslim.cli import bench_cmd, export_cmd, fuse_cmd, inspect_cmd, models_cmd, prune_cmd, quantize_cmd, run_cmd
-from torchslim.cli import distill_cmd
+from torchslim.cli import (
+    bench_cmd,
+    compress_cmd,
+    distill_cmd,
+    export_cmd,
+    fuse_cmd,
+    inspect_cmd,
+    models_cmd,
+    prune_cmd,
+    quantize_cmd,
+    report_cmd,
+    run_cmd,
+)
 from torchslim.errors import TorchSlimError
 
 app = typer.Typer(
@@ -53,6 +64,8 @@ app.command("prune")(prune_cmd.prune)
 app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
 app.command("fuse")(fuse_cmd.fuse)
+app.command("compress")(compress_cmd.compress)
+app.command("report")(report_cmd.report)
 app.command("distill")(distill_cmd.distill)
 
 

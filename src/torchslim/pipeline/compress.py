@@ -339,7 +339,7 @@ def _train_new(name: str, ctx: _Context) -> nn.Module:
 
 
 def _distill(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
-    from torchslim.distill import distill
+    from torchslim.distill.api import distill
     from torchslim.models.compat import create_model_for_data
     from torchslim.train import set_seed
 
@@ -355,7 +355,8 @@ def _distill(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, 
     return student.eval(), {"teacher": stage.teacher, "student": stage.student or "current model"}
 
 
-def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, progress: bool | None = None) -> dict:
+def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, progress: bool | None = None,
+                overrides: dict | None = None) -> dict:
     """Quantization-aware training that keeps the model's exact zeros at zero, then packed layers.
 
     Weights that are zero before QAT (pruned) stay zero: each QAT layer's weight is masked (``torch.nn.utils.prune``)
@@ -368,6 +369,7 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
         train_data: labelled training data.
         train_config: the ``TrainConfig`` of the QAT epochs.
         progress: progress bars of the training loop.
+        overrides: per-layer ``IntQuant`` configs by module name (mixed precision), as in ``prepare_qat_``.
 
     Returns:
         The converted layers and the layers skipped (``QuantizeReport`` as a dict).
@@ -381,7 +383,7 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
 
     masks = {name: module.weight.detach() != 0 for name, module in model.named_modules()
              if isinstance(module, PRUNABLE)}
-    prepared = prepare_qat_(model, config)
+    prepared = prepare_qat_(model, config, overrides=overrides)
     for name, module in model.named_modules():
         if isinstance(module, QATLayer) and name in masks and not bool(masks[name].all()):
             torch_prune.custom_from_mask(module, "weight", masks[name])

@@ -309,6 +309,6 @@ def _load_config_modules() -> None:
     import torchslim.train  # noqa: F401
 
     try:
-        import torchslim.distill  # noqa: F401
+        import torchslim.distill.api  # noqa: F401  (registers "kd")
     except ImportError:  # pragma: no cover - distillation not installed in this build
         pass

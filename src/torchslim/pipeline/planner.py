@@ -1,0 +1,481 @@
+"""Budget-aware planner: the smallest (or fastest) model within an accuracy budget, found by measured search.
+
+Steps, all deterministic for a seed:
+
+1. Split the training data into a fine-tuning part and a held-out part (``holdout_fraction``); every decision is
+   made on the held-out part, never on the test split (which is only used to report the chosen model).
+2. Per-layer sensitivity of the input model: each layer quantized alone at each bit width, and each layer's weights
+   magnitude-pruned alone at each sparsity (no fine-tuning), scored on the held-out data.
+3. Search over structural ratio (``ChannelPruning.amount``, with or without distillation from the input model during
+   recovery), global sparsity (gradual magnitude pruning with fine-tuning) and bit width (quantization-aware
+   training that keeps pruned weights at zero). Per-layer choices come from the sensitivities: a layer whose
+   accuracy drop alone exceeds half the budget at a width gets the next wider one, and a small layer (< 2% of the
+   weights) that loses more than the budget alone at a sparsity stays dense. Intermediate models are cached and
+   reused; along each axis the search stops at the first candidate that misses the budget by more than
+   ``search_slack`` points (a sparser or narrower one would only lose more; the slack absorbs the one-image noise
+   of a small held-out split).
+4. Every candidate is saved as a ``.slim`` file (its bytes are the file's) and scored; the chosen one is the best
+   by ``target`` (file bytes, MACs or batch-1 latency) among those within the budget. The search stops when the
+   time budget is spent and keeps the best so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from torchslim.config import Config, register_config
+from torchslim.errors import TorchSlimError
+
+__all__ = ["PlanResult", "PlannerConfig", "plan", "parse_duration"]
+
+TARGETS = ("size", "latency", "macs")
+_METRIC = {"size": "file_bytes", "latency": "latency_b1_ms", "macs": "macs"}
+
+
+@register_config("planner")
+@dataclasses.dataclass(frozen=True)
+class PlannerConfig(Config):
+    """Settings of :func:`plan`.
+
+    Args:
+        max_accuracy_drop: the budget, in accuracy points (percent) below the input model on the held-out split.
+        target: what to minimise within the budget: ``"size"`` (``.slim`` bytes), ``"latency"`` (batch 1) or
+            ``"macs"``.
+        time_budget: seconds of search (> 0); the best candidate found so far is returned when it is spent.
+        seed: seed of the held-out split and of every training run.
+        holdout_fraction: fraction of the training split held out for decisions, in (0, 0.5].
+        channel_amounts: structural ratios tried (``ChannelPruning.amount``), each in [0, 1).
+        sparsities: global unstructured sparsities tried after the structural step, each in [0, 1).
+        bits: weight bit widths tried (quantization-aware training), each in [2, 8].
+        distill: also try recovery from structural pruning by distillation from the input model.
+        recovery_epochs: fine-tuning epochs after structural pruning (and the final epochs of each sparsity step).
+        qat_epochs: quantization-aware training epochs per bit width.
+        search_slack: a branch of the search is abandoned only when a candidate misses the budget by more than this
+            many points (>= 0).
+    """
+
+    max_accuracy_drop: float = 0.5
+    target: str = "size"
+    time_budget: float = 600.0
+    seed: int = 0
+    holdout_fraction: float = 0.2
+    channel_amounts: tuple[float, ...] = (0.0, 0.25, 0.5, 0.7)
+    sparsities: tuple[float, ...] = (0.8, 0.9, 0.95)
+    bits: tuple[int, ...] = (4, 3, 2)
+    distill: bool = True
+    recovery_epochs: int = 8
+    qat_epochs: int = 3
+    search_slack: float = 1.0
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        self.check_float("max_accuracy_drop", 0, 100)
+        self.check_choice("target", TARGETS)
+        self.check_float("time_budget", 0, lo_inclusive=False)
+        self.check_int("seed", 0)
+        self.check_float("holdout_fraction", 0, 0.5, lo_inclusive=False)
+        for field, lo, hi in (("channel_amounts", 0.0, 1.0), ("sparsities", 0.0, 1.0)):
+            values = getattr(self, field)
+            if not isinstance(values, tuple) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi for v in values):
+                raise self.fail(field, values, f"a non-empty tuple of numbers in [{lo}, {hi})")
+        if not isinstance(self.bits, tuple) or not self.bits or not all(
+                isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in self.bits):
+            raise self.fail("bits", self.bits, "a non-empty tuple of integers in [2, 8]")
+        self.check_choice("distill", (True, False))
+        self.check_int("recovery_epochs", 0)
+        self.check_int("qat_epochs", 1)
+        self.check_float("search_slack", 0)
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """What :func:`plan` found.
+
+    Attributes:
+        model: the chosen model (None when no candidate met the budget).
+        chosen: index of the chosen point in ``points`` (None if none met the budget).
+        points: every evaluated candidate: ``label``, ``settings``, ``accuracy`` (held-out), ``file_bytes``,
+            ``macs``, ``latency_b1_ms`` (target latency only), ``ok`` (within budget), ``seconds``.
+        front: indices of the Pareto-optimal points (file bytes vs held-out accuracy).
+        sensitivity: ``{"bits": {bits: {layer: drop}}, "sparsity": {s: {layer: drop}}}`` (accuracy drops, points).
+        baseline_accuracy: the input model's held-out accuracy.
+        stopped_early: the time budget ran out before the search finished.
+        seconds: wall time of the search.
+    """
+
+    model: nn.Module | None
+    chosen: int | None
+    points: list[dict[str, Any]]
+    front: list[int]
+    sensitivity: dict[str, Any]
+    baseline_accuracy: float
+    stopped_early: bool
+    seconds: float
+
+    def to_dict(self, config: PlannerConfig) -> dict[str, Any]:
+        """The report's ``planner`` section (JSON-safe)."""
+        chosen = None if self.chosen is None else self.points[self.chosen]
+        floor = self.baseline_accuracy - config.max_accuracy_drop / 100
+        summary = (f"Held-out split: {config.holdout_fraction:.0%} of the training data (seed {config.seed}); input "
+                   f"model {self.baseline_accuracy:.2%} there; budget {config.max_accuracy_drop} points (>= "
+                   f"{floor:.2%}); target {config.target}; {len(self.points)} candidates in {self.seconds:.0f} s"
+                   f"{' (time budget spent: best so far)' if self.stopped_early else ''}. Chosen: "
+                   f"{chosen['label'] if chosen else 'none met the budget'}.")
+        return {"summary": summary, "points": self.points, "front": self.front, "chosen": self.chosen,
+                "accuracy_floor": floor, "metric": config.target, "sensitivity": self.sensitivity,
+                "config": config.to_dict(), "stopped_early": self.stopped_early}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"90"``, ``"90s"``, ``"10m"`` or ``"1h"`` into seconds.
+
+    Args:
+        text: a positive number with an optional unit s, m or h.
+
+    Returns:
+        Seconds (> 0).
+
+    Raises:
+        ConfigError: an unparsable or non-positive duration.
+    """
+    from torchslim.errors import ConfigError
+
+    value = str(text).strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds != seconds:
+        raise ConfigError(f"--time-budget = {text!r} is invalid: expected a positive duration such as 90s, 10m, 1h")
+    return seconds
+
+
+class _Search:
+    """The state of one planner run: data parts, cached intermediate models, explored points."""
+
+    def __init__(self, model: nn.Module, splits: Any, config: PlannerConfig, progress: Callable[[str], None]):
+        from torchslim.train import recommended_config
+
+        self.config = config
+        self.splits = splits
+        self.say = progress
+        self.started = time.perf_counter()
+        self.baseline = copy.deepcopy(model).eval()
+        generator = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(len(splits.train), generator=generator).tolist()
+        cut = max(1, int(round(len(order) * config.holdout_fraction)))
+        self.holdout = Subset(splits.train, sorted(order[:cut]))
+        self.train = Subset(splits.train, sorted(order[cut:]))
+        from torchslim.models import factory_of
+
+        self.train_config = recommended_config(str((factory_of(model) or {}).get("name", ""))).replace(
+            seed=config.seed)
+        self.example = splits.example_inputs(1)
+        self.points: list[dict[str, Any]] = []
+        self.models: dict[int, nn.Module] = {}
+        self.best: tuple[float, int] | None = None
+        self.stopped = False
+        self.base_accuracy = self.accuracy(self.baseline)
+        self.floor = self.base_accuracy - config.max_accuracy_drop / 100 - 1e-9
+        self.tmp = tempfile.TemporaryDirectory(prefix="torchslim-plan-")
+
+    def accuracy(self, model: nn.Module) -> float:
+        from torchslim.measure import accuracy
+
+        return accuracy(model, self.holdout)
+
+    def out_of_time(self) -> bool:
+        if time.perf_counter() - self.started > self.config.time_budget:
+            self.stopped = True
+        return self.stopped
+
+    def evaluate(self, model: nn.Module, label: str, settings: dict[str, Any], started: float) -> dict[str, Any]:
+        """Save, score and record one candidate; keep the model if it is the best so far."""
+        from torchslim.artifact import save
+        from torchslim.measure.latency import measure_latency
+        from torchslim.measure.macs import count_macs
+
+        path = Path(self.tmp.name) / "candidate.slim"
+        save(model, path)
+        point = {"label": label, "settings": settings, "accuracy": self.accuracy(model),
+                 "file_bytes": path.stat().st_size, "macs": count_macs(model, self.example)}
+        if self.config.target == "latency":
+            point["latency_b1_ms"] = measure_latency(model, self.example, (1,))[1]["median_ms"]
+        point["ok"] = point["accuracy"] >= self.floor
+        point["explore"] = point["accuracy"] >= self.floor - self.config.search_slack / 100
+        point["seconds"] = round(time.perf_counter() - started, 2)
+        index = len(self.points)
+        self.points.append(point)
+        self.say(f"[{index}] {label}: held-out {point['accuracy']:.2%}, {point['file_bytes']:,} B"
+                 f"{'' if point['ok'] else ' (over budget)'}")
+        if point["ok"]:
+            score = point[_METRIC[self.config.target]]
+            if self.best is None or score < self.best[0]:
+                self.best = (score, index)
+                self.models = {index: copy.deepcopy(model)}
+        return point
+
+
+def plan(
+    model: nn.Module,
+    splits: Any,
+    config: PlannerConfig | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """Search compressed versions of ``model`` for the best one within an accuracy budget.
+
+    Args:
+        model: the trained float model (unchanged), built by ``create_model``.
+        splits: ``DataSplits``; the held-out part is carved from ``splits.train``.
+        config: a :class:`PlannerConfig` (default ``PlannerConfig()``).
+        progress: called with one line per step (None: silent).
+
+    Returns:
+        A :class:`PlanResult` (``model`` is None when no candidate met the budget).
+    """
+    config = config or PlannerConfig()
+    search = _Search(model, splits, config, progress or (lambda _line: None))
+    try:
+        sensitivity = _sensitivity(search)
+        _explore(search, sensitivity)
+    finally:
+        search.tmp.cleanup()
+    from torchslim.measure.plots import pareto_front
+
+    front = pareto_front([(p["file_bytes"], p["accuracy"]) for p in search.points])
+    chosen = None if search.best is None else search.best[1]
+    return PlanResult(model=None if chosen is None else search.models[chosen], chosen=chosen, points=search.points,
+                      front=front, sensitivity=sensitivity, baseline_accuracy=search.base_accuracy,
+                      stopped_early=search.stopped, seconds=round(time.perf_counter() - search.started, 1))
+
+
+def _sensitivity(search: _Search) -> dict[str, Any]:
+    """Per-layer accuracy drops (points) on the held-out data: quantized alone per width, pruned alone per sparsity."""
+    from torchslim.prune import MagnitudePruning, finalize_, prune_
+    from torchslim.quantize import IntQuant
+    from torchslim.quantize import sensitivity as quant_sensitivity
+
+    result: dict[str, Any] = {"bits": {}, "sparsity": {}, "parameters": {}}
+    for bits in sorted(set(search.config.bits)):
+        rows = quant_sensitivity(search.baseline, search.holdout, IntQuant(bits=bits, granularity="channel"))
+        result["bits"][str(bits)] = {r.layer: round(100 * r.accuracy_drop, 3) for r in rows}
+    from torchslim.prune.api import prunable_layers
+
+    layers = prunable_layers(search.baseline)[0]
+    result["parameters"] = {name: module.weight.numel() for name, module in layers.items()}
+    for sparsity in sorted(set(search.config.sparsities)):
+        drops = {}
+        for name in layers:
+            trial = copy.deepcopy(search.baseline)
+            prune_(trial, MagnitudePruning(scope="layer", amount=sparsity),
+                   filter_fn=lambda _m, layer, target=name: layer == target)
+            finalize_(trial)
+            drops[name] = round(100 * (search.base_accuracy - search.accuracy(trial)), 3)
+        result["sparsity"][str(sparsity)] = drops
+    search.say(f"sensitivity of {len(layers)} layers at bits {list(result['bits'])} and sparsities "
+               f"{list(result['sparsity'])} done")
+    return result
+
+
+def _layer_bits(sensitivity: dict[str, Any], bits: int, budget: float) -> dict[str, int]:
+    """Per-layer widths: ``bits``, or the next wider width whose drop alone is within half the budget (else 8)."""
+    widths = sorted(int(b) for b in sensitivity["bits"])
+    chosen = {}
+    for layer in sensitivity["bits"][str(bits)]:
+        wider = [b for b in widths if b >= bits] + [8]
+        chosen[layer] = next((b for b in wider if b == 8 or sensitivity["bits"][str(b)][layer] <= budget / 2), 8)
+    return chosen
+
+
+def _dense_layers(sensitivity: dict[str, Any], sparsity: float, budget: float) -> list[str]:
+    """Small layers (< 2% of the weights) that lose more than the budget when pruned alone: kept dense."""
+    total = sum(sensitivity["parameters"].values())
+    drops = sensitivity["sparsity"][str(sparsity)]
+    return sorted(name for name, count in sensitivity["parameters"].items()
+                  if count < 0.02 * total and drops[name] > budget)
+
+
+def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
+    from torchslim.prune import ChannelPruning, MagnitudePruning, PruneSchedule, prune_, prune_with_schedule
+    from torchslim.quantize import IntQuant
+    from torchslim.train import train
+
+    config = search.config
+    budget = config.max_accuracy_drop
+    recoveries = [False, True] if config.distill and _kd_available() else [False]
+    for amount, distilled in itertools.product(sorted(set(config.channel_amounts)), recoveries):
+        if search.out_of_time():
+            return
+        if amount == 0 and distilled:
+            continue
+        started = time.perf_counter()
+        structural = copy.deepcopy(search.baseline)
+        settings: dict[str, Any] = {"channel_amount": amount, "distill": distilled}
+        if amount > 0:
+            torch.manual_seed(config.seed)
+            prune_(structural, ChannelPruning(amount=amount), example_inputs=search.example, data=search.train)
+            recovery = search.train_config.replace(epochs=max(1, config.recovery_epochs))
+            if distilled:
+                from torchslim.distill.api import KD, distill
+
+                distill(structural, search.baseline, search.train, KD(), train_config=recovery, progress=False)
+            else:
+                train(structural, search.train, recovery, progress=False)
+            structural.eval()
+            point = search.evaluate(structural, _label(settings), dict(settings), started)
+            if not point["explore"]:
+                continue  # narrower + sparser + fewer bits would only lose more
+        for sparsity in sorted(set(config.sparsities)):
+            if search.out_of_time():
+                return
+            started = time.perf_counter()
+            sparse = copy.deepcopy(structural)
+            dense = _dense_layers(sensitivity, sparsity, budget)
+            settings_s = {**settings, "sparsity": sparsity, "dense_layers": dense}
+            prune_with_schedule(
+                sparse, MagnitudePruning(scope="global", amount=sparsity),
+                PruneSchedule(kind="gradual", steps=3, epochs_per_step=2,
+                              finetune_epochs=max(1, config.recovery_epochs // 2)),
+                search.train, train_config=search.train_config.replace(lr=search.train_config.lr / 2),
+                filter_fn=lambda _m, name, skip=tuple(dense): name not in skip, progress=False)
+            point = search.evaluate(sparse, _label(settings_s), dict(settings_s), started)
+            if not point["explore"]:
+                break
+            for bits in sorted(set(config.bits), reverse=True):
+                if search.out_of_time():
+                    return
+                started = time.perf_counter()
+                layer_bits = _layer_bits(sensitivity, bits, budget)
+                overrides = {name: IntQuant(bits=b, granularity="channel") for name, b in layer_bits.items()
+                             if b != bits}
+                quantized = copy.deepcopy(sparse)
+                from torchslim.pipeline.compress import sparse_qat_
+
+                qat_config = search.train_config.replace(epochs=config.qat_epochs, lr=search.train_config.lr / 10)
+                existing = {name for name, _ in quantized.named_modules()}
+                sparse_qat_(quantized, IntQuant(bits=bits, granularity="channel"), search.train, qat_config,
+                            overrides={k: v for k, v in overrides.items() if k in existing}, progress=False)
+                settings_q = {**settings_s, "bits": bits,
+                              "wider_layers": {k: v.bits for k, v in overrides.items() if k in existing}}
+                point = search.evaluate(quantized, _label(settings_q), settings_q, started)
+                if not point["explore"]:
+                    break
+
+
+def _label(settings: dict[str, Any]) -> str:
+    parts = [f"ch{settings['channel_amount']:g}" + ("+kd" if settings.get("distill") else "")]
+    if "sparsity" in settings:
+        parts.append(f"sp{settings['sparsity']:g}")
+    if "bits" in settings:
+        parts.append(f"{settings['bits']}b" + (f"({len(settings['wider_layers'])} wider)"
+                                                if settings.get("wider_layers") else ""))
+    return " ".join(parts)
+
+
+def _kd_available() -> bool:
+    try:
+        from torchslim.distill.api import KD, distill  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def planned_recipe(point: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest record of a planner candidate: the stages it ran, in order."""
+    settings = point["settings"]
+    stages: list[dict[str, Any]] = []
+    if settings.get("channel_amount"):
+        stages.append({"stage": "prune", "config": {"type": "channel", "amount": settings["channel_amount"]},
+                       "recovery": "distill" if settings.get("distill") else "finetune"})
+    if "sparsity" in settings:
+        stages.append({"stage": "prune", "config": {"type": "magnitude", "scope": "global",
+                                                    "amount": settings["sparsity"]},
+                       "schedule": "gradual", "dense_layers": settings.get("dense_layers", [])})
+    if "bits" in settings:
+        stages.append({"stage": "quantize", "config": {"type": "int", "bits": settings["bits"],
+                                                       "granularity": "channel"},
+                       "overrides": settings.get("wider_layers", {}), "qat": True})
+    return stages
+
+
+def check_model(model: Any) -> None:
+    """Refuse inputs the planner cannot search (an int8 graph, an already quantized model)."""
+    from torchslim.quantize.layers import _WeightOnlyLayer
+
+    if not isinstance(model, nn.Module) or any(isinstance(m, _WeightOnlyLayer) for m in model.modules()) or \
+            type(model).__name__ == "OnnxGraph":
+        raise TorchSlimError("planner: the input model must be a float model (not quantized): expected the .slim of "
+                             "a trained model, e.g. from torchslim train")
+
+
+def run_planner(
+    model: nn.Module,
+    splits: Any,
+    config: PlannerConfig,
+    out_dir: str | Path,
+    *,
+    input_recipe: list | None = None,
+    progress: Callable[[str], None] | None = None,
+    latency: bool = True,
+) -> dict[str, Any]:
+    """Run :func:`plan`, save the chosen model as ``DIR/model.slim`` and write the report (explored points included).
+
+    Args:
+        model: the trained float model (unchanged).
+        splits: ``DataSplits``.
+        config: the planner settings.
+        out_dir: the output directory (created).
+        input_recipe: how the input model was made (kept in the manifest).
+        progress: called with one line per step.
+        latency: measure the latency of the input and chosen models.
+
+    Returns:
+        ``{"report": report data, "chosen": point or None, "final": path or None}``.
+
+    Raises:
+        TorchSlimError: no candidate met the budget (the report of the explored points is still written).
+    """
+    from torchslim.pipeline.compress import save_and_measure
+    from torchslim.pipeline.report import write_report
+
+    check_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = plan(model, splits, config, progress=progress)
+    records = list(input_recipe or [])
+    results = [save_and_measure("input", model, out / "input.slim", splits, recipe=records, latency=latency)]
+    final = None
+    if result.model is not None:
+        point = result.points[result.chosen]
+        final = out / "model.slim"
+        entry = save_and_measure(f"planned ({point['label']})", result.model, final, splits,
+                                 recipe=records + [{"stage": "plan", "config": config.to_dict(),
+                                                    "stages": planned_recipe(point)}], latency=latency)
+        results.append(entry)
+    planner = result.to_dict(config)
+    data = {"title": f"torchslim compress: planner ({config.target}, max drop {config.max_accuracy_drop} points)",
+            "intro": ["Decisions use the held-out part of the training split; the table reports the test split. "
+                      "Every row is measured on the reloaded `.slim` file; ratio and speedup are against the input "
+                      "model."],
+            "baseline": "input", "results": results, "planner": planner}
+    write_report(out, data)
+    if result.model is None:
+        raise TorchSlimError(f"planner: no candidate kept the held-out accuracy within {config.max_accuracy_drop} "
+                             f"points of {result.baseline_accuracy:.2%} ({len(result.points)} explored); see "
+                             f"{out / 'report.md'}")
+    return {"report": data, "chosen": result.points[result.chosen], "final": str(final)}
