@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchslim as ts
-from torchslim.errors import ModelError
+from torchslim.errors import DataError, ModelError
 from torchslim.testing import tiny_mlp
 
 
@@ -81,3 +81,12 @@ def test_non_finite_buffers_are_allowed():
     model = copy.deepcopy(tiny_mlp())
     model.register_buffer("causal_mask", torch.full((2, 2), float("-inf")))
     ts.prune_(model, ts.MagnitudePruning(amount=0.5))  # buffers may hold -inf masks on purpose
+
+
+def test_example_inputs_that_do_not_fit_are_a_data_error_before_pruning():
+    model = tiny_mlp()
+    model.train()
+    before = _state(model)
+    with pytest.raises(DataError, match=r"prune_: example_inputs of shape \(2, 10\) do not fit the model \(mat1"):
+        ts.prune_(model, ts.ChannelPruning(amount=0.5), example_inputs=torch.zeros(2, 10))
+    assert _same(before, model) and model.training and all(m.training for m in model.modules())

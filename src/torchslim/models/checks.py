@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from torchslim.errors import ModelError
+from torchslim.errors import DataError, ModelError
 
 
 def check_finite_weights(
@@ -37,3 +39,40 @@ def check_finite_weights(
             f"{where}: parameter {full!r} holds {bad} NaN/Inf value(s) out of {data.numel()}; refusing to work "
             f"on non-finite weights (a diverged training run?): retrain or repair the model first{hint}"
         )
+
+
+def check_inputs_fit(model: nn.Module, inputs: Any, where: str) -> None:
+    """Run one forward pass (eval mode, no grad) to check that ``inputs`` fit the model.
+
+    Every module's train/eval mode is restored afterwards, and BatchNorm statistics are untouched.
+
+    Args:
+        model: the model.
+        inputs: a tensor, or a tuple/list of positional tensor inputs (moved to the model's device);
+            anything else is not checked.
+        where: what is checking, for the message (``"prune_"``).
+
+    Raises:
+        DataError: the forward pass fails; the message gives the input shapes and the model's complaint.
+    """
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        return  # other forms are the caller's to validate
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None and device.type != "meta":
+        args = tuple(a.to(device) for a in args)
+    shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{where}: example_inputs of shape {shapes} do not fit the model ({detail}); expected a batch of the "
+            "inputs the model was built for"
+        ) from exc
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -17,7 +17,7 @@ from torch.nn.utils import prune as torch_prune
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, ModelError
-from torchslim.models.checks import check_finite_weights
+from torchslim.models.checks import check_finite_weights, check_inputs_fit
 from torchslim.prune import importance, unstructured
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -152,7 +152,7 @@ def prune_(
     Raises:
         ConfigError: unknown config type, or nothing to prune.
         ModelError: a parameter of the model holds NaN/Inf (checked before anything changes).
-        DataError: ``taylor`` without data.
+        DataError: ``taylor`` without data, or ``example_inputs`` that do not fit the model.
     """
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -162,6 +162,8 @@ def prune_(
         raise ConfigError(f"config = {type(config).__name__} is invalid for prune_: expected one of "
                           f"{', '.join(c.__name__ for c in _HANDLERS)}")
     check_finite_weights(model, "prune_")
+    if example_inputs is not None:
+        check_inputs_fit(model, example_inputs, "prune_")
     return handler(model, config, example_inputs=example_inputs, data=data, loss_fn=loss_fn, filter_fn=filter_fn)
 
 
