@@ -215,3 +215,29 @@ def test_trusted_factory_outside_the_allowlist_loads_only_with_trust(tmp_path):
     loaded = ts.load(path, trust_factory=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
                                                  strict=True))
+
+
+def test_onnx_graph_cannot_read_files_through_external_data(tmp_path):
+    # ONNX graphs stored in .slim files reach ONNX Runtime as bytes; a tensor pointing at an external file
+    # (an attempt to read e.g. a secret into the model's outputs) must be refused, whatever the path form.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from torchslim.errors import TorchSlimError
+    from torchslim.export.runtime import ort_session
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETSECRETSECR")
+    tensor = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "16")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [tensor],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    for location in (str(secret), "secret.bin", "../" * 8 + str(secret).lstrip("/")):
+        model.graph.initializer[0].external_data[0].value = location
+        with pytest.raises(TorchSlimError, match="onnxruntime cannot load the ONNX graph"):
+            ort_session(model.SerializeToString())
