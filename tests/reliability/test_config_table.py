@@ -180,8 +180,11 @@ def test_issue_cases_name_field_value_and_range(name, kwargs, names, allowed):
 def test_group_size_that_does_not_divide_needs_pad():
     model = tiny_mlp(features=20)  # layer 1 has 20 inputs, layer 3 has 32
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"IntQuant.group_size = 8 is invalid for layer '1' with input dimension "
-                                          r"20: expected a divisor of 20, or pad=True"):
+    with pytest.raises(
+        ConfigError,
+        match=r"IntQuant.group_size = 8 is invalid for layer '1' with input dimension "
+        r"20: expected a divisor of 20, or pad=True",
+    ):
         torchslim.quantize_(model, torchslim.IntQuant(granularity="group", group_size=8, pad=False))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     torchslim.quantize_(model, torchslim.IntQuant(granularity="group", group_size=8, pad=True))

@@ -139,11 +139,30 @@ def test_random_manifest_edits_raise_only_artifact_error(tmp_path, good, choice,
 
 
 @FUZZ
-@given(name=st.sampled_from(sorted(registered_configs())),
-       fields=st.dictionaries(st.text(max_size=16), json_values, max_size=4),
-       known=st.dictionaries(st.sampled_from(["bits", "amount", "n", "m", "epochs", "lr", "temperature", "alpha",
-                                              "group_size", "granularity", "threshold", "scope"]),
-                             json_values, max_size=3))
+@given(
+    name=st.sampled_from(sorted(registered_configs())),
+    fields=st.dictionaries(st.text(max_size=16), json_values, max_size=4),
+    known=st.dictionaries(
+        st.sampled_from(
+            [
+                "bits",
+                "amount",
+                "n",
+                "m",
+                "epochs",
+                "lr",
+                "temperature",
+                "alpha",
+                "group_size",
+                "granularity",
+                "threshold",
+                "scope",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    ),
+)
 def test_config_from_dict_raises_only_config_error(name, fields, known):
     data = {"type": name, **known, **fields}
     try:
@@ -171,8 +190,9 @@ def test_quantized_layers_round_trip_at_their_bit_width(
     torch.manual_seed(seed)
     model = ts.create_model("student_mlp", num_classes=out_features, image_size=1, in_channels=in_features, hidden=8)
     model = model.to(dtype)
-    config = ts.IntQuant(bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
-                         rounding=rounding)
+    config = ts.IntQuant(
+        bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding
+    )
     ts.quantize_(model, config)
     path = ts.save(model, tmp_path / "q.slim")
     loaded = ts.load(path)
@@ -209,8 +229,11 @@ def test_nan_weights_in_a_random_layer_are_refused_everywhere(tmp_path):
         model = copy.deepcopy(tiny_mlp())
         with torch.no_grad():
             model.get_submodule(layer).weight[0, 0] = math.nan
-        for stage in (lambda m: ts.quantize_(m, ts.IntQuant()), lambda m: ts.prune_(m, ts.NMSparsity()),
-                      lambda m: ts.save(m, tmp_path / "nan.slim")):
+        for stage in (
+            lambda m: ts.quantize_(m, ts.IntQuant()),
+            lambda m: ts.prune_(m, ts.NMSparsity()),
+            lambda m: ts.save(m, tmp_path / "nan.slim"),
+        ):
             with pytest.raises(ModelError, match=rf"'{layer}\.weight' holds 1 NaN/Inf"):
                 stage(model)
     assert not (tmp_path / "nan.slim").exists()

@@ -78,8 +78,9 @@ def unsafe_calls(source: str, relative: str) -> list[str]:
         last = name.rsplit(".", 1)[-1]
         if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec"):
             found.append(f"{where}: {name}() runs code from data")
-        elif name in ("os.system", "os.popen") or (name.startswith("subprocess.") and
-                                                       _is_const(_keyword(node, "shell"), True)):
+        elif name in ("os.system", "os.popen") or (
+            name.startswith("subprocess.") and _is_const(_keyword(node, "shell"), True)
+        ):
             found.append(f"{where}: {name} runs a shell command")
         elif name == "torch.load" and not _is_const(_keyword(node, "weights_only"), True):
             found.append(f"{where}: torch.load without weights_only=True unpickles arbitrary objects")
@@ -108,12 +109,25 @@ def test_no_source_file_can_run_code_taken_from_a_file():
 @pytest.mark.parametrize(
     "snippet",
     [
-        "eval(text)", "exec(code)", "compile(s, 'f', 'exec')", "__import__(name)",
-        "import pickle", "from pickle import loads", "import dill", "import marshal",
-        "torch.load(path)", "torch.load(path, weights_only=False)", "torch.jit.load(path)",
-        "np.load(path)", "np.load(path, allow_pickle=True)", "yaml.load(text)", "yaml.unsafe_load(text)",
-        "importlib.import_module(name)", "from importlib import import_module",
-        "os.system(cmd)", "subprocess.run(cmd, shell=True)",
+        "eval(text)",
+        "exec(code)",
+        "compile(s, 'f', 'exec')",
+        "__import__(name)",
+        "import pickle",
+        "from pickle import loads",
+        "import dill",
+        "import marshal",
+        "torch.load(path)",
+        "torch.load(path, weights_only=False)",
+        "torch.jit.load(path)",
+        "np.load(path)",
+        "np.load(path, allow_pickle=True)",
+        "yaml.load(text)",
+        "yaml.unsafe_load(text)",
+        "importlib.import_module(name)",
+        "from importlib import import_module",
+        "os.system(cmd)",
+        "subprocess.run(cmd, shell=True)",
     ],
 )
 def test_the_scan_catches_each_unsafe_construct(snippet):
@@ -122,8 +136,13 @@ def test_the_scan_catches_each_unsafe_construct(snippet):
 
 @pytest.mark.parametrize(
     "snippet",
-    ["torch.load(path, map_location='cpu', weights_only=True)", "np.load(path, allow_pickle=False)",
-     "yaml.safe_load(text)", "model.eval()", "subprocess.run([sys.executable, '-c', code])"],
+    [
+        "torch.load(path, map_location='cpu', weights_only=True)",
+        "np.load(path, allow_pickle=False)",
+        "yaml.safe_load(text)",
+        "model.eval()",
+        "subprocess.run([sys.executable, '-c', code])",
+    ],
 )
 def test_the_scan_accepts_the_safe_forms(snippet):
     assert unsafe_calls(snippet, "quantize/new.py") == []
@@ -182,14 +201,22 @@ def _slim_with(tmp_path: Path, edit) -> Path:
     ("edit", "message"),
     [
         # code hidden in a string is data: it is passed as a value, never evaluated
-        (lambda m: m["factory"]["kwargs"].update(hidden="__import__('os').system('touch {marker}')"),
-         "cannot rebuild the model from factory"),
-        (lambda m: m.update(factory={"name": "os:system", "kwargs": {"command": "touch {marker}"}}),
-         "outside the allowlist"),
-        (lambda m: m.update(factory={"name": "subprocess:getoutput", "kwargs": {"cmd": "touch {marker}"}}),
-         "outside the allowlist"),
-        (lambda m: m["modules"].update({"1": {"codec": "os:system", "spec": {"command": "touch {marker}"}}}),
-         "needs codec 'os:system', which is not registered.*trust_factory=True"),
+        (
+            lambda m: m["factory"]["kwargs"].update(hidden="__import__('os').system('touch {marker}')"),
+            "cannot rebuild the model from factory",
+        ),
+        (
+            lambda m: m.update(factory={"name": "os:system", "kwargs": {"command": "touch {marker}"}}),
+            "outside the allowlist",
+        ),
+        (
+            lambda m: m.update(factory={"name": "subprocess:getoutput", "kwargs": {"cmd": "touch {marker}"}}),
+            "outside the allowlist",
+        ),
+        (
+            lambda m: m["modules"].update({"1": {"codec": "os:system", "spec": {"command": "touch {marker}"}}}),
+            "needs codec 'os:system', which is not registered.*trust_factory=True",
+        ),
     ],
 )
 def test_hostile_manifest_runs_no_code(tmp_path, edit, message):
@@ -213,8 +240,9 @@ def test_trusted_factory_outside_the_allowlist_loads_only_with_trust(tmp_path):
     with pytest.raises(ArtifactError, match="'torchslim.testing:tiny_mlp' is outside the allowlist"):
         ts.load(path)
     loaded = ts.load(path, trust_factory=True)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
 
 
 def test_onnx_graph_cannot_read_files_through_external_data(tmp_path):
@@ -233,8 +261,11 @@ def test_onnx_graph_cannot_read_files_through_external_data(tmp_path):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [tensor],
+        [onnx.helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [tensor],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     for location in (str(secret), "secret.bin", "../" * 8 + str(secret).lstrip("/")):
