@@ -1,0 +1,36 @@
+"""Budget planner on a small model: chooses the smallest candidate within the budget, honours the time budget."""
+
+import pytest
+
+from torchslim.errors import ConfigError
+from torchslim.pipeline.planner import PlannerConfig, parse_duration, plan
+
+FAST = dict(channel_amounts=(0.0,), sparsities=(0.5, 0.8), bits=(4,), distill=False, recovery_epochs=1,
+            qat_epochs=1, max_accuracy_drop=5.0)
+
+
+def test_planner_picks_the_smallest_candidate_within_budget(small_model, digits):
+    result = plan(small_model, digits, PlannerConfig(**FAST))
+    assert result.model is not None and not result.stopped_early
+    ok = [p for p in result.points if p["ok"]]
+    chosen = result.points[result.chosen]
+    assert chosen["file_bytes"] == min(p["file_bytes"] for p in ok)
+    assert chosen["accuracy"] >= result.baseline_accuracy - 0.05
+    assert chosen["settings"]["bits"] == 4  # a quantized candidate is smaller than any float one
+    assert set(result.sensitivity["bits"]) == {"4"} and set(result.sensitivity["sparsity"]) == {"0.5", "0.8"}
+    assert result.front and all(0 <= i < len(result.points) for i in result.front)
+
+
+def test_planner_stops_within_the_time_budget(small_model, digits):
+    result = plan(small_model, digits, PlannerConfig(**{**FAST, "time_budget": 1e-6}))
+    assert result.stopped_early and result.model is None and result.points == []
+
+
+def test_planner_config_and_duration_errors():
+    with pytest.raises(ConfigError, match=r"PlannerConfig.target = 'speed' is invalid: expected one of 'size'"):
+        PlannerConfig(target="speed")
+    with pytest.raises(ConfigError, match=r"PlannerConfig.bits = \(1,\) is invalid"):
+        PlannerConfig(bits=(1,))
+    assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("2") == 2
+    with pytest.raises(ConfigError, match="--time-budget = '-1m' is invalid"):
+        parse_duration("-1m")
