@@ -82,3 +82,69 @@ def holdout_accuracy(model, splits) -> float | None:
     from torchslim.measure import accuracy
 
     return accuracy(model, splits.test)
+
+
+def is_hf_source(source: object) -> bool:
+    """True for a ``hf:DIR`` model argument (a local Hugging Face directory) rather than a ``.slim`` file."""
+    return str(source).startswith("hf:")
+
+
+def load_model_source(source, *, trust_factory: bool = False) -> tuple[Any, list, int]:
+    """Load a ``.slim`` file or a ``hf:DIR`` model given on the command line.
+
+    Args:
+        source: the path of a ``.slim`` file, or ``hf:DIR``.
+        trust_factory: allow a ``.slim`` model factory outside torchslim.
+
+    Returns:
+        ``(model, recipe so far, input bytes)``; for ``hf:DIR`` the recipe is empty and the bytes are those of
+        the directory's weight files (``*.safetensors``, ``*.bin``).
+    """
+    from pathlib import Path
+
+    if is_hf_source(source):
+        from torchslim.hf import load_hf
+        from torchslim.hf.loading import model_dir
+
+        model = load_hf(str(source))
+        files = [f for pattern in ("*.safetensors", "*.bin") for f in model_dir(str(source)).glob(pattern)]
+        return model, [], sum(f.stat().st_size for f in files)
+    from torchslim.artifact import load, read_manifest
+
+    path = Path(source)
+    model = load(path, trust_factory=trust_factory)
+    return model, list(read_manifest(path).get("recipe") or []), path.stat().st_size
+
+
+def is_hf_model(model) -> bool:
+    """True for a model loaded from a Hugging Face directory (``HFModel``)."""
+    from torchslim.hf.loading import HFModel
+
+    return isinstance(model, HFModel)
+
+
+def no_image_data(option: str, value) -> None:
+    """Refuse an image-data option for a ``hf:DIR`` model (it takes token ids: ``--text FILE``).
+
+    Raises:
+        ConfigError: ``value`` is set.
+    """
+    if value:
+        raise ConfigError(f"{option} = {value!r} is invalid for a Hugging Face model (hf:DIR), which takes token ids: "
+                          "expected --text FILE (one text per line) instead")
+
+
+def token_inputs(model, texts: list[str] | None, *, max_length: int = 128):
+    """Example ``(input_ids, attention_mask)`` for a Hugging Face model, made by its tokenizer.
+
+    Args:
+        model: an ``HFModel`` with a tokenizer.
+        texts: texts to encode (at most 64 are used); None: one short sentence.
+        max_length: tokens per text at most.
+
+    Returns:
+        ``(input_ids, attention_mask)`` int64 tensors.
+    """
+    from torchslim.hf import encode
+
+    return encode(model, list(texts or ["torchslim compresses models."])[:64], max_length=max_length)

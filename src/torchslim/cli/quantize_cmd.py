@@ -6,14 +6,26 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, holdout_accuracy, load_data_for, parse_int_list, print_json, table
+from torchslim.cli.common import (
+    console,
+    holdout_accuracy,
+    is_hf_model,
+    is_hf_source,
+    load_data_for,
+    load_model_source,
+    no_image_data,
+    parse_int_list,
+    print_json,
+    table,
+    token_inputs,
+)
 from torchslim.errors import ConfigError
 
-MODES = ("int", "codebook", "fp16", "bf16", "int8-static", "int8-dynamic")
+MODES = ("int", "codebook", "fp16", "bf16", "int8-static", "int8-dynamic", "gptq")
 
 
 def quantize(
-    path: Path = typer.Argument(..., help="Input .slim file."),
+    path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     mode: str = typer.Option("int", "--mode", help=f"One of: {', '.join(MODES)}."),
     bits: int = typer.Option(4, "--bits", help="Bits per weight (int, codebook), 2..8."),
     granularity: str = typer.Option("channel", "--granularity", help="tensor, channel or group."),
@@ -33,12 +45,19 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+    text: Path | None = typer.Option(
+        None, "--text", help="hf:DIR models: texts, one per line, for calibration (gptq, int8) and fidelity."
+    ),
+    act_order: bool = typer.Option(False, "--act-order", help="gptq: columns in order of decreasing activation."),
 ) -> None:
-    """Quantize weights (k-bit integer, codebook, fp16/bf16) or convert to int8 for ONNX Runtime."""
+    """Quantize weights (k-bit integer, GPTQ, codebook, fp16/bf16) or convert to int8 for ONNX Runtime."""
     from torchslim.fileio import check_output_path
 
     if mode not in MODES:
         raise ConfigError(f"--mode = {mode!r} is invalid: expected one of {', '.join(MODES)}")
+    if sweep is not None and is_hf_source(path):
+        raise ConfigError("--sweep is invalid for hf:DIR: it scores accuracy on labelled image data (--data); "
+                          "compare widths with torchslim eval --text instead")
     if sweep is not None:
         _sweep(path, sweep, data, plot, granularity, group_size, symmetric, rounding, trust_factory, json_output)
         return
@@ -47,12 +66,20 @@ def quantize(
     target = check_output_path(out, path, force=force)
     if qat and data is None:
         raise ConfigError("--qat needs --data: expected a data spec to train on, e.g. --data digits")
-    from torchslim.artifact import load, read_manifest, save
+    from torchslim.artifact import save
     from torchslim.quantize import CodebookQuant, HalfPrecision, IntQuant, quantize_
 
     int_config = IntQuant(
         bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding
     )
+    gptq_config = _gptq_config(int_config, act_order) if mode == "gptq" else None
+    if act_order and mode != "gptq":
+        raise ConfigError(f"--act-order is invalid with --mode {mode}: expected --mode gptq")
+    texts = None
+    if text is not None:
+        from torchslim.hf import read_texts
+
+        texts = read_texts(text)  # checked before the model is loaded
     configs = {
         "int": int_config,
         "codebook": CodebookQuant(bits=bits),
@@ -60,12 +87,42 @@ def quantize(
         "bf16": HalfPrecision("bf16"),
     }
     overrides = _parse_overrides(override, int_config)
-    model = load(path, trust_factory=trust_factory)
+    model, recipe_before, input_bytes = load_model_source(path, trust_factory=trust_factory)
+    hf = is_hf_model(model)
+    if hf:
+        _check_hf(data, calib, qat, mode, texts)
+    elif texts is not None:
+        raise ConfigError("--text is for Hugging Face models (hf:DIR or a .slim made from one): expected --data")
     splits = load_data_for(data, model) if data else None
     accuracy_before = holdout_accuracy(model, splits)
-    manifest = read_manifest(path)
-    if mode in ("int8-static", "int8-dynamic"):
+    if hf and mode == "int8-dynamic":
+        from torchslim.quantize.int8 import DynamicInt8, quantize_dynamic
+
+        config = DynamicInt8()
+        model = quantize_dynamic(model, config, example_inputs=token_inputs(model, texts))
+        stage = {"stage": "quantize", "config": config.to_dict(), "runtime": "onnxruntime"}
+        skipped = dict(model.skipped)
+    elif mode in ("int8-static", "int8-dynamic"):
         model, stage, skipped = _int8(model, mode, calib or data, observer, splits)
+    elif mode == "gptq":
+        from torchslim.quantize.gptq import gptq_
+
+        if hf:
+            calib_inputs = token_inputs(model, texts)
+        else:
+            if calib is None and data is None:
+                raise ConfigError("--mode gptq needs calibration inputs: expected --calib SPEC or --data SPEC "
+                                  "(--text FILE for hf:DIR)")
+            calib_inputs = splits if splits is not None and (calib or data) == splits.spec else load_data_for(
+                calib, model)
+        report = gptq_(model, gptq_config, calib_inputs, overrides=overrides)
+        stage = {
+            "stage": "quantize",
+            "config": gptq_config.to_dict(),
+            "overrides": {k: (None if v is None else v.to_dict()) for k, v in overrides.items()},
+            "calibration": str(text) if hf else (calib or data),
+        }
+        skipped = report.skipped
     elif qat:
         from torchslim.quantize.qat import qat as run_qat
         from torchslim.train import TrainConfig
@@ -83,18 +140,26 @@ def quantize(
         }
         skipped = report.skipped
     accuracy_after = holdout_accuracy(model, splits)
-    recipe = list(manifest.get("recipe") or []) + [stage]
+    recipe = recipe_before + [stage]
     measurements = {"accuracy": accuracy_after, "data": data} if splits else None
+    fidelity = None
+    if hf and texts is not None:
+        from torchslim.hf import reference_model, text_fidelity
+
+        fidelity = text_fidelity(model, reference_model(model), texts)
+        measurements = {"text_fidelity": {**fidelity, "text": str(text)}}
     save(model, target, recipe=recipe, measurements=measurements)
     summary = {
         "input": str(path),
         "output": str(target),
         "mode": mode,
-        "input_bytes": path.stat().st_size,
+        "input_bytes": input_bytes,
         "output_bytes": target.stat().st_size,
-        "compression_ratio": path.stat().st_size / target.stat().st_size,
+        "compression_ratio": input_bytes / target.stat().st_size,
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
+        "cosine": None if fidelity is None else fidelity["cosine"],
+        "top1_agreement": None if fidelity is None else fidelity["top1_agreement"],
         "skipped": skipped,
     }
     if json_output:
@@ -107,9 +172,36 @@ def quantize(
     ]
     if splits is not None:
         rows.append(["accuracy", f"{accuracy_before:.2%}", f"{accuracy_after:.2%}"])
+    if fidelity is not None:
+        rows.append(["cosine to the original (text)", "1.0000", f"{fidelity['cosine']:.4f}"])
     out_console.print(table(f"quantize {path} -> {target} ({mode})", ["", "before", "after"], rows))
     for name, reason in skipped.items():
         out_console.print(f"skipped {name}: {reason}")
+
+
+def _gptq_config(int_config, act_order: bool):
+    from torchslim.quantize.gptq import GPTQ
+
+    if int_config.granularity == "tensor":
+        raise ConfigError("--granularity = 'tensor' is invalid with --mode gptq: expected channel or group")
+    if int_config.rounding != "nearest":
+        raise ConfigError(f"--rounding = {int_config.rounding!r} is invalid with --mode gptq: expected nearest")
+    group = int_config.group_size if int_config.granularity == "group" else None
+    return GPTQ(bits=int_config.bits, group_size=group, act_order=act_order, symmetric=int_config.symmetric)
+
+
+def _check_hf(data, calib, qat: bool, mode: str, texts) -> None:
+    """Options a Hugging Face model (token ids, no labels) cannot use, refused before any work."""
+    no_image_data("--data", data)
+    no_image_data("--calib", calib)
+    if qat:
+        raise ConfigError("--qat is invalid for a Hugging Face model: it trains on labelled image data (--data)")
+    if mode == "int8-static":
+        raise ConfigError("--mode int8-static is invalid for a Hugging Face model: expected int8-dynamic (token "
+                          "models quantize activations per batch)")
+    if mode == "gptq" and texts is None:
+        raise ConfigError("--mode gptq needs --text FILE for a Hugging Face model: expected calibration texts, "
+                          "one per line")
 
 
 def _parse_overrides(items: list[str], base) -> dict:

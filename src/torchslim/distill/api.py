@@ -21,13 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from torchslim.config import Config, register_config
-from torchslim.distill.features import FeatureStudent, align, capture, make_projection, parse_pairs
+from torchslim.distill.features import FeatureStudent, align, capture, find_module, make_projection, parse_pairs
 from torchslim.distill.losses import FEATURE_LOSSES, distillation_loss, feature_loss
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.measure._common import device_of
 from torchslim.train import TrainConfig, _tensors_of, train
 
 __all__ = ["KD", "distill", "teacher_logits"]
+
+OUTPUT_LOSSES = ("kl", "mse", "cosine")
 
 
 @register_config("kd")
@@ -44,6 +46,9 @@ class KD(Config):
         feature_loss: ``"mse"``, ``"cosine"`` or ``"attention"`` (attention maps; no projection needed).
         cache_logits: compute the teacher's logits once per training sample instead of every step (only for
             un-augmented data, ``augment_shift=0``, and without ``features``).
+        output_loss: how the model outputs are compared: ``"kl"`` (Hinton's soft targets; ``(batch, tokens,
+            vocab)`` logits per token), ``"mse"`` or ``"cosine"`` (outputs that are not class scores, e.g. the last
+            hidden state of a transformer encoder); ``alpha`` weighs it against cross-entropy as for ``"kl"``.
     """
 
     temperature: float = 4.0
@@ -52,6 +57,7 @@ class KD(Config):
     feature_weight: float = 1.0
     feature_loss: str = "mse"
     cache_logits: bool = False
+    output_loss: str = "kl"
 
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
@@ -62,6 +68,7 @@ class KD(Config):
         parse_pairs(self.features)
         self.check_float("feature_weight", 0)
         self.check_choice("feature_loss", FEATURE_LOSSES)
+        self.check_choice("output_loss", OUTPUT_LOSSES)
         if not isinstance(self.cache_logits, bool):
             raise self.fail("cache_logits", self.cache_logits, "True or False")
         if self.cache_logits and self.features:
@@ -161,10 +168,8 @@ def _check_models(student: nn.Module, teacher: nn.Module) -> None:
                          "frozen, so pass a separate copy (copy.deepcopy) of the uncompressed model")
 
 
-def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> None:
+def _check_outputs(student: nn.Module, teacher: nn.Module, sample: torch.Tensor) -> None:
     """Run one sample through both models: the logits must have the same number of classes."""
-    tensors = _tensors_of(data)
-    sample = tensors[0][:1] if tensors is not None else torch.as_tensor(data[0][0]).unsqueeze(0)
     widths = []
     for role, model in (("student", student), ("teacher", teacher)):
         was_training = model.training
@@ -181,6 +186,11 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> Non
     if widths[0] != widths[1]:
         raise ModelError(f"distill: student logits {widths[0]} and teacher logits {widths[1]} differ; expected the "
                          "same classes")
+
+
+def _first_sample(data: Dataset) -> torch.Tensor:
+    tensors = _tensors_of(data)
+    return tensors[0][:1] if tensors is not None else torch.as_tensor(data[0][0]).unsqueeze(0)
 
 
 def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
@@ -268,9 +278,21 @@ def distill(
 
     if isinstance(eval_data, DataSplits):
         eval_data = eval_data.test
-    train_data, synthetic = _resolve_data(data, teacher, source, input_shape)
-    _check_outputs(student, teacher, train_data)
     pairs = parse_pairs(config.features)
+    for t_name, s_name in pairs:  # unknown names fail before any work
+        find_module(teacher, t_name, "teacher")
+        find_module(student, s_name, "student")
+    from torchslim.distill.synthetic import SyntheticData
+
+    if isinstance(data, SyntheticData):
+        shape = tuple(input_shape) if input_shape is not None else None
+        if shape is None and source is not None:
+            shape = tuple(torch.as_tensor(source).shape[1:])
+        if shape is not None:
+            _check_outputs(student, teacher, torch.zeros(1, *shape))
+    train_data, synthetic = _resolve_data(data, teacher, source, input_shape)
+    if not synthetic:
+        _check_outputs(student, teacher, _first_sample(train_data))
     # Synthetic inputs are fixed, so their logits are cached whenever the loop does not shift them.
     cache = config.cache_logits or (synthetic and not train_config.augment_shift and not pairs)
 
@@ -342,6 +364,19 @@ def _kd(student_out: torch.Tensor, teacher_out: torch.Tensor, targets: torch.Ten
         raise ModelError(f"distill: student logits {tuple(student_out.shape)} and teacher logits "
                          f"{tuple(teacher_out.shape)} differ; expected the same classes")
     labels = targets if not targets.is_floating_point() else None
+    if config.output_loss != "kl":
+        loss = feature_loss(student_out, teacher_out, config.output_loss)
+        if config.alpha == 1.0:
+            return loss
+        if labels is None:
+            raise ConfigError(f"KD.alpha = {config.alpha!r} needs labelled targets for its (1 - alpha) cross-entropy "
+                              "term: expected alpha = 1.0 for unlabelled data")
+        return config.alpha * loss + (1 - config.alpha) * torch.nn.functional.cross_entropy(student_out, labels)
+    if student_out.ndim > 2:  # per-token logits (batch, tokens, vocab): one distribution per token
+        if labels is not None and labels.shape != student_out.shape[:-1]:
+            labels = None
+        student_out, teacher_out = student_out.flatten(0, -2), teacher_out.flatten(0, -2)
+        labels = None if labels is None else labels.flatten()
     return distillation_loss(student_out, teacher_out, labels, temperature=config.temperature, alpha=config.alpha)
 
 
@@ -349,7 +384,8 @@ def _with_projections(student: nn.Module, teacher: nn.Module, data: Dataset, pai
                       config: KD) -> FeatureStudent:
     """Probe one batch to learn each pair's activation shapes and build the projections."""
     tensors = _tensors_of(data)
-    sample = tensors[0][:2] if tensors is not None else torch.stack([torch.as_tensor(data[i][0]) for i in range(2)])
+    count = min(2, len(data))
+    sample = tensors[0][:2] if tensors is not None else torch.stack([torch.as_tensor(data[i][0]) for i in range(count)])
     was_training = student.training
     student.eval()
     try:

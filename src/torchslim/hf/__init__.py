@@ -3,19 +3,26 @@
 ``transformers`` is an optional extra (``pip install 'torchslim[hf]'``), imported only when a function here runs.
 """
 
+from torchslim.hf.data import text_dataset
 from torchslim.hf.fidelity import read_texts, reference_model, text_fidelity
+from torchslim.hf.layers import drop_layers, hidden_pairs, kept_layers, layer_list
 from torchslim.hf.loading import HFModel, attention_modules, encode, ffn_layers, load_hf, sync_config_
 from torchslim.hf.prune import prune_transformer_
 
 __all__ = [
     "HFModel",
     "attention_modules",
+    "drop_layers",
     "encode",
     "ffn_layers",
+    "hidden_pairs",
+    "kept_layers",
+    "layer_list",
     "load_hf",
     "prune_transformer_",
     "read_texts",
     "reference_model",
     "sync_config_",
+    "text_dataset",
     "text_fidelity",
 ]

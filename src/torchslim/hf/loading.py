@@ -259,6 +259,7 @@ def load_hf(
     weights: bool = True,
     heads: dict[str, int] | None = None,
     architecture: str | None = None,
+    layers: list[int] | None = None,
 ) -> HFModel:
     """Load a local Hugging Face model directory, without network access, as an :class:`HFModel`.
 
@@ -268,6 +269,8 @@ def load_hf(
             (random weights; ``torchslim.load`` does this and then loads the ``.slim`` tensors).
         heads: attention module name -> head count, for a head-pruned model (set by ``torchslim.load``).
         architecture: a ``transformers`` class name (default: ``config.architectures[0]``, else ``AutoModel``).
+        layers: keep only these transformer layers (indices into the directory's model; set by ``torchslim.load``
+            for a model made by :func:`~torchslim.hf.layers.drop_layers`).
 
     Returns:
         The wrapped model in eval mode, float32, with ``model.tokenizer`` (None when the directory has none)
@@ -292,6 +295,12 @@ def load_hf(
         )
     if getattr(config, "use_cache", None) is not None:
         config.use_cache = False  # no key/value cache: forward returns tensors only (export, tracing)
+    if layers is not None:
+        from torchslim.hf.layers import parse_keep, shorten_config_
+
+        layers = parse_keep([int(i) for i in layers], int(getattr(config, "num_hidden_layers", 0) or 0))
+        if not weights:
+            shorten_config_(config, layers)  # build the shallower model directly
     try:
         with _quiet():
             if weights:
@@ -304,6 +313,10 @@ def load_hf(
     except Exception as exc:
         raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {_first_line(exc)}") from exc
     _conv1d_to_linear_(hf)
+    if layers is not None and weights:
+        from torchslim.hf.layers import shorten_
+
+        shorten_(hf, layers)
     tokenizer = _load_tokenizer(transformers, directory)
     model = HFModel(hf.eval(), tokenizer, str(directory))
     if heads:
@@ -315,6 +328,8 @@ def load_hf(
         kwargs["heads"] = {str(k): int(v) for k, v in heads.items()}
     if architecture:
         kwargs["architecture"] = architecture
+    if layers is not None:
+        kwargs["layers"] = list(layers)
     setattr(model, FACTORY_ATTR, {"name": HF_PREFIX + str(directory), "kwargs": kwargs})
     return model.eval()
 
