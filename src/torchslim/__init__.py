@@ -67,6 +67,9 @@ _EXPORTS: dict[str, str] = {
     "load_hf": "torchslim.hf",
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
+    "drop_layers": "torchslim.hf",
+    "hidden_pairs": "torchslim.hf",
+    "text_dataset": "torchslim.hf",
     "Measurement": "torchslim.measure",
     "KD": "torchslim.distill",
     "SyntheticData": "torchslim.distill",
@@ -110,7 +113,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TorchSlimError,
     )
     from torchslim.export import ExportConfig, ExportReport, check_parity, export, export_onnx  # noqa: F401
-    from torchslim.hf import load_hf, prune_transformer_, text_fidelity  # noqa: F401
+    from torchslim.hf import drop_layers, hidden_pairs, load_hf, prune_transformer_, text_dataset  # noqa: F401
+    from torchslim.hf import text_fidelity  # noqa: F401
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
