@@ -137,6 +137,10 @@ class Config:
             raise ConfigError(
                 f"{target.__name__}.{unknown[0]} is not a field: expected one of {', '.join(sorted(fields))}"
             )
+        missing = [n for n, f in fields.items() if f.init and n not in data and _required(f)]
+        if missing:
+            raise ConfigError(f"{target.__name__}.{missing[0]} is required: expected a value for each of "
+                              f"{', '.join(missing)}")
         kwargs = {}
         for key, value in data.items():
             default = fields[key].default
@@ -149,6 +153,10 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _describe_range(kind: str, lo, hi, lo_inclusive: bool, hi_inclusive: bool) -> str:

@@ -26,7 +26,8 @@ for _info in pkgutil.walk_packages(torchslim.__path__, "torchslim."):
     if not _info.name.startswith("torchslim.cli"):
         importlib.import_module(_info.name)
 
-CONFIGS = registered_configs()
+# the package's configs (tests may register toys of their own)
+CONFIGS = {n: c for n, c in registered_configs().items() if c.__module__.startswith("torchslim.")}
 
 # Configs without all-default construction: a valid example (add one here for a new such config).
 VALID = {
@@ -206,3 +207,8 @@ def test_cli_turns_config_errors_into_one_line_exit_2(tmp_path, capsys, args, ex
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_from_dict_without_a_required_field_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"KernelConfig.block_n is required: expected a value for each of block_n, "):
+        Config.from_dict({"type": "lowbit_kernel", "block_m": 32})
