@@ -8,14 +8,24 @@ from typing import Any
 
 import typer
 
-from torchslim.cli.common import console, holdout_accuracy, load_data_for, print_json, table
+from torchslim.cli.common import (
+    console,
+    holdout_accuracy,
+    is_hf_model,
+    load_data_for,
+    load_model_source,
+    no_image_data,
+    print_json,
+    table,
+    token_inputs,
+)
 from torchslim.errors import ConfigError
 
 SCHEDULES = ("oneshot", "iterative", "gradual")
 
 
 def prune(
-    path: Path = typer.Argument(..., help="Input .slim file."),
+    path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     scope: str | None = typer.Option(
         None, "--scope", help="global (default), layer or neuron; with --structured: layer (default) or global ranking."
     ),
@@ -55,6 +65,9 @@ def prune(
         if clash:
             raise ConfigError(f"--sweep-threshold cannot be combined with {clash[0]}: the sweep tries each threshold "
                               "on a copy and writes no model")
+        if str(path).startswith("hf:"):
+            raise ConfigError("--sweep-threshold is invalid for hf:DIR: it scores accuracy on labelled image data "
+                              "(--data); compare thresholds with torchslim eval --text instead")
         _sweep(path, sweep_threshold, data, scope or "global", criterion, plot, trust_factory, json_output)
         return
     plan = _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
@@ -64,11 +77,12 @@ def prune(
     from torchslim.fileio import check_output_path
 
     target = check_output_path(out, path, force=force)
-    from torchslim.artifact import load, read_manifest, save
+    from torchslim.artifact import save
     from torchslim.measure import parameter_stats
 
-    model = load(path, trust_factory=trust_factory)
-    manifest = read_manifest(path)
+    model, recipe_before, input_bytes = load_model_source(path, trust_factory=trust_factory)
+    if is_hf_model(model):
+        no_image_data("--data", data)  # (fine-tuning needs --data, so it is refused here too)
     splits = load_data_for(data, model) if data else None
     accuracy_before = holdout_accuracy(model, splits)
     params_before = parameter_stats(model)["parameters"]
@@ -89,7 +103,7 @@ def prune(
     measurements: dict[str, Any] = {k: result[k] for k in ("sparsity", "parameters_ratio", "macs_ratio") if k in result}
     if splits is not None:
         measurements.update(accuracy=accuracy_after, data=data)
-    save(model, target, recipe=list(manifest.get("recipe") or []) + [stage], measurements=measurements)
+    save(model, target, recipe=recipe_before + [stage], measurements=measurements)
     summary = {
         "input": str(path),
         "output": str(target),
@@ -99,9 +113,9 @@ def prune(
         **result,
         "parameters_before": params_before,
         "parameters_after": parameter_stats(model)["parameters"],
-        "input_bytes": path.stat().st_size,
+        "input_bytes": input_bytes,
         "output_bytes": target.stat().st_size,
-        "compression_ratio": path.stat().st_size / target.stat().st_size,
+        "compression_ratio": input_bytes / target.stat().st_size,
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
     }
@@ -216,6 +230,13 @@ def _unstructured(model, config, schedule, splits, train_config, progress) -> di
 def _structured(model, config, splits, epochs, train_config, progress) -> dict[str, Any]:
     from torchslim.prune import prune_
 
+    if is_hf_model(model):  # heads and FFN neurons only, traced on token ids from the tokenizer
+        from torchslim.hf import prune_transformer_
+
+        report = prune_transformer_(model, config, token_inputs(model, None))
+        return {"macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
+                "parameters_ratio": report.params_ratio, "layers": report.layers, "skipped": report.skipped,
+                "history": []}
     if splits is None:
         from torchslim.data import load_data
 
