@@ -59,6 +59,7 @@ def distill(
     match_layers: bool = typer.Option(
         True, "--match-layers/--no-match-layers", help="Hugging Face student: match every layer's hidden states too."
     ),
+    dropout: float = typer.Option(0.0, "--dropout", help="Hugging Face student: dropout while distilling."),
 ) -> None:
     """Knowledge distillation (Hinton KD, FitNets hints, or data-free from synthetic inputs); saves the student.
 
@@ -70,7 +71,8 @@ def distill(
 
     if str(teacher).startswith("hf:") or text is not None:
         _distill_hf(
-            teacher, student, text, seq_len, ffn, heads, output_loss, match_layers, data=data, temperature=temperature,
+            teacher, student, text, seq_len, ffn, heads, output_loss, match_layers, dropout, data=data,
+            temperature=temperature,
             alpha=alpha, features=features, feature_loss=feature_loss, feature_weight=feature_weight,
             synthetic=synthetic, cache_logits=cache_logits or cache_dir is not None, epochs=epochs, lr=lr,
             batch_size=batch_size, augment_shift=augment_shift, seed=seed, out=out, force=force,
@@ -164,7 +166,8 @@ def distill(
 
 
 def _distill_hf(teacher: Path, student: str, text: Path | None, seq_len: int, ffn: float, heads: float,
-                output_loss: str | None, match_layers: bool, *, data: str, temperature: float, alpha: float | None,
+                output_loss: str | None, match_layers: bool, dropout: float, *, data: str, temperature: float,
+                alpha: float | None,
                 features: list[str], feature_loss: str, feature_weight: float, synthetic: str | None,
                 cache_logits: bool, epochs: int | None, lr: float | None, batch_size: int | None,
                 augment_shift: int | None, seed: int, out: Path, force: bool, trust_factory: bool,
@@ -192,6 +195,8 @@ def _distill_hf(teacher: Path, student: str, text: Path | None, seq_len: int, ff
     KD(temperature=temperature, features=tuple(features), feature_loss=feature_loss, feature_weight=feature_weight,
        output_loss=output_loss or "kl")
     pruning = ChannelPruning(amount=ffn, heads=heads) if ffn or heads else None
+    if isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"--dropout = {dropout} is invalid: expected a number in [0, 1)")
     keep = _layer_spec(student)
     train_config = TrainConfig(epochs=3, lr=1e-4, optimizer="adamw", batch_size=16)
     changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
@@ -206,7 +211,7 @@ def _distill_hf(teacher: Path, student: str, text: Path | None, seq_len: int, ff
     from torchslim.artifact import load, read_manifest, save
     from torchslim.cli.common import is_hf_model, load_model_source, token_inputs
     from torchslim.distill import distill as run_distill
-    from torchslim.hf import drop_layers, hidden_pairs, load_hf, prune_transformer_, text_dataset
+    from torchslim.hf import drop_layers, hidden_pairs, load_hf, prune_transformer_, set_dropout_, text_dataset
     from torchslim.measure import parameter_stats
 
     teacher_model, _, teacher_bytes = load_model_source(teacher, trust_factory=trust_factory)
@@ -226,6 +231,7 @@ def _distill_hf(teacher: Path, student: str, text: Path | None, seq_len: int, ff
                           "layers:0,2,4, hf:DIR or a .slim made from a Hugging Face model")
     if pruning is not None:
         prune_transformer_(student_model, pruning, token_inputs(student_model, texts))
+    set_dropout_(student_model, dropout)
     pairs = tuple(features) + (hidden_pairs(student_model, teacher_model) if match_layers else ())
     kind = output_loss or ("mse" if teacher_model.output == "hidden" else "kl")
     kd = KD(temperature=temperature, alpha=1.0, features=pairs, feature_loss=feature_loss,
@@ -242,6 +248,7 @@ def _distill_hf(teacher: Path, student: str, text: Path | None, seq_len: int, ff
         "teacher": str(teacher),
         "student": student,
         "pruning": None if pruning is None else pruning.to_dict(),
+        "dropout": dropout,
         "text": str(text),
         "windows": int(dataset.tensors[0].shape[0]),
         "seq_len": int(dataset.tensors[0].shape[1]),

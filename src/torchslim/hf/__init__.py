@@ -5,7 +5,7 @@
 
 from torchslim.hf.data import text_dataset
 from torchslim.hf.fidelity import read_texts, reference_model, text_fidelity
-from torchslim.hf.layers import drop_layers, hidden_pairs, kept_layers, layer_list
+from torchslim.hf.layers import drop_layers, hidden_pairs, kept_layers, layer_list, set_dropout_
 from torchslim.hf.loading import HFModel, attention_modules, encode, ffn_layers, load_hf, sync_config_
 from torchslim.hf.prune import prune_transformer_
 
@@ -22,6 +22,7 @@ __all__ = [
     "prune_transformer_",
     "read_texts",
     "reference_model",
+    "set_dropout_",
     "sync_config_",
     "text_dataset",
     "text_fidelity",
