@@ -78,6 +78,7 @@ def _rewrite(path: Path, *, manifest=None, tensors=None, metadata: dict | None |
     with safetensors.safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     data = json.loads(meta["torchslim"])
+    data.pop("manifest_sha256", None)  # an edited manifest is written like a file from before checksums
     if manifest is not None:
         manifest(data)
     if tensors is not None:
@@ -224,7 +225,7 @@ def test_sparse_model_file_shrinks_and_decodes_bit_exactly(tmp_path):
         kept = sparse[1].weight.flatten().nonzero()[:3, 0]
         sparse[1].weight.view(-1)[kept] = torch.tensor([-0.0, 1e-45, float("inf")])
     dense_path = save(dense, tmp_path / "dense.slim")
-    sparse_path = save(sparse, tmp_path / "sparse.slim")
+    sparse_path = save(sparse, tmp_path / "sparse.slim", allow_nonfinite=True)  # the inf is on purpose
 
     assert sparse_path.stat().st_size < 0.25 * dense_path.stat().st_size
     loaded = load(sparse_path)
@@ -748,8 +749,10 @@ def test_every_tensor_records_the_sha256_of_its_stored_bytes(slim, good_file):
         assert entry["sha256"] == hashlib.sha256(raw).hexdigest(), name
         encodings.add(entry["encoding"])
     assert encodings == {"dense", "bitmask"}  # several stored arrays per tensor are covered
-    metadata = header["__metadata__"]
-    assert metadata["torchslim.sha256"] == hashlib.sha256(metadata["torchslim"].encode()).hexdigest()
+    text = header["__metadata__"]["torchslim"]  # ends with the checksum of the text before it
+    body, _, tail = text.rpartition(', "manifest_sha256": "')
+    assert tail == hashlib.sha256((body + "}").encode()).hexdigest() + '"}'
+    assert "manifest_sha256" not in manifest  # read_manifest returns the manifest proper
 
 
 def test_flipped_byte_in_tensor_data_is_caught_naming_the_tensor(slim, good_file):
@@ -786,7 +789,7 @@ def test_files_without_checksums_still_load(slim, good_file):
             entry.pop("sha256")
 
     _rewrite(slim, manifest=strip)  # also drops the manifest checksum: a file from before checksums
-    assert "torchslim.sha256" not in artifact.read_header(slim)["__metadata__"]
+    assert "manifest_sha256" not in artifact.read_header(slim)["__metadata__"]["torchslim"]
     _assert_same_state(reference, load(slim))
     assert len(tensor_table(slim)) == len(reference.state_dict())
 
@@ -795,4 +798,20 @@ def test_files_without_checksums_still_load(slim, good_file):
 def test_malformed_tensor_checksum_names_the_field(slim, bad):
     _rewrite(slim, manifest=lambda m: m["tensors"]["1.bias"].update(sha256=bad))
     with pytest.raises(ArtifactError, match=r"tensors\['1.bias'\].*optional 'sha256': 64 lowercase hex"):
+        load(slim)
+
+
+def test_identical_models_give_identical_files(tmp_path):
+    model = _model("lenet5")
+    files = {save(model, tmp_path / f"m{i}.slim").read_bytes() for i in range(6)}
+    assert len(files) == 1  # one metadata entry: safetensors writes several in random order
+
+
+def test_newer_format_version_asks_to_upgrade_even_with_another_checksum(slim, good_file):
+    text = artifact.read_header(slim)["__metadata__"]["torchslim"].replace(
+        '"format_version": 1', f'"format_version": {FORMAT_VERSION + 1}'
+    )
+    stored = safetensors.torch.load(good_file)
+    slim.write_bytes(safetensors.torch.save(stored, metadata={"torchslim": text}))  # checksum now stale
+    with pytest.raises(ArtifactError, match="was written by a newer torchslim"):
         load(slim)

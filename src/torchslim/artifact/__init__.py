@@ -11,8 +11,8 @@ whichever is smallest; all lossless) and a manifest under the safetensors metada
                               "stored": ["1.weight.values", "1.weight.mask"], "sha256": "9f2c..."}, ...},
      "recipe": ..., "measurements": ..., "extra": ...}
 
-Integrity: each tensor entry records the SHA-256 of its stored arrays' bytes, and the metadata key
-``"torchslim.sha256"`` holds the SHA-256 of the manifest text, so any changed byte of a file is either
+Integrity: each tensor entry records the SHA-256 of its stored arrays' bytes, and the manifest text ends
+with ``"manifest_sha256"``, the SHA-256 of the text before it, so any changed byte of a file is either
 caught (``ArtifactError`` naming the tensor or the manifest) or harmless (JSON whitespace). Files
 written before checksums existed (no such fields) still load, unverified. These checksums detect
 accidental corruption; they are not signatures (whoever can edit the file can recompute them).
@@ -24,9 +24,7 @@ the tensors and loads them strictly. No pickle is read or written anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import numbers
 import os
 import re
@@ -55,10 +53,10 @@ from torchslim.artifact.encodings import ENCODINGS as ENCODINGS
 from torchslim.artifact.io import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     corrupted,
     manifest_from_header,
+    manifest_text,
     parse_header,
     read_file,
     read_header,
@@ -144,8 +142,7 @@ def save(
         "tensors": entries,
         **sections,
     }
-    text = json.dumps(manifest)
-    metadata = {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    metadata = {MANIFEST_KEY: manifest_text(manifest)}
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as exc:  # safetensors raises several types; the cause is chained

@@ -14,8 +14,22 @@ from torchslim.errors import ArtifactError
 FORMAT = "torchslim.slim"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "torchslim"
-MANIFEST_DIGEST_KEY = "torchslim.sha256"  # SHA-256 (hex) of the manifest text; absent in older files
+# The manifest text ends with this field: the SHA-256 of the text written before it (absent in older files).
+# It lives inside the one metadata entry because safetensors writes several entries in random order,
+# and identical models must give identical files.
+MANIFEST_DIGEST_FIELD = "manifest_sha256"
+_DIGEST_SUFFIX = re.compile(rf', "{MANIFEST_DIGEST_FIELD}": "([0-9a-f]{{64}})"\}}\Z')
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest as stored: JSON with ``manifest_sha256`` (of the JSON before it) as the last field."""
+    text = json.dumps(manifest)
+    return f'{text[:-1]}, "{MANIFEST_DIGEST_FIELD}": "{_sha256_text(text)}"}}'
 METADATA_KEY = "__metadata__"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
@@ -130,18 +144,26 @@ def manifest_from_header(header: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: safetensors file without a {MANIFEST_KEY!r} manifest in its metadata: "
             "expected a .slim file written by torchslim.save"
         )
-    recorded = metadata.get(MANIFEST_DIGEST_KEY)
-    if recorded is not None and (
-        not isinstance(recorded, str) or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != recorded
-    ):
-        raise ArtifactError(
-            f"{where}: the manifest does not match its sha256 checksum (metadata {MANIFEST_DIGEST_KEY!r}): "
-            "the file was corrupted or changed after it was written; use the original file"
-        )
     try:
         manifest = json.loads(text)
     except ValueError as exc:
         raise ArtifactError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        validate_manifest(manifest, where)  # "upgrade torchslim": a newer format may check itself differently
+    suffix = _DIGEST_SUFFIX.search(text)
+    if suffix is not None and _sha256_text(text[: suffix.start()] + "}") != suffix.group(1):
+        raise ArtifactError(
+            f"{where}: the manifest does not match its sha256 checksum ({MANIFEST_DIGEST_FIELD!r}): "
+            "the file was corrupted or changed after it was written; use the original file"
+        )
+    if isinstance(manifest, dict) and MANIFEST_DIGEST_FIELD in manifest:
+        if suffix is None:  # present but not where save writes it: edited by hand or damaged
+            raise ArtifactError(
+                f"{where}: manifest {MANIFEST_DIGEST_FIELD} = {manifest[MANIFEST_DIGEST_FIELD]!r} is invalid: "
+                "expected 64 lowercase hex digits as the manifest's last field"
+            )
+        del manifest[MANIFEST_DIGEST_FIELD]
     validate_manifest(manifest, where)
     return manifest
 
