@@ -80,6 +80,14 @@ _EXPORTS: dict[str, str] = {
     "fuse_parameters": "torchslim.distill.fusion",
     "FusionResult": "torchslim.distill.fusion",
     "ParameterFusion": "torchslim.distill.fusion",
+    "compress": "torchslim.pipeline.compress",
+    "load_recipe": "torchslim.pipeline.recipe",
+    "parse_recipe": "torchslim.pipeline.recipe",
+    "Recipe": "torchslim.pipeline.recipe",
+    "plan": "torchslim.pipeline.planner",
+    "PlannerConfig": "torchslim.pipeline.planner",
+    "holdout_split": "torchslim.pipeline.planner",
+    "write_report": "torchslim.pipeline.report",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -119,6 +127,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
     from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
+    from torchslim.pipeline.compress import compress  # noqa: F401
+    from torchslim.pipeline.planner import PlannerConfig, holdout_split, plan  # noqa: F401
+    from torchslim.pipeline.recipe import Recipe, load_recipe, parse_recipe  # noqa: F401
+    from torchslim.pipeline.report import write_report  # noqa: F401
     from torchslim.prune import (  # noqa: F401
         ChannelPruning,
         MagnitudePruning,

@@ -1,9 +1,15 @@
-"""A quickly trained lenet300 on digits, shared by the pipeline tests (copy before changing it)."""
+"""Shared by the pipeline tests: a quickly trained small model, and a check that a report.html is self-contained."""
+
+import base64
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
 
 import torchslim as ts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +19,30 @@ def small_model(digits):
     model = ts.create_model("lenet300")
     ts.train(model, digits.train, ts.TrainConfig(epochs=3, augment_shift=0), progress=False)
     return model.eval()
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def _check_html(path: Path, expected_images: int) -> None:
+    """Parse report.html: every <img> is an inline data:image/png;base64 URI that decodes to a PNG."""
+    parser = _Images()
+    parser.feed(path.read_text(encoding="utf-8"))
+    assert len(parser.sources) == expected_images
+    for source in parser.sources:
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix)
+        assert base64.b64decode(source[len(prefix):], validate=True).startswith(PNG_MAGIC)
+
+
+@pytest.fixture
+def check_html():
+    """``check_html(path, expected_images)``: report.html holds exactly that many inline PNG images."""
+    return _check_html

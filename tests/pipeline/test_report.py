@@ -1,16 +1,12 @@
 """Reports: self-contained HTML (every image an inline PNG), markdown, plots, rebuilt from saved measurements."""
 
-import base64
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from torchslim.errors import TorchSlimError
 from torchslim.pipeline.report import load_report_data, write_report
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def entry(name, size, accuracy, b1=1.0):
@@ -37,28 +33,7 @@ DATA = {
 }
 
 
-class Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"])
-
-
-def check_html(path: Path, expected_images: int) -> None:
-    """Parse report.html: every <img> is an inline data:image/png;base64 URI that decodes to a PNG."""
-    parser = Images()
-    parser.feed(path.read_text(encoding="utf-8"))
-    assert len(parser.sources) == expected_images
-    for source in parser.sources:
-        prefix = "data:image/png;base64,"
-        assert source.startswith(prefix)
-        assert base64.b64decode(source[len(prefix):], validate=True).startswith(PNG_MAGIC)
-
-
-def test_report_files_are_self_contained(tmp_path):
+def test_report_files_are_self_contained(tmp_path, check_html):
     files = write_report(tmp_path, DATA)
     assert sorted(p.name for p in files["plots"]) == ["accuracy_vs_bits.png", "accuracy_vs_size.png",
                                                       "planner_points.png", "sparsity_vs_tau.png"]
@@ -71,7 +46,7 @@ def test_report_files_are_self_contained(tmp_path):
     assert "![" in markdown and "accuracy_vs_size.png" in markdown
 
 
-def test_report_rebuilds_from_saved_measurements(tmp_path):
+def test_report_rebuilds_from_saved_measurements(tmp_path, check_html):
     write_report(tmp_path, DATA)
     for name in ("report.md", "report.html", "accuracy_vs_size.png"):
         (tmp_path / name).unlink()
@@ -94,4 +69,4 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     files["html"].resolve().as_uri()], check=True, timeout=120, capture_output=True)
-    assert shot.read_bytes().startswith(PNG_MAGIC)
+    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
