@@ -64,3 +64,21 @@ def test_compress_recipe_writes_stages_report_and_json(capsys, model_file, tmp_p
 def test_report_of_a_directory_without_measurements(capsys, tmp_path):
     code, _, err = run(capsys, "report", tmp_path)
     assert code == 2 and "holds no report.json or compress.json" in err
+
+
+def test_planner_warns_when_the_model_has_seen_the_held_out_images(capsys, digits, model_file, tmp_path):
+    from torchslim.pipeline.planner import PlannerConfig, holdout_split, holdout_warning
+
+    _, held = holdout_split(digits.train)
+    torch.manual_seed(0)
+    seen = ts.create_model("lenet300")
+    ts.train(seen, held, ts.TrainConfig(epochs=15), progress=False)  # memorises the planner's held-out images
+    path = tmp_path / "seen.slim"
+    ts.save(seen.eval(), path)
+    code, _, err = run(capsys, "compress", "--model", path, "--out", tmp_path / "o", "--max-accuracy-drop", "0.5",
+                       "--time-budget", "0.001", "--no-latency")
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "scores 100% on the planner's held-out part (287 training images" in warnings[0]
+    assert code == 2 and "no candidate" in err  # no time to search: the report of what ran is still written
+    assert (tmp_path / "o" / "report.md").is_file()
+    assert holdout_warning(ts.load(model_file), digits, PlannerConfig()) is None  # 2 epochs: not 100% there

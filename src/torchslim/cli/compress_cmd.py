@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -17,8 +18,8 @@ def compress(
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Recipe YAML (see examples/recipes/)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (stage .slim files, report)."),
     max_accuracy_drop: float | None = typer.Option(
-        None, "--max-accuracy-drop", help="Planner: accuracy budget in points on a held-out split (instead of "
-        "--recipe)."),
+        None, "--max-accuracy-drop", help="Planner: accuracy budget in points on a held-out part of the training "
+        "split (instead of --recipe); train the model without it for an unbiased budget."),
     target: str = typer.Option("size", "--target", help="Planner: minimise size, latency or macs."),
     time_budget: str = typer.Option("10m", "--time-budget", help="Planner: search time, e.g. 90s, 10m, 1h."),
     seed: int = typer.Option(0, "--seed", help="Planner: seed of the held-out split and of training."),
@@ -54,7 +55,11 @@ def compress(
     net = load(model, trust_factory=trust_factory)
     check_model(net)
     splits = load_data_for(data, net)
-    from torchslim.pipeline.planner import run_planner
+    from torchslim.pipeline.planner import holdout_warning, run_planner
+
+    warning = holdout_warning(net, splits, config)
+    if warning:
+        sys.stderr.write(f"warning: {warning}\n")
 
     say = console().print if not json_output else (lambda _line: None)
     result = run_planner(net, splits, config, out, input_recipe=read_manifest(model).get("recipe"), progress=say,

@@ -85,8 +85,8 @@ def train(
 
 def demo(
     out: Path = typer.Option(Path("torchslim-demo"), "--out", "-o", help="Directory for the artifacts and report."),
-    quick: bool = typer.Option(False, "--quick", help="Two epochs per model (a smoke test, lower accuracy)."),
-    full: bool = typer.Option(False, "--full", help="Longer, better-converged training (takes longer)."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke test: a few epochs per model, narrower teacher."),
+    full: bool = typer.Option(False, "--full", help="Longer training; KD runs the teacher every step (minutes)."),
     progress: bool | None = PROGRESS_OPT,
 ) -> None:
     """The seed's worked example on the embedded digits: train, compress every way, measure, report."""

@@ -42,7 +42,7 @@ from torch.utils.data import Subset
 from torchslim.config import Config, register_config
 from torchslim.errors import TorchSlimError
 
-__all__ = ["PlanResult", "PlannerConfig", "holdout_split", "plan", "parse_duration"]
+__all__ = ["PlanResult", "PlannerConfig", "holdout_split", "holdout_warning", "plan", "parse_duration"]
 
 TARGETS = ("size", "latency", "macs")
 _METRIC = {"size": "file_bytes", "latency": "latency_b1_ms", "macs": "macs"}
@@ -200,6 +200,31 @@ def holdout_split(train_data: Any, *, fraction: float = 0.2, seed: int = 0) -> t
     order = torch.randperm(len(train_data), generator=generator).tolist()
     cut = max(1, int(round(len(order) * fraction)))
     return Subset(train_data, sorted(order[cut:])), Subset(train_data, sorted(order[:cut]))
+
+
+def holdout_warning(model: nn.Module, splits: Any, config: PlannerConfig) -> str | None:
+    """One line of warning when the input model makes no mistake on the planner's held-out part, else None.
+
+    A model that scores 100% there has most likely been trained on those images (e.g. on the whole training split),
+    so the budget is judged on data it has seen and the test split may lose more than the budget.
+
+    Args:
+        model: the input model.
+        splits: ``DataSplits`` (the held-out part is carved from ``splits.train``).
+        config: the planner settings (``holdout_fraction``, ``seed``, ``max_accuracy_drop``).
+
+    Returns:
+        The warning text, or None.
+    """
+    from torchslim.measure import accuracy
+
+    _, held = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
+    if accuracy(model, held) < 1.0:
+        return None
+    return (f"the input model scores 100% on the planner's held-out part ({len(held)} training images, seed "
+            f"{config.seed}), so it has probably been trained on them: held-out accuracy is optimistic and the test "
+            f"split may lose more than {config.max_accuracy_drop:g} points; for an unbiased budget train it on "
+            "torchslim.pipeline.planner.holdout_split(...)[0]")
 
 
 class _Search:
