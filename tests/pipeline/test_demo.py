@@ -57,8 +57,9 @@ def test_demo_artifacts_load_and_onnx_files_exist(demo):
 
 
 def test_presets_and_exclusive_flags(tmp_path):
-    assert PRESETS["full"].teacher_widths == (32, 64, 128, 256)  # the registry's default ResNet
-    assert PRESETS["default"].baseline_epochs < PRESETS["full"].baseline_epochs
+    assert PRESETS["default"].teacher_widths == PRESETS["full"].teacher_widths == (32, 64, 128, 256)  # registry's
+    assert PRESETS["default"].cached_logits and not PRESETS["full"].cached_logits
+    assert PRESETS["quick"].baseline_epochs < PRESETS["default"].baseline_epochs
     with pytest.raises(ValueError, match="quick and full are exclusive"):
         run_demo(tmp_path, quick=True, full=True)
     assert not any(tmp_path.iterdir())
