@@ -3,7 +3,7 @@
 import pytest
 
 from torchslim.errors import ConfigError
-from torchslim.pipeline.planner import PlannerConfig, parse_duration, plan
+from torchslim.pipeline.planner import PlannerConfig, holdout_split, parse_duration, plan
 
 FAST = dict(channel_amounts=(0.0,), sparsities=(0.5, 0.8), bits=(4,), distill=False, recovery_epochs=1,
             qat_epochs=1, max_accuracy_drop=5.0)
@@ -19,6 +19,21 @@ def test_planner_picks_the_smallest_candidate_within_budget(small_model, digits)
     assert chosen["settings"]["bits"] == 4  # a quantized candidate is smaller than any float one
     assert set(result.sensitivity["bits"]) == {"4"} and set(result.sensitivity["sparsity"]) == {"0.5", "0.8"}
     assert result.front and all(0 <= i < len(result.points) for i in result.front)
+    # the budget less one held-out image's worth (287 held-out images)
+    assert result.holdout_size == 287
+    assert result.accuracy_floor == pytest.approx(result.baseline_accuracy - (0.05 - 1 / 287))
+    assert all(p["ok"] == (p["accuracy"] >= result.accuracy_floor - 1e-9) for p in result.points)
+
+
+def test_holdout_split_is_deterministic_disjoint_and_covers_train(digits):
+    fit, held = holdout_split(digits.train)
+    assert (len(fit), len(held)) == (1150, 287)
+    assert not set(fit.indices) & set(held.indices)
+    assert sorted(fit.indices + held.indices) == list(range(len(digits.train)))
+    assert holdout_split(digits.train)[1].indices == held.indices
+    assert holdout_split(digits.train, seed=1)[1].indices != held.indices
+    with pytest.raises(ConfigError, match=r"PlannerConfig.holdout_fraction = 0.6 is invalid"):
+        holdout_split(digits.train, fraction=0.6)
 
 
 def test_planner_stops_within_the_time_budget(small_model, digits):
@@ -31,6 +46,8 @@ def test_planner_config_and_duration_errors():
         PlannerConfig(target="speed")
     with pytest.raises(ConfigError, match=r"PlannerConfig.bits = \(1,\) is invalid"):
         PlannerConfig(bits=(1,))
+    with pytest.raises(ConfigError, match=r"PlannerConfig.margin_samples = -1 is invalid"):
+        PlannerConfig(margin_samples=-1)
     assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("2") == 2
     with pytest.raises(ConfigError, match="--time-budget = '-1m' is invalid"):
         parse_duration("-1m")
