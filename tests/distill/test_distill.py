@@ -187,7 +187,7 @@ def test_feature_hints_train_a_projection(digits):
 
     distill(student, teacher, small, config, train_config=TrainConfig(epochs=3, lr=1e-2), progress=False)
     t, s = hint_error(student)
-    assert s.shape[1] == 4 and t.shape[1] == 8  # the student keeps its own width: the projection is discarded
+    assert s.shape[1] == 8 and t.shape[1] == 16  # the student keeps its own width: the projection is discarded
     assert isinstance(student, nn.Sequential) and len(list(student.parameters())) == 6
 
 
@@ -219,26 +219,3 @@ def test_feature_pairs_name_unknown_modules(blob_teacher):
     teacher, data = blob_teacher
     with pytest.raises(ModelError, match="teacher has no module named 'layer9': expected one of 0, 1, 2, 3"):
         distill(tiny_mlp(), teacher, data, KD(features=("layer9:1",)), progress=False)
-
-
-def test_distillation_beats_labels_alone_from_few_labels(digits):
-    """The direction of the benchmark, small: from 5 labelled images a class, soft targets of a trained teacher
-    give a student with clearly fewer test errors than the same student (same init, data order, epochs) trained
-    on the labels alone (Hinton et al. 2015, section 5: soft targets as regularisers)."""
-    torch.manual_seed(0)
-    teacher = ts.create_model("student_cnn", width=8)
-    ts.train(teacher, digits.train, TrainConfig(epochs=6, lr=3e-3, augment_shift=2), progress=False)
-    teacher.eval()
-    x, y = digits.train.tensors
-    index = torch.cat([torch.nonzero(y == c)[:5, 0] for c in range(10)])
-    few = TensorDataset(x[index], y[index])
-    config = TrainConfig(epochs=60, batch_size=25, lr=1e-3, scheduler="cosine")
-    torch.manual_seed(1)
-    init = ts.create_model("student_mlp", hidden=32)
-    alone = copy.deepcopy(init)
-    ts.train(alone, few, config, progress=False)
-    distilled = distill(copy.deepcopy(init), teacher, few, KD(temperature=4.0, alpha=0.9, cache_logits=True),
-                        train_config=config, progress=False)
-    errors = {name: round((1 - evaluate(m, digits.test)) * 360) for name, m in
-              (("teacher", teacher), ("alone", alone), ("distilled", distilled))}
-    assert errors["distilled"] < errors["alone"] - 5, errors
