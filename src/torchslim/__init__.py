@@ -121,8 +121,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TorchSlimError,
     )
     from torchslim.export import ExportConfig, ExportReport, check_parity, export, export_onnx  # noqa: F401
-    from torchslim.hf import drop_layers, hidden_pairs, load_hf, prune_transformer_, text_dataset  # noqa: F401
-    from torchslim.hf import text_fidelity  # noqa: F401
+    from torchslim.hf import (  # noqa: F401
+        drop_layers,
+        hidden_pairs,
+        load_hf,
+        prune_transformer_,
+        text_dataset,
+        text_fidelity,  # noqa: F401
+    )
     from torchslim.measure import Measurement, measure  # noqa: F401
     from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
