@@ -9,6 +9,17 @@ from pathlib import Path
 from torchslim.fileio import atomic_path
 
 
+def _new_figure():
+    """``(pyplot, figure, axes)`` of one headless (Agg) figure in the size every plot here uses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    return plt, figure, axes
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats: smaller size (x) and higher accuracy (y).
 
@@ -47,12 +58,7 @@ def plot_accuracy_vs_size(
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    plt, figure, axes = _new_figure()
     kib = [s / 1024 for s in sizes]
     pct = [a * 100 for a in accuracies]
     axes.scatter(kib, pct, color="tab:blue", zorder=3)
@@ -95,14 +101,9 @@ def plot_accuracy_vs_bits(
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt, figure, left = _new_figure()
     order = sorted(range(len(bits)), key=lambda i: bits[i])
     xs = [bits[i] for i in order]
-    figure, left = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     right = left.twinx()
     left.plot(xs, [accuracies[i] * 100 for i in order], "o-", color="tab:blue", label="accuracy")
     right.plot(xs, [sizes[i] / 1024 for i in order], "s--", color="tab:orange", label="file KiB")
@@ -145,12 +146,7 @@ def plot_explored(
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    plt, figure, axes = _new_figure()
     kib = [s / 1024 for s in sizes]
     pct = [a * 100 for a in accuracies]
     axes.scatter(kib, pct, color="tab:blue", alpha=0.6, s=18, label="candidates", zorder=3)
