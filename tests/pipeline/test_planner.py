@@ -51,3 +51,31 @@ def test_planner_config_and_duration_errors():
     assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("2") == 2
     with pytest.raises(ConfigError, match="--time-budget = '-1m' is invalid"):
         parse_duration("-1m")
+
+
+def test_distilled_branch_distills_in_every_recovery_step(small_model, digits, monkeypatch):
+    import torchslim.distill.api as kd_api
+    from torchslim.pipeline.planner import planned_recipe
+    from torchslim.quantize.qat import QATLayer
+
+    calls = {"sparse": 0, "qat": 0}
+    real = kd_api.kd_loss_fn
+
+    def counting_kd_loss_fn(teacher, config):
+        loss_fn = real(teacher, config)
+
+        def wrapped(model, *args):
+            calls["qat" if any(isinstance(m, QATLayer) for m in model.modules()) else "sparse"] += 1
+            return loss_fn(model, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(kd_api, "kd_loss_fn", counting_kd_loss_fn)
+    config = PlannerConfig(**{**FAST, "distill": True, "sparsities": (0.5,)})
+    result = plan(small_model, digits, config)
+    labels = [p["label"] for p in result.points]
+    assert labels == ["ch0+kd sp0.5", "ch0+kd sp0.5 4b", "ch0 sp0.5", "ch0 sp0.5 4b"]
+    assert calls["sparse"] > 0 and calls["qat"] > 0
+    stages = planned_recipe(result.points[1])
+    assert [s["recovery"] for s in stages] == ["distill", "distill"]
+    assert [s["recovery"] for s in planned_recipe(result.points[3])] == ["finetune", "finetune"]

@@ -356,7 +356,7 @@ def _distill(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, 
 
 
 def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, progress: bool | None = None,
-                overrides: dict | None = None) -> dict:
+                overrides: dict | None = None, loss_fn=None) -> dict:
     """Quantization-aware training that keeps the model's exact zeros at zero, then packed layers.
 
     Weights that are zero before QAT (pruned) stay zero: each QAT layer's weight is masked (``torch.nn.utils.prune``)
@@ -370,6 +370,8 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
         train_config: the ``TrainConfig`` of the QAT epochs.
         progress: progress bars of the training loop.
         overrides: per-layer ``IntQuant`` configs by module name (mixed precision), as in ``prepare_qat_``.
+        loss_fn: the training loss, as in :func:`torchslim.train.train` (e.g.
+            :func:`torchslim.distill.kd_loss_fn` of the uncompressed model); None: cross-entropy.
 
     Returns:
         The converted layers and the layers skipped (``QuantizeReport`` as a dict).
@@ -387,7 +389,7 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
     for name, module in model.named_modules():
         if isinstance(module, QATLayer) and name in masks and not bool(masks[name].all()):
             torch_prune.custom_from_mask(module, "weight", masks[name])
-    train(model, train_data, train_config, progress=progress)
+    train(model, train_data, train_config, loss_fn=loss_fn, progress=progress)
     finalize_(model)
     report = convert_(model)
     report.skipped.update(prepared.skipped)

@@ -10,7 +10,7 @@ Steps, all deterministic for a seed:
 2. Per-layer sensitivity of the input model: each layer quantized alone at each bit width, and each layer's weights
    magnitude-pruned alone at each sparsity (no fine-tuning), scored on the held-out data.
 3. Search over structural ratio (``ChannelPruning.amount``, largest first, with or without distillation from the
-   input model during recovery), global sparsity (gradual magnitude pruning with fine-tuning) and bit width
+   input model during every recovery: after the structural step, between sparsity steps and in QAT), global sparsity (gradual magnitude pruning with fine-tuning) and bit width
    (quantization-aware training that keeps pruned weights at zero). Per-layer choices come from the sensitivities: a
    layer whose accuracy drop alone exceeds half the budget at a width gets the next wider one, and a small layer (<
    2% of the weights) that loses more than the budget alone at a sparsity stays dense. Intermediate models are
@@ -378,26 +378,26 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
 
     config = search.config
     budget = config.max_accuracy_drop
-    recoveries = [False, True] if config.distill and _kd_available() else [False]
+    # distilled recovery first: it usually holds the budget further, so it gets the time budget first
+    recoveries = [True, False] if config.distill and _kd_available() else [False]
     # the narrowest structure first: it gives the smallest (and fastest) candidates if it holds the budget
     for amount, distilled in itertools.product(sorted(set(config.channel_amounts), reverse=True), recoveries):
         if search.out_of_time():
             return
-        if amount == 0 and distilled:
-            continue
         started = time.perf_counter()
         structural = copy.deepcopy(search.baseline)
         settings: dict[str, Any] = {"channel_amount": amount, "distill": distilled}
+        teacher = search.baseline if distilled else None
+        loss_fn = None
+        if distilled:
+            from torchslim.distill.api import KD, kd_loss_fn
+
+            loss_fn = kd_loss_fn(teacher, KD())
         if amount > 0:
             torch.manual_seed(config.seed)
             prune_(structural, ChannelPruning(amount=amount), example_inputs=search.example, data=search.train)
             recovery = search.train_config.replace(epochs=max(1, config.recovery_epochs))
-            if distilled:
-                from torchslim.distill.api import KD, distill
-
-                distill(structural, search.baseline, search.train, KD(), train_config=recovery, progress=False)
-            else:
-                train(structural, search.train, recovery, progress=False)
+            train(structural, search.train, recovery, loss_fn=loss_fn, progress=False)
             structural.eval()
             point = search.evaluate(structural, _label(settings), dict(settings), started)
             if not point["explore"]:
@@ -414,7 +414,7 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
                 PruneSchedule(kind="gradual", steps=3, epochs_per_step=2,
                               finetune_epochs=max(1, config.recovery_epochs // 2)),
                 search.train, train_config=search.train_config.replace(lr=search.train_config.lr / 2),
-                filter_fn=lambda _m, name, skip=tuple(dense): name not in skip, progress=False)
+                filter_fn=lambda _m, name, skip=tuple(dense): name not in skip, progress=False, teacher=teacher)
             point = search.evaluate(sparse, _label(settings_s), dict(settings_s), started)
             if not point["explore"]:
                 break
@@ -431,7 +431,8 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
                 qat_config = search.train_config.replace(epochs=config.qat_epochs, lr=search.train_config.lr / 10)
                 existing = {name for name, _ in quantized.named_modules()}
                 sparse_qat_(quantized, IntQuant(bits=bits, granularity="channel"), search.train, qat_config,
-                            overrides={k: v for k, v in overrides.items() if k in existing}, progress=False)
+                            overrides={k: v for k, v in overrides.items() if k in existing}, progress=False,
+                            loss_fn=loss_fn)
                 settings_q = {**settings_s, "bits": bits,
                               "wider_layers": {k: v.bits for k, v in overrides.items() if k in existing}}
                 point = search.evaluate(quantized, _label(settings_q), settings_q, started)
@@ -460,18 +461,19 @@ def _kd_available() -> bool:
 def planned_recipe(point: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest record of a planner candidate: the stages it ran, in order."""
     settings = point["settings"]
+    recovery = "distill" if settings.get("distill") else "finetune"
     stages: list[dict[str, Any]] = []
     if settings.get("channel_amount"):
         stages.append({"stage": "prune", "config": {"type": "channel", "amount": settings["channel_amount"]},
-                       "recovery": "distill" if settings.get("distill") else "finetune"})
+                       "recovery": recovery})
     if "sparsity" in settings:
         stages.append({"stage": "prune", "config": {"type": "magnitude", "scope": "global",
                                                     "amount": settings["sparsity"]},
-                       "schedule": "gradual", "dense_layers": settings.get("dense_layers", [])})
+                       "schedule": "gradual", "dense_layers": settings.get("dense_layers", []), "recovery": recovery})
     if "bits" in settings:
         stages.append({"stage": "quantize", "config": {"type": "int", "bits": settings["bits"],
                                                        "granularity": "channel"},
-                       "overrides": settings.get("wider_layers", {}), "qat": True})
+                       "overrides": settings.get("wider_layers", {}), "qat": True, "recovery": recovery})
     return stages
 
 
