@@ -82,3 +82,19 @@ def test_planner_warns_when_the_model_has_seen_the_held_out_images(capsys, digit
     assert code == 2 and "no candidate" in err  # no time to search: the report of what ran is still written
     assert (tmp_path / "o" / "report.md").is_file()
     assert holdout_warning(ts.load(model_file), digits, PlannerConfig()) is None  # 2 epochs: not 100% there
+
+
+def test_teacher_is_for_the_planner_and_must_exist(capsys, model_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: q\nstages:\n  - quantize: {method: int, bits: 4}\n")
+    code, _, err = run(capsys, "compress", "--model", model_file, "--recipe", recipe, "--out", tmp_path / "o",
+                       "--teacher", model_file)
+    assert code == 2 and "--teacher is for the planner (--max-accuracy-drop)" in err
+    code, _, err = run(capsys, "compress", "--model", model_file, "--out", tmp_path / "o", "--max-accuracy-drop",
+                       "0.5", "--teacher", tmp_path / "missing.slim")
+    assert code == 2 and "--teacher = " in err and "missing.slim' is invalid: expected an existing .slim file" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = run(capsys, "compress", "--model", model_file, "--out", tmp_path / "p", "--max-accuracy-drop",
+                       "0.5", "--teacher", model_file, "--time-budget", "0.001", "--no-latency")
+    assert code == 2 and "no candidate" in err
+    assert f"Distillation teacher: {model_file}." in (tmp_path / "p" / "report.md").read_text()

@@ -79,3 +79,27 @@ def test_distilled_branch_distills_in_every_recovery_step(small_model, digits, m
     stages = planned_recipe(result.points[1])
     assert [s["recovery"] for s in stages] == ["distill", "distill"]
     assert [s["recovery"] for s in planned_recipe(result.points[3])] == ["finetune", "finetune"]
+
+
+def test_a_given_teacher_is_the_one_distilled_from_and_is_checked(small_model, digits, monkeypatch):
+    import torch
+    from torch import nn
+
+    import torchslim as ts
+    import torchslim.distill.api as kd_api
+    from torchslim.errors import ModelError
+
+    torch.manual_seed(0)
+    teacher = ts.create_model("lenet300").eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+    real = kd_api.kd_loss_fn
+    monkeypatch.setattr(kd_api, "kd_loss_fn", lambda t, config: seen.append(t) or real(t, config))
+    config = PlannerConfig(**{**FAST, "distill": True, "sparsities": (0.5,)})
+    plan(small_model, digits, config, teacher=teacher)
+    assert seen and all(t is teacher for t in seen)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ConfigError, match="plan teacher= needs PlannerConfig.distill = True"):
+        plan(small_model, digits, PlannerConfig(**FAST), teacher=teacher)
+    with pytest.raises(ModelError, match=r"plan teacher= outputs \(2, 3\) for 2 samples: expected \(2, 10\)"):
+        plan(small_model, digits, config, teacher=nn.Sequential(nn.Flatten(), nn.Linear(784, 3)))

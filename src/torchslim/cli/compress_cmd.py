@@ -23,6 +23,9 @@ def compress(
     target: str = typer.Option("size", "--target", help="Planner: minimise size, latency or macs."),
     time_budget: str = typer.Option("10m", "--time-budget", help="Planner: search time, e.g. 90s, 10m, 1h."),
     seed: int = typer.Option(0, "--seed", help="Planner: seed of the held-out split and of training."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", "-t", help="Planner: distill candidates from this .slim (e.g. a larger model trained on "
+        "the same data) instead of the input model."),
     resume: bool = typer.Option(False, "--resume", help="Recipe: continue the run in --out, skipping done stages."),
     force: bool = typer.Option(False, "--force", help="Start over in an --out that holds a run."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency of every artifact."),
@@ -37,6 +40,9 @@ def compress(
     if (recipe is None) == (max_accuracy_drop is None):
         raise ConfigError("expected exactly one of --recipe R.yaml or --max-accuracy-drop POINTS")
     if recipe is not None:
+        if teacher is not None:
+            raise ConfigError("--teacher is for the planner (--max-accuracy-drop): a recipe names its teacher in "
+                              "its distill stage")
         from torchslim.pipeline.recipe import load_recipe
 
         parsed = load_recipe(recipe)  # the whole recipe is validated before the model or data are touched
@@ -49,6 +55,8 @@ def compress(
 
     if resume:
         raise ConfigError("--resume is for recipe runs: the planner always starts a new search")
+    if teacher is not None and not teacher.is_file():
+        raise ConfigError(f"--teacher = {str(teacher)!r} is invalid: expected an existing .slim file")
     config = PlannerConfig(max_accuracy_drop=max_accuracy_drop, target=target, time_budget=parse_duration(time_budget),
                            seed=seed)
     _check_out_dir(out, force)
@@ -62,8 +70,9 @@ def compress(
         sys.stderr.write(f"warning: {warning}\n")
 
     say = console().print if not json_output else (lambda _line: None)
+    teacher_model = None if teacher is None else load(teacher, trust_factory=trust_factory)
     result = run_planner(net, splits, config, out, input_recipe=read_manifest(model).get("recipe"), progress=say,
-                         latency=latency)
+                         latency=latency, teacher=teacher_model, teacher_name=None if teacher is None else str(teacher))
     if json_output:
         print_json(result)
         return

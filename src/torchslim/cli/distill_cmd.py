@@ -104,8 +104,9 @@ def distill(
     changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "augment_shift": shift, "seed": seed}
     train_config = base.replace(**{k: v for k, v in changes.items() if v is not None})
 
-    from torchslim.artifact import load, read_manifest, save
+    from torchslim.artifact import load, read_manifest
     from torchslim.distill import distill as run_distill
+    from torchslim.distributed import is_main_process, save_on_main, world_size
     from torchslim.measure import parameter_stats
     from torchslim.models.compat import check_model_data, create_model_for_data
 
@@ -137,7 +138,12 @@ def distill(
         "synthetic": None if synth is None else {**synth.to_dict(), "source_samples": len(source or [])},
     }
     measurements = {"accuracy": accuracy_after, "teacher_accuracy": teacher_accuracy, "data": data}
-    save(student_model, target, recipe=recipe + [stage], measurements=measurements)
+    if world_size() > 1:  # batch_size is per process: the global batch is world_size * batch_size
+        stage["world_size"] = world_size()
+    # Under torchrun every rank trained the same weights; rank 0 alone writes and reports.
+    save_on_main(student_model, target, recipe=recipe + [stage], measurements=measurements)
+    if not is_main_process():
+        return
     summary = {
         "teacher": str(teacher),
         "student": student,

@@ -10,7 +10,8 @@ Steps, all deterministic for a seed:
 2. Per-layer sensitivity of the input model: each layer quantized alone at each bit width, and each layer's weights
    magnitude-pruned alone at each sparsity (no fine-tuning), scored on the held-out data.
 3. Search over structural ratio (``ChannelPruning.amount``, largest first, with or without distillation from the
-   input model during every recovery: after the structural step, between sparsity steps and in QAT), global sparsity (gradual magnitude pruning with fine-tuning) and bit width
+   input model, or from a stronger ``teacher`` when one is given, during every recovery: after the structural step,
+   between sparsity steps and in QAT), global sparsity (gradual magnitude pruning with fine-tuning) and bit width
    (quantization-aware training that keeps pruned weights at zero). Per-layer choices come from the sensitivities: a
    layer whose accuracy drop alone exceeds half the budget at a width gets the next wider one, and a small layer (<
    2% of the weights) that loses more than the budget alone at a sparsity stays dense. Intermediate models are
@@ -230,7 +231,8 @@ def holdout_warning(model: nn.Module, splits: Any, config: PlannerConfig) -> str
 class _Search:
     """The state of one planner run: data parts, cached intermediate models, explored points."""
 
-    def __init__(self, model: nn.Module, splits: Any, config: PlannerConfig, progress: Callable[[str], None]):
+    def __init__(self, model: nn.Module, splits: Any, config: PlannerConfig, progress: Callable[[str], None],
+                 teacher: nn.Module | None = None):
         from torchslim.train import recommended_config
 
         self.config = config
@@ -238,6 +240,8 @@ class _Search:
         self.say = progress
         self.started = time.perf_counter()
         self.baseline = copy.deepcopy(model).eval()
+        # the model the distilled branch learns from: the input model unless a stronger one is given
+        self.teacher = self.baseline if teacher is None else teacher
         self.train, self.holdout = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
         from torchslim.models import factory_of
 
@@ -296,6 +300,7 @@ def plan(
     config: PlannerConfig | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> PlanResult:
     """Search compressed versions of ``model`` for the best one within an accuracy budget.
 
@@ -304,12 +309,21 @@ def plan(
         splits: ``DataSplits``; the held-out part is carved from ``splits.train``.
         config: a :class:`PlannerConfig` (default ``PlannerConfig()``).
         progress: called with one line per step (None: silent).
+        teacher: the model the distilled candidates learn from (frozen, unchanged; any architecture with the same
+            classes), e.g. a larger model trained on the same fine-tuning part; None: the input model. The budget
+            is still measured against the input model.
 
     Returns:
         A :class:`PlanResult` (``model`` is None when no candidate met the budget).
+
+    Raises:
+        ConfigError: a ``teacher`` while ``config.distill`` is False.
+        ModelError: a ``teacher`` whose outputs do not match the model's classes.
     """
     config = config or PlannerConfig()
-    search = _Search(model, splits, config, progress or (lambda _line: None))
+    if teacher is not None:
+        _check_teacher(model, teacher, splits, config)
+    search = _Search(model, splits, config, progress or (lambda _line: None), teacher)
     try:
         sensitivity = _sensitivity(search)
         _explore(search, sensitivity)
@@ -387,7 +401,7 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
         started = time.perf_counter()
         structural = copy.deepcopy(search.baseline)
         settings: dict[str, Any] = {"channel_amount": amount, "distill": distilled}
-        teacher = search.baseline if distilled else None
+        teacher = search.teacher if distilled else None
         loss_fn = None
         if distilled:
             from torchslim.distill.api import KD, kd_loss_fn
@@ -438,6 +452,26 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
                 point = search.evaluate(quantized, _label(settings_q), settings_q, started)
                 if not point["explore"]:
                     break
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module, splits: Any, config: PlannerConfig) -> None:
+    from torchslim.errors import ConfigError, ModelError
+
+    if not config.distill:
+        raise ConfigError("plan teacher= needs PlannerConfig.distill = True: the teacher is only used to distill")
+    if not isinstance(teacher, nn.Module) or teacher is model:
+        raise ModelError("plan teacher= must be a separate nn.Module (a trained model with the same classes)")
+    modes = (model.training, teacher.training)
+    model.eval(), teacher.eval()
+    try:
+        with torch.no_grad():
+            example = splits.example_inputs(2)
+            got, want = teacher(example), model(example)
+    finally:
+        model.train(modes[0]), teacher.train(modes[1])
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        raise ModelError(f"plan teacher= outputs {tuple(getattr(got, 'shape', ()))} for 2 samples: expected "
+                         f"{tuple(want.shape)} like the model")
 
 
 def _label(settings: dict[str, Any]) -> str:
@@ -496,6 +530,8 @@ def run_planner(
     input_recipe: list | None = None,
     progress: Callable[[str], None] | None = None,
     latency: bool = True,
+    teacher: nn.Module | None = None,
+    teacher_name: str | None = None,
 ) -> dict[str, Any]:
     """Run :func:`plan`, save the chosen model as ``DIR/model.slim`` and write the report (explored points included).
 
@@ -507,6 +543,8 @@ def run_planner(
         input_recipe: how the input model was made (kept in the manifest).
         progress: called with one line per step.
         latency: measure the latency of the input and chosen models.
+        teacher: the distilled candidates' teacher (see :func:`plan`); None: the input model.
+        teacher_name: how the manifest and report name the teacher (e.g. its file).
 
     Returns:
         ``{"report": report data, "chosen": point or None, "final": path or None}``.
@@ -520,7 +558,8 @@ def run_planner(
     check_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = plan(model, splits, config, progress=progress)
+    result = plan(model, splits, config, progress=progress, teacher=teacher)
+    teacher_label = "the input model" if teacher is None else (teacher_name or type(teacher).__name__)
     records = list(input_recipe or [])
     results = [save_and_measure("input", model, out / "input.slim", splits, recipe=records, latency=latency)]
     final = None
@@ -529,9 +568,11 @@ def run_planner(
         final = out / "model.slim"
         entry = save_and_measure(f"planned ({point['label']})", result.model, final, splits,
                                  recipe=records + [{"stage": "plan", "config": config.to_dict(),
+                                                    "teacher": teacher_label,
                                                     "stages": planned_recipe(point)}], latency=latency)
         results.append(entry)
     planner = result.to_dict(config)
+    planner["summary"] += f" Distillation teacher: {teacher_label}."
     data = {"title": f"torchslim compress: planner ({config.target}, max drop {config.max_accuracy_drop} points)",
             "intro": ["Decisions use the held-out part of the training split (never used for fine-tuning); the table "
                       "reports the test split. "
