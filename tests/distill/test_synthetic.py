@@ -39,12 +39,12 @@ def test_bn_inversion_without_any_data_teaches_a_student(bn_teacher, digits):
     assert x.shape == (384, 1, 28, 28) and torch.isfinite(x).all()
     assert torch.bincount(y, minlength=10).min() >= 10  # balanced targets: the teacher sees every class
     torch.manual_seed(0)
-    student = ts.create_model("student_mlp", hidden=64)
+    student = ts.create_model("lenet5")
+    # the live teacher labels every randomly shifted view of the few synthetic images
     distill(student, bn_teacher, config, KD(temperature=4.0, alpha=1.0), input_shape=(1, 28, 28),
-            train_config=TrainConfig(epochs=30, lr=3e-3, scheduler="cosine"), progress=False)
-    # Measured: teacher 70.3%, student 36.4% (chance is 10%). The target (>= 80% of the teacher) is NOT
-    # reached at this size; this checks that the inverted inputs carry class information at all.
-    assert evaluate(student, digits.test) > 0.25
+            train_config=TrainConfig(epochs=30, lr=3e-3, scheduler="cosine", augment_shift=2), progress=False)
+    # the goal: >= 80% of the teacher's accuracy without a single real training image
+    assert evaluate(student, digits.test) >= 0.8 * evaluate(bn_teacher, digits.test)
 
 
 def test_same_seed_same_samples_and_teacher_unchanged(bn_teacher):

@@ -22,7 +22,8 @@ def test_planner_picks_the_smallest_candidate_within_budget(small_model, digits)
     # the budget less one held-out image's worth (287 held-out images)
     assert result.holdout_size == 287
     assert result.accuracy_floor == pytest.approx(result.baseline_accuracy - (0.05 - 1 / 287))
-    assert all(p["ok"] == (p["accuracy"] >= result.accuracy_floor - 1e-9) for p in result.points)
+    assert all(p["ok"] == (p["accuracy"] >= result.accuracy_floor - 1e-9
+                           and p["shift_accuracy"] >= result.shift_accuracy_floor - 1e-9) for p in result.points)
 
 
 def test_holdout_split_is_deterministic_disjoint_and_covers_train(digits):
@@ -103,3 +104,35 @@ def test_a_given_teacher_is_the_one_distilled_from_and_is_checked(small_model, d
         plan(small_model, digits, PlannerConfig(**FAST), teacher=teacher)
     with pytest.raises(ModelError, match=r"plan teacher= outputs \(2, 3\) for 2 samples: expected \(2, 10\)"):
         plan(small_model, digits, config, teacher=nn.Sequential(nn.Flatten(), nn.Linear(784, 3)))
+
+
+def test_shifted_views_are_every_offset_with_edges_replicated():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from torchslim.pipeline.planner import _shifted_views
+
+    x = torch.zeros(2, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0  # one bright pixel in the middle
+    x[1, 0, 0, :] = 7.0  # a bright top row: replicated when shifted down
+    views = _shifted_views(TensorDataset(x, torch.tensor([3, 4])), 1)
+    images, labels = views.tensors
+    assert images.shape == (18, 1, 5, 5) and labels.tolist() == [3, 4] * 9
+    bright = {tuple(torch.nonzero(images[2 * k, 0])[0].tolist()) for k in range(9)}
+    assert bright == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
+    assert torch.equal(images[1, 0, :2], torch.full((2, 5), 7.0))  # offset (-1, -1): the top row shifted down
+    assert _shifted_views(TensorDataset(x, torch.tensor([3, 4])), 0) is None
+    assert _shifted_views(TensorDataset(torch.zeros(2, 8), torch.tensor([0, 1])), 1) is None  # not images
+
+
+def test_a_candidate_that_loses_the_shifted_views_is_over_budget(small_model, digits, monkeypatch):
+    from torchslim.pipeline import planner
+
+    real = planner._Search.shift_accuracy
+    monkeypatch.setattr(planner._Search, "shift_accuracy",
+                        lambda self, model: real(self, model) - (0 if model is self.baseline else 0.2))
+    result = plan(small_model, digits, PlannerConfig(**FAST))
+    assert result.points and result.model is None
+    assert all(p["accuracy"] >= result.accuracy_floor - 1e-9 for p in result.points[:1])  # held-out alone passed
+    assert not any(p["ok"] for p in result.points)
+    assert plan(small_model, digits, PlannerConfig(**{**FAST, "shift_check": 0})).model is not None

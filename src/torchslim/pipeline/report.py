@@ -205,12 +205,13 @@ def _markdown(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
 
 def _planner_md(planner: dict[str, Any]) -> list[str]:
     lines = ["## Planner", "", planner.get("summary", ""), "",
-             "| # | candidate | held-out accuracy | file bytes | MACs | Pareto | meets budget |",
-             "|---:|---|---:|---:|---:|:---:|:---:|"]
+             "| # | candidate | held-out accuracy | shifted views | file bytes | MACs | Pareto | meets budget |",
+             "|---:|---|---:|---:|---:|---:|:---:|:---:|"]
     front = set(planner.get("front", []))
     for index, p in enumerate(planner.get("points", [])):
-        lines.append(f"| {index} | {p['label']} | {p['accuracy']:.2%} | {p['file_bytes']:,} | {p.get('macs') or '-'} "
-                     f"| {'*' if index in front else ''} | {'yes' if p.get('ok') else 'no'} |")
+        shifted = f"{p['shift_accuracy']:.2%}" if "shift_accuracy" in p else "-"
+        lines.append(f"| {index} | {p['label']} | {p['accuracy']:.2%} | {shifted} | {p['file_bytes']:,} | "
+                     f"{p.get('macs') or '-'} | {'*' if index in front else ''} | {'yes' if p.get('ok') else 'no'} |")
     return lines + [""]
 
 
