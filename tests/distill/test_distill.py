@@ -219,3 +219,25 @@ def test_feature_pairs_name_unknown_modules(blob_teacher):
     teacher, data = blob_teacher
     with pytest.raises(ModelError, match="teacher has no module named 'layer9': expected one of 0, 1, 2, 3"):
         distill(tiny_mlp(), teacher, data, KD(features=("layer9:1",)), progress=False)
+
+
+def test_distilled_student_makes_fewer_digit_errors_than_the_same_student_alone(trained_lenet5, digits):
+    """Hinton's comparison in small: same init, data order and epochs; only the loss differs.
+
+    Measured (lenet5 teacher, 3 test errors): alone 7 / 8 / 13 errors, distilled 5 / 6 / 8 (seeds 1-3).
+    """
+    teacher = copy.deepcopy(trained_lenet5)
+    alone_errors, distilled_errors = [], []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        init = ts.create_model("student_cnn", width=3)
+        config = TrainConfig(epochs=50, batch_size=32, lr=3e-3, scheduler="cosine", seed=seed)
+        alone = copy.deepcopy(init)
+        ts.train(alone, digits.train, config, progress=False)
+        distilled = distill(copy.deepcopy(init), teacher, digits.train, KD(temperature=2.0, alpha=0.9,
+                                                                           cache_logits=True),
+                            train_config=config, progress=False)
+        alone_errors.append(round((1 - evaluate(alone, digits.test)) * len(digits.test)))
+        distilled_errors.append(round((1 - evaluate(distilled, digits.test)) * len(digits.test)))
+    assert all(d <= a for a, d in zip(alone_errors, distilled_errors)), (alone_errors, distilled_errors)
+    assert sum(distilled_errors) <= sum(alone_errors) - 4, (alone_errors, distilled_errors)
