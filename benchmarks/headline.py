@@ -2,8 +2,10 @@
 
 For each model, in one run: train fp32 (recommended settings, seed 0) on the planner's fine-tuning part of the
 training split (``holdout_split``: the planner's held-out 20% is never seen by the model, so the planner's budget is
-judged on unseen images) and save it as ``.slim``; run the planner (``max_accuracy_drop=0.5``, ``target="size"``)
-and measure the chosen ``.slim``; and the seed's stack on the same trained model: ``torch.nn.utils.prune`` global L1
+judged on unseen images) and save it as ``.slim``; train the seed's larger ResNet-style teacher (``resnet``,
+``RECOMMENDED["resnet"]``) on the same part; run the planner (``max_accuracy_drop=0.5``, ``target="size"``, its
+distilled candidates learning from that teacher: ``torchslim compress --teacher``) and measure the chosen
+``.slim``; and the seed's stack on the same trained model: ``torch.nn.utils.prune`` global L1
 unstructured pruning (90%, fine-tuned on the same images), then ``torch.ao.quantization`` dynamic int8 of the Linear
 layers, saved with ``torch.save`` of the quantized model's state dict (what that stack can save). Accuracy is on the
 digits test split (360 images; one image = 0.28 points). Deep Compression's published ratios (Han et al. 2016,
@@ -52,7 +54,7 @@ def seed_stack(name: str, model: torch.nn.Module, fit, test) -> tuple[int, float
     return len(buffer.getvalue()), ts.evaluate(quantized, test)
 
 
-def run_model(name: str, splits, config: PlannerConfig, tmp: Path) -> dict:
+def run_model(name: str, splits, config: PlannerConfig, tmp: Path, teacher: torch.nn.Module) -> dict:
     """Train ``name`` on the planner's fine-tuning part, plan it, run the seed's stack; bytes and test accuracy."""
     fit, _holdout = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
     torch.manual_seed(0)
@@ -63,7 +65,8 @@ def run_model(name: str, splits, config: PlannerConfig, tmp: Path) -> dict:
     ts.save(model, fp32_path)
     row = {"name": name, "fp32_bytes": os.path.getsize(fp32_path), "fp32_acc": ts.evaluate(model, splits.test)}
     started = time.perf_counter()
-    result = plan(model, splits, config, progress=lambda line: print(f"  {name}: {line}", flush=True))
+    result = plan(model, splits, config, progress=lambda line: print(f"  {name}: {line}", flush=True),
+                  teacher=teacher)
     row.update(seconds=time.perf_counter() - started, holdout_acc=result.baseline_accuracy, explored=len(result.points),
                stopped_early=result.stopped_early, planned=None)
     if result.model is not None:
@@ -76,13 +79,16 @@ def run_model(name: str, splits, config: PlannerConfig, tmp: Path) -> dict:
     return row
 
 
-def render(rows: list[dict], args, config: PlannerConfig) -> str:
+def render(rows: list[dict], args, config: PlannerConfig, teacher_acc: float) -> str:
     lines = ["# Headline: planner vs the seed's stack (digits, one run)", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: `python benchmarks/headline.py "
-             f"--time-budget {args.time_budget:g}`. Baselines trained on the planner's fine-tuning part of the "
+             f"--time-budget {args.time_budget:g} --recovery-epochs {config.recovery_epochs} --qat-epochs "
+             f"{config.qat_epochs}`. Baselines trained on the planner's fine-tuning part of the "
              f"training split ({1 - config.holdout_fraction:.0%}, seed {config.seed}); the planner decides on the "
              f"other {config.holdout_fraction:.0%} (unseen by the baseline) with budget {config.max_accuracy_drop} "
-             f"points less a margin of {config.margin_samples} held-out image. Accuracy: digits test split (360 "
+             f"points less a margin of {config.margin_samples} held-out image; its distilled candidates learn from "
+             f"a resnet teacher trained on the same 80% ({teacher_acc:.2%} on the test split). Accuracy: digits "
+             "test split (360 "
              "images, 1 image = 0.28 points). Bytes: the `.slim` file (planner) or `torch.save` of the state dict "
              "(seed stack); ratios against the fp32 `.slim`.", "",
              "| model | fp32 .slim | fp32 acc | planner .slim | ratio | acc | drop (pts) | planner choice | held-out "
@@ -108,16 +114,27 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=600.0, help="planner seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "headline.md")
     parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--recovery-epochs", type=int, default=PlannerConfig.recovery_epochs,
+                        help="PlannerConfig.recovery_epochs")
+    parser.add_argument("--qat-epochs", type=int, default=PlannerConfig.qat_epochs, help="PlannerConfig.qat_epochs")
     args = parser.parse_args()
     from torchslim.fileio import atomic_write_text
 
     splits = ts.load_data("digits")
-    config = PlannerConfig(max_accuracy_drop=0.5, target="size", time_budget=args.time_budget)
+    config = PlannerConfig(max_accuracy_drop=0.5, target="size", time_budget=args.time_budget,
+                           recovery_epochs=args.recovery_epochs, qat_epochs=args.qat_epochs)
+    fit, _holdout = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
+    torch.manual_seed(0)
+    teacher = ts.create_model("resnet")
+    ts.train(teacher, fit, RECOMMENDED["resnet"], progress=False)
+    teacher.eval()
+    teacher_acc = ts.evaluate(teacher, splits.test)
+    print(f"teacher resnet: {teacher_acc:.2%} on the test split", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows.append(run_model(name, splits, config, Path(tmp)))
-            text = render(rows, args, config)
+            rows.append(run_model(name, splits, config, Path(tmp), teacher))
+            text = render(rows, args, config, teacher_acc)
             print(text, flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, text)  # after each model, so an interrupted run keeps what it measured
