@@ -80,10 +80,13 @@ def run_model(name: str, splits, config: PlannerConfig, tmp: Path, teacher: torc
 
 
 def render(rows: list[dict], args, config: PlannerConfig, teacher_acc: float) -> str:
+    amounts = ",".join(f"{v:g}" for v in config.channel_amounts)
+    sparsities = ",".join(f"{v:g}" for v in config.sparsities)
     lines = ["# Headline: planner vs the seed's stack (digits, one run)", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: `python benchmarks/headline.py "
              f"--time-budget {args.time_budget:g} --recovery-epochs {config.recovery_epochs} --qat-epochs "
-             f"{config.qat_epochs}`. Baselines trained on the planner's fine-tuning part of the "
+             f"{config.qat_epochs} --channel-amounts {amounts} --sparsities {sparsities}`. Baselines trained on the "
+             "planner's fine-tuning part of the "
              f"training split ({1 - config.holdout_fraction:.0%}, seed {config.seed}); the planner decides on the "
              f"other {config.holdout_fraction:.0%} (unseen by the baseline) with budget {config.max_accuracy_drop} "
              f"points less a margin of {config.margin_samples} held-out image; its distilled candidates learn from "
@@ -117,12 +120,18 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=PlannerConfig.recovery_epochs,
                         help="PlannerConfig.recovery_epochs")
     parser.add_argument("--qat-epochs", type=int, default=PlannerConfig.qat_epochs, help="PlannerConfig.qat_epochs")
+    parser.add_argument("--channel-amounts", default=",".join(map(str, PlannerConfig.channel_amounts)),
+                        help="PlannerConfig.channel_amounts, comma-separated")
+    parser.add_argument("--sparsities", default=",".join(map(str, PlannerConfig.sparsities)),
+                        help="PlannerConfig.sparsities, comma-separated")
     args = parser.parse_args()
     from torchslim.fileio import atomic_write_text
 
     splits = ts.load_data("digits")
     config = PlannerConfig(max_accuracy_drop=0.5, target="size", time_budget=args.time_budget,
-                           recovery_epochs=args.recovery_epochs, qat_epochs=args.qat_epochs)
+                           recovery_epochs=args.recovery_epochs, qat_epochs=args.qat_epochs,
+                           channel_amounts=tuple(float(v) for v in args.channel_amounts.split(",")),
+                           sparsities=tuple(float(v) for v in args.sparsities.split(",")))
     fit, _holdout = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
     torch.manual_seed(0)
     teacher = ts.create_model("resnet")
