@@ -38,6 +38,13 @@ def cli_args(npz: Path, out: Path, batch_size: int) -> list[str]:
     ]  # fmt: skip
 
 
+def distill_args(npz: Path, teacher: Path, out: Path, batch_size: int) -> list[str]:
+    return [
+        "distill", "--teacher", str(teacher), "--student", "torchslim.models:student_mlp", "--data", f"npz:{npz}",
+        "--epochs", "1", "--batch-size", str(batch_size), "--out", str(out), "--no-progress", "--json",
+    ]  # fmt: skip
+
+
 def write_npz(path: Path) -> None:
     (x, y), (xt, yt) = (d.tensors for d in data())
     np.savez(path, x=x.numpy(), y=y.numpy(), x_test=xt.numpy(), y_test=yt.numpy())
@@ -76,6 +83,8 @@ def main_worker(out: Path, global_batch: int) -> None:
         write_npz(out / "data.npz")
     distributed.barrier()
     report["cli_code"] = main(cli_args(out / "data.npz", out / "cli.slim", global_batch // 2))
+    report["distill_code"] = main(distill_args(out / "data.npz", out / "cli.slim", out / "distilled.slim",
+                                               global_batch // 2))
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

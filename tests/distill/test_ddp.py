@@ -103,6 +103,14 @@ def test_cli_under_torchrun_matches_one_process(launched, tmp_path, capsys):
     assert ts.read_manifest(out / "cli.slim")["recipe"][0]["world_size"] == 2
 
 
+def test_distill_cli_under_torchrun_writes_once_and_records_the_processes(launched):
+    out, reports, _ = launched
+    assert [r["distill_code"] for r in reports] == [0, 0]
+    stage = ts.read_manifest(out / "distilled.slim")["recipe"][-1]
+    assert stage["stage"] == "distill" and stage["world_size"] == 2
+    assert not list(out.glob("*.tmp*"))  # rank 0 alone wrote: no second writer's leftovers
+
+
 def test_resuming_a_two_process_checkpoint_in_one_process_is_refused(launched, tmp_path):
     out, _, _ = launched
     checkpoint = tmp_path / "ckpt.pt"

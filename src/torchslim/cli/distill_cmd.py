@@ -115,6 +115,8 @@ def distill(
 
     teacher_model = load(teacher, trust_factory=trust_factory)
     splits = load_data_for(data, teacher_model)
+    if augment_shift is None and len(splits.input_shape) != 3:
+        train_config = train_config.replace(augment_shift=0)  # the recommended shifts are for images only
     recipe = []
     if student_file:
         student_model = load(Path(student), trust_factory=trust_factory)
