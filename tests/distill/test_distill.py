@@ -239,5 +239,5 @@ def test_distilled_student_makes_fewer_digit_errors_than_the_same_student_alone(
                             train_config=config, progress=False)
         alone_errors.append(round((1 - evaluate(alone, digits.test)) * len(digits.test)))
         distilled_errors.append(round((1 - evaluate(distilled, digits.test)) * len(digits.test)))
-    assert all(d <= a for a, d in zip(alone_errors, distilled_errors)), (alone_errors, distilled_errors)
+    assert all(d <= a for a, d in zip(alone_errors, distilled_errors, strict=True)), (alone_errors, distilled_errors)
     assert sum(distilled_errors) <= sum(alone_errors) - 4, (alone_errors, distilled_errors)
