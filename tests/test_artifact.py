@@ -256,6 +256,51 @@ def test_very_sparse_tensor_uses_coo(tmp_path):
     _assert_same_state(model, load(path))
 
 
+def test_packed_low_bit_codes_of_a_pruned_layer_are_stored_deflated(tmp_path):
+    """2-bit codes pack four weights a byte: 85% zero weights leave only ~52% zero bytes for the bitmask."""
+    import zlib
+
+    from torchslim.quantize import IntQuant, quantize_
+
+    model = _prune(_model("lenet300"), 0.85)
+    quantize_(model, IntQuant(bits=2, granularity="channel"))
+    path = save(model, tmp_path / "q2.slim")
+    row = next(r for r in tensor_table(path) if r["name"] == "1.packed")
+    packed = model.state_dict()["1.packed"]
+    zero_bytes = int((packed == 0).sum())
+    bitmask_bytes = packed.numel() - zero_bytes + math.ceil(packed.numel() / 8)
+    assert row["encoding"] == "deflate"
+    assert row["stored_bytes"] == len(zlib.compress(packed.numpy().tobytes(), 9)) < 0.8 * bitmask_bytes
+    loaded = load(path)
+    _assert_same_state(model, loaded)
+    x = _inputs()
+    assert torch.equal(_outputs(model, x), _outputs(loaded, x))
+
+
+def test_deflate_data_that_is_corrupt_or_inflates_too_far_is_refused_without_expanding_it():
+    import zlib
+
+    def decode(data: bytes, shape=(100,), dtype=torch.uint8):
+        parts = {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        return decode_tensor("deflate", parts, dtype, shape, "m.slim: tensor 'w'")
+
+    good = zlib.compress(bytes(range(100)))
+    assert decode(good).tolist() == list(range(100))
+    with pytest.raises(ArtifactError, match=r"m.slim: tensor 'w': deflate data does not decompress"):
+        decode(b"not zlib at all")
+    bomb = zlib.compress(bytes(50_000_000))  # 50 MB of zeros in ~50 KB
+    with pytest.raises(ArtifactError, match=r"deflate data inflates past the 100 bytes expected \(corrupted file\)"):
+        decode(bomb)
+    with pytest.raises(ArtifactError, match=r"deflate data holds 99 bytes, expected 100"):
+        decode(zlib.compress(bytes(99)))
+    with pytest.raises(ArtifactError, match=r"deflate stores 1-byte dtypes only, not float32"):
+        decode(good, shape=(25,), dtype=torch.float32)
+    with pytest.raises(ArtifactError, match=r"deflate data stream is truncated"):
+        decode(good[:-5])
+    with pytest.raises(ArtifactError, match=r"deflate data has bytes after its end"):
+        decode(good + b"\x00")
+
+
 def test_all_zero_and_empty_tensors_round_trip(tmp_path):
     model = _model("lenet300")
     with torch.no_grad():

@@ -1,10 +1,15 @@
-"""Lossless tensor encodings for ``.slim`` files: dense, bitmask + values, indices + values (COO).
+"""Lossless tensor encodings for ``.slim`` files: dense, bitmask + values, indices + values (COO), deflate.
 
 Every model tensor is stored as one or more safetensors arrays ("parts"). ``encode_tensor`` picks
 the encoding with the fewest bytes; ``decode_tensor`` restores the tensor bit for bit. An element is
 "present" when its bit pattern is non-zero, so ``-0.0`` and NaN payloads survive exactly; a pruned
 weight therefore compresses only where it holds ``+0.0`` (zero weights with ``masked_fill``/
 ``torch.where``, not by multiplying negative weights by 0, which gives ``-0.0``).
+
+Byte tensors (the packed codes of k-bit layers, int8 weights) may also be stored ``deflate``-compressed
+(zlib): a pruned layer quantized to 2-4 bits packs several codes per byte, so whole zero bytes are rarer than zero
+weights and the bitmask saves little, while an entropy coder still finds the zeros (Deep Compression's Huffman
+stage plays this part).
 
 New encodings register in :data:`ENCODINGS`; the manifest names the encoding per tensor.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -156,6 +162,56 @@ def _coo_decode(parts, dtype, shape, where):
 COO = Encoding("coo", ("indices", "values"), _coo_cost, _coo_encode, _coo_decode)
 
 
+# --- deflate: zlib-compressed raw bytes (byte tensors only) -------------------------------------
+_DEFLATE_MIN_BYTES = 64  # below this the zlib header and checksum outweigh any saving
+
+
+def _deflated(info: TensorInfo) -> bytes | None:
+    if info.itemsize != 1 or info.numel < _DEFLATE_MIN_BYTES or info.flat.is_complex():
+        return None
+    return zlib.compress(info.flat.view(torch.uint8).numpy().tobytes(), 9)
+
+
+def _deflate_cost(info: TensorInfo) -> int | None:
+    data = _deflated(info)
+    return None if data is None else len(data)
+
+
+def _deflate_encode(info: TensorInfo) -> dict[str, torch.Tensor]:
+    data = _deflated(info)
+    return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+
+
+def _deflate_decode(parts, dtype, shape, where):
+    numel = math.prod(shape)
+    data = parts["data"]
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise ArtifactError(f"{where}: stored data has dtype {dtype_name(data.dtype)} and shape {list(data.shape)}, "
+                            "expected uint8 and 1-D")
+    if torch.empty(0, dtype=dtype).element_size() != 1:
+        raise ArtifactError(f"{where}: deflate stores 1-byte dtypes only, not {dtype_name(dtype)} (corrupted file)")
+    inflater = zlib.decompressobj()
+    try:
+        # at most the expected size plus one byte: a stream that inflates further is refused, not expanded
+        raw = inflater.decompress(data.numpy().tobytes(), numel + 1)
+    except zlib.error as exc:
+        raise ArtifactError(f"{where}: deflate data does not decompress ({exc}; corrupted file)") from exc
+    if len(raw) > numel:
+        problem = f"inflates past the {numel} bytes expected"
+    elif not inflater.eof:
+        problem = "stream is truncated"
+    elif len(raw) != numel:
+        problem = f"holds {len(raw)} bytes, expected {numel}"
+    elif inflater.unused_data:
+        problem = "has bytes after its end"
+    else:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    raise ArtifactError(f"{where}: deflate data {problem} (corrupted file)")
+
+
+DEFLATE = Encoding("deflate", ("data",), _deflate_cost, _deflate_encode, _deflate_decode)
+
+
 def _scatter(
     present: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, numel: int, where: str
 ) -> torch.Tensor:
@@ -170,7 +226,7 @@ def _scatter(
 
 
 # name -> encoding; encode_tensor tries them in this order and keeps the first cheapest one
-ENCODINGS: dict[str, Encoding] = {e.name: e for e in (DENSE, BITMASK, COO)}
+ENCODINGS: dict[str, Encoding] = {e.name: e for e in (DENSE, BITMASK, COO, DEFLATE)}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
