@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import io
 import os
+import platform
 import tempfile
 import time
 import warnings
@@ -83,6 +85,8 @@ def render(rows: list[dict], args, config: PlannerConfig, teacher_acc: float) ->
     amounts = ",".join(f"{v:g}" for v in config.channel_amounts)
     sparsities = ",".join(f"{v:g}" for v in config.sparsities)
     lines = ["# Headline: planner vs the seed's stack (digits, one run)", "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"{platform.processor() or platform.machine()} with {os.cpu_count()} logical cores; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: `python benchmarks/headline.py "
              f"--time-budget {args.time_budget:g} --recovery-epochs {config.recovery_epochs} --qat-epochs "
              f"{config.qat_epochs} --channel-amounts {amounts} --sparsities {sparsities}`. Baselines trained on the "

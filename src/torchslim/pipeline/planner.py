@@ -88,8 +88,8 @@ class PlannerConfig(Config):
     sparsities: tuple[float, ...] = (0.8, 0.9, 0.95)
     bits: tuple[int, ...] = (4, 3, 2)
     distill: bool = True
-    recovery_epochs: int = 8
-    qat_epochs: int = 3
+    recovery_epochs: int = 24
+    qat_epochs: int = 6
     search_slack: float = 1.0
     margin_samples: int = 1
     shift_check: int = 1
