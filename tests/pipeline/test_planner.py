@@ -91,7 +91,8 @@ def test_a_given_teacher_is_the_one_distilled_from_and_is_checked(small_model, d
     from torchslim.errors import ModelError
 
     torch.manual_seed(0)
-    teacher = ts.create_model("lenet300").eval()
+    teacher = ts.create_model("resnet", widths=(16, 32), blocks=(1, 1))  # BatchNorm statistics must not move
+    teacher.train()  # plan() runs it in eval mode and gives the mode back
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     seen = []
     real = kd_api.kd_loss_fn
@@ -100,6 +101,7 @@ def test_a_given_teacher_is_the_one_distilled_from_and_is_checked(small_model, d
     plan(small_model, digits, config, teacher=teacher)
     assert seen and all(t is teacher for t in seen)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert teacher.training
     with pytest.raises(ConfigError, match="plan teacher= needs PlannerConfig.distill = True"):
         plan(small_model, digits, PlannerConfig(**FAST), teacher=teacher)
     with pytest.raises(ModelError, match=r"plan teacher= outputs \(2, 3\) for 2 samples: expected \(2, 10\)"):

@@ -368,11 +368,16 @@ def plan(
     if teacher is not None:
         _check_teacher(model, teacher, splits, config)
     search = _Search(model, splits, config, progress or (lambda _line: None), teacher)
+    teacher_was_training = teacher is not None and teacher.training
+    if teacher is not None:
+        teacher.eval()  # a BatchNorm teacher in train mode would give batch statistics and change its own
     try:
         sensitivity = _sensitivity(search)
         _explore(search, sensitivity)
     finally:
         search.tmp.cleanup()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     from torchslim.measure.plots import pareto_front
 
     front = pareto_front([(p["file_bytes"], p["accuracy"]) for p in search.points])
