@@ -40,6 +40,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     mask: torch.Tensor | None  # raw bits != 0 (None: the dtype has no same-size integer view)
     nnz: int
+    deflated: bytes | None = None  # zlib of the raw bytes, computed once for cost and encode (byte tensors)
 
     @property
     def numel(self) -> int:
@@ -167,9 +168,11 @@ _DEFLATE_MIN_BYTES = 64  # below this the zlib header and checksum outweigh any 
 
 
 def _deflated(info: TensorInfo) -> bytes | None:
-    if info.itemsize != 1 or info.numel < _DEFLATE_MIN_BYTES or info.flat.is_complex():
+    if info.itemsize != 1 or info.numel < _DEFLATE_MIN_BYTES:
         return None
-    return zlib.compress(info.flat.view(torch.uint8).numpy().tobytes(), 9)
+    if info.deflated is None:
+        info.deflated = zlib.compress(info.flat.view(torch.uint8).numpy().tobytes(), 9)
+    return info.deflated
 
 
 def _deflate_cost(info: TensorInfo) -> int | None:

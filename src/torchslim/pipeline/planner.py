@@ -270,8 +270,7 @@ class _Search:
         allowed = max(0.0, config.max_accuracy_drop / 100 - config.margin_samples / len(self.holdout))
         self.floor = self.base_accuracy - allowed - 1e-9
         self.shifted = _shifted_views(self.holdout, config.shift_check)
-        self.base_shift_accuracy = None if self.shifted is None else self.shift_accuracy(self.baseline)
-        self.shift_floor = None if self.shifted is None else self.base_shift_accuracy - allowed - 1e-9
+        self.shift_floor = None if self.shifted is None else self.shift_accuracy(self.baseline) - allowed - 1e-9
         self.tmp = tempfile.TemporaryDirectory(prefix="torchslim-plan-")
 
     def accuracy(self, model: nn.Module) -> float:
@@ -366,12 +365,13 @@ def plan(
     """
     config = config or PlannerConfig()
     if teacher is not None:
-        _check_teacher(model, teacher, splits, config)
+        _check_teacher_settings(model, teacher, config)
     search = _Search(model, splits, config, progress or (lambda _line: None), teacher)
     teacher_was_training = teacher is not None and teacher.training
-    if teacher is not None:
-        teacher.eval()  # a BatchNorm teacher in train mode would give batch statistics and change its own
     try:
+        if teacher is not None:
+            teacher.eval()  # a BatchNorm teacher in train mode would give batch statistics and change its own
+            _check_teacher_outputs(search.baseline, teacher, splits)
         sensitivity = _sensitivity(search)
         _explore(search, sensitivity)
     finally:
@@ -505,21 +505,22 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
                     break
 
 
-def _check_teacher(model: nn.Module, teacher: nn.Module, splits: Any, config: PlannerConfig) -> None:
+def _check_teacher_settings(model: nn.Module, teacher: nn.Module, config: PlannerConfig) -> None:
     from torchslim.errors import ConfigError, ModelError
 
     if not config.distill:
         raise ConfigError("plan teacher= needs PlannerConfig.distill = True: the teacher is only used to distill")
     if not isinstance(teacher, nn.Module) or teacher is model:
         raise ModelError("plan teacher= must be a separate nn.Module (a trained model with the same classes)")
-    modes = (model.training, teacher.training)
-    model.eval(), teacher.eval()
-    try:
-        with torch.no_grad():
-            example = splits.example_inputs(2)
-            got, want = teacher(example), model(example)
-    finally:
-        model.train(modes[0]), teacher.train(modes[1])
+
+
+def _check_teacher_outputs(baseline: nn.Module, teacher: nn.Module, splits: Any) -> None:
+    """Both models in eval mode: the teacher's outputs must have the baseline's shape."""
+    from torchslim.errors import ModelError
+
+    with torch.no_grad():
+        example = splits.example_inputs(2)
+        got, want = teacher(example), baseline(example)
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         raise ModelError(f"plan teacher= outputs {tuple(getattr(got, 'shape', ()))} for 2 samples: expected "
                          f"{tuple(want.shape)} like the model")
