@@ -100,9 +100,8 @@ def distill(
     inputs = [teacher] + ([Path(student)] if student_file else [])
     target = check_output_path(out, *inputs, force=force)
     base = TrainConfig() if student_file else recommended_config(student)
-    # synthetic sets are small: the live teacher labelling shifted views of them teaches far more
-    # (a lenet5 student on 512 bn-inversion images of the resnet: 88.6% after 30 epochs unshifted with cached
-    # logits, 96.1% after 60 epochs with +-2 px shifts, as in benchmarks/distillation.py)
+    # synthetic sets are small: the live teacher labelling shifted views of them teaches more (the data-free
+    # student of benchmarks/distillation.py is trained that way)
     shift = augment_shift if augment_shift is not None else (0 if cache_logits else base.augment_shift)
     changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "augment_shift": shift, "seed": seed}
     train_config = base.replace(**{k: v for k, v in changes.items() if v is not None})
