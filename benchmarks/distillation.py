@@ -6,8 +6,7 @@ One run, Hinton et al. (2015) style (errors on the 360-image digits test split):
 2. student alone vs distilled: the same student (``student_cnn`` width 3, identical init), the same data order, the same
    epochs and optimizer (``STUDENT``, no augmentation: the transfer set is the training set without translations,
    as in Hinton's MNIST experiment); the distilled one uses ``KD(temperature=2, alpha=0.9, cache_logits=True)``.
-   Five student seeds on the full training set (150 epochs: the soft targets keep teaching long after the labels
-   are fitted), three on 5 labelled images a class;
+   Five student seeds on the full training set (150 epochs), three on 5 labelled images a class;
 3. simulated distillation, no real training labels: ``bn-inversion`` (no real image at all), ``mixup`` of 20
    unlabelled training images, and ``noise`` (pure Gaussian inputs); the student (``lenet5``, the seed's 28x28 ->
    10 model) learns only from the teacher, which scores every randomly shifted synthetic batch live.

@@ -56,9 +56,8 @@ def seed_stack(name: str, model: torch.nn.Module, fit, test) -> tuple[int, float
     return len(buffer.getvalue()), ts.evaluate(quantized, test)
 
 
-def run_model(name: str, splits, config: PlannerConfig, tmp: Path, teacher: torch.nn.Module) -> dict:
-    """Train ``name`` on the planner's fine-tuning part, plan it, run the seed's stack; bytes and test accuracy."""
-    fit, _holdout = holdout_split(splits.train, fraction=config.holdout_fraction, seed=config.seed)
+def run_model(name: str, splits, fit, config: PlannerConfig, tmp: Path, teacher: torch.nn.Module) -> dict:
+    """Train ``name`` on the planner's fine-tuning part ``fit``, plan it, run the seed's stack; bytes and accuracy."""
     torch.manual_seed(0)
     model = ts.create_model(name)
     ts.train(model, fit, RECOMMENDED[name], progress=False)
@@ -146,7 +145,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows.append(run_model(name, splits, config, Path(tmp), teacher))
+            rows.append(run_model(name, splits, fit, config, Path(tmp), teacher))
             text = render(rows, args, config, teacher_acc)
             print(text, flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
