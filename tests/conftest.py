@@ -7,6 +7,15 @@ import torchslim as ts
 from torchslim.train import RECOMMENDED
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_kernel_cache(tmp_path_factory):
+    """Layer-path benchmarks are cached in a session directory, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path_factory.mktemp("torchslim-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The embedded digits (seed 0 split)."""

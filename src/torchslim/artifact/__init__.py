@@ -28,6 +28,7 @@ import importlib
 import numbers
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,19 @@ from torchslim.artifact.io import (
     read_file,
     read_header,
 )
-from torchslim.errors import ArtifactError
+from torchslim.errors import ArtifactError, ConfigError
 from torchslim.fileio import atomic_write_bytes
 
-__all__ = ["FORMAT_VERSION", "load", "read_manifest", "register_module_codec", "save", "tensor_table"]
+__all__ = [
+    "FORMAT_VERSION",
+    "RUNTIMES",
+    "load",
+    "read_manifest",
+    "register_load_hook",
+    "register_module_codec",
+    "save",
+    "tensor_table",
+]
 
 
 # --- save ---------------------------------------------------------------------------------------
@@ -334,8 +344,23 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 # --- load ---------------------------------------------------------------------------------------
+RUNTIMES = ("auto", "compact", "dense", "reference")
+# Called as hook(model, runtime) after a load; packed-layer modules register theirs (a lower layer never imports them).
+_LOAD_HOOKS: list[Callable[[nn.Module, str], Any]] = []
+
+
+def register_load_hook(hook: Callable[[nn.Module, str], Any]) -> None:
+    """Run ``hook(model, runtime)`` on every model :func:`load` returns (once per hook)."""
+    if hook not in _LOAD_HOOKS:
+        _LOAD_HOOKS.append(hook)
+
+
 def load(
-    path: str | os.PathLike, *, trust_factory: bool = False, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    trust_factory: bool = False,
+    map_location: str | torch.device = "cpu",
+    runtime: str = "auto",
 ) -> nn.Module:
     """Load a ``.slim`` file written by :func:`save`.
 
@@ -344,6 +369,9 @@ def load(
         trust_factory: allow a model factory outside ``torchslim.models:`` and ``hf:`` (it imports
             and runs code named by the file: only for files you trust).
         map_location: device for the returned model.
+        runtime: how packed layers compute (:mod:`torchslim.quantize.runtime`): ``"auto"`` (the fastest
+            measured path per layer, never slower than fp32), ``"compact"`` (no fp32 copies), ``"dense"``
+            (decode once) or ``"reference"`` (dequantize on every call).
 
     Returns:
         The model in eval mode, with its factory recorded (so it can be saved again).
@@ -353,7 +381,10 @@ def load(
             untrusted or failing factory; unknown codec or encoding (codecs named
             ``"torchslim.x:Class"`` are imported on demand, others only with ``trust_factory``);
             tensors that disagree with the manifest or the rebuilt model (the message names the tensor).
+        ConfigError: unknown ``runtime``.
     """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime = {runtime!r} is invalid: expected one of {', '.join(map(repr, RUNTIMES))}")
     where = str(path)
     data = read_file(path)
     header = parse_header(data, len(data), where)
@@ -384,6 +415,8 @@ def load(
         raise ArtifactError(
             f"{where}: cannot move the model to map_location={map_location!r}: {exc}"
         ) from exc
+    for hook in _LOAD_HOOKS:
+        hook(model, runtime)
     return model.eval()
 
 

@@ -274,4 +274,5 @@ def _check_groups(name: str, module: nn.Module, config: Config) -> None:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)  # a replaced layer keeps the mode of the one it replaces
     setattr(parent, child, new)

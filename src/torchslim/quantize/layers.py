@@ -19,6 +19,7 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.quantize.affine import compute_qparams, grouped_view, quantize_affine
 from torchslim.quantize.packing import pack, packed_size, unpack
+from torchslim.quantize.runtime import fast_forward, set_runtime_
 
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,6 +105,9 @@ class _DequantizingLayer(_WeightOnlyLayer):
         return self.dequantize_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fast_forward(self, x)  # the path chosen by the runtime policy (None: reference)
+        if fast is not None:
+            return fast
         return self.run(x, self.dequantize_weight(x.dtype if x.is_floating_point() else torch.float32))
 
     def _stats(self, stored_bits: int) -> dict[str, int]:
@@ -371,7 +375,8 @@ class HalfLayer(_WeightOnlyLayer):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.weight)
+        fast = fast_forward(self, x)
+        return fast if fast is not None else self.run(x, self.weight)
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments (JSON-safe), used by the ``.slim`` codec."""
@@ -419,8 +424,9 @@ def _clamp_to_dtype(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _register_codecs() -> None:
-    from torchslim.artifact import register_module_codec
+    from torchslim.artifact import register_load_hook, register_module_codec
 
+    register_load_hook(set_runtime_)
     for cls in (IntQuantLayer, CodebookLayer, HalfLayer):
         register_module_codec(cls, f"{__name__}:{cls.__name__}", lambda m: m.spec(), lambda spec, c=cls: c(**spec))
 

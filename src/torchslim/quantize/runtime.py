@@ -1,0 +1,289 @@
+"""How packed layers compute on CPU: the execution path of each layer, chosen by measurement.
+
+A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute its output three ways:
+
+- ``reference``: unpack and dequantize the whole weight on every call (what the layer did before; the least
+  memory, slower than the fp32 layer it replaced);
+- ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
+  layer's; resident memory = an fp32 weight);
+- ``gemv``: the ``torch.compile``d integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
+  derived at first use (one byte a weight, half a byte for grouped 4-bit; Linear layers with 1-8-bit codes, one
+  input row).
+
+The policy (``runtime``) says which paths a layer may take:
+
+- ``"auto"`` (what :func:`torchslim.load` sets): one input row -> ``gemv`` where a micro-benchmark of this layer
+  shape on this machine measured it faster than ``dense``, else ``dense``; several rows and other layers ->
+  ``dense``. Never slower than the fp32 layer (up to timing noise), memory up to fp32 for the layers that need it.
+- ``"compact"``: ``gemv`` where it applies, else ``reference``: no fp32 copy is ever made (memory first; may be
+  slower, and :func:`runtime_report` says where);
+- ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere.
+
+Paths are chosen per layer and per input kind (one row / several rows) on the first call of that kind, and are
+recorded on the layer (:func:`runtime_report`). Fast paths run in eval mode on CPU when no gradient is needed for
+the layer's stored weights; training, autograd through a codebook or fp16 weight, tracing and compiling the model
+take the reference path. Benchmarks of a layer shape are cached in memory and in ``$TORCHSLIM_CACHE_DIR``
+(default ``~/.cache/torchslim``) ``/cpu-paths.json``, so the second load does not measure again; derived tensors
+are never saved (``.slim`` files do not change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchslim.artifact import RUNTIMES
+from torchslim.errors import ConfigError
+from torchslim.fileio import atomic_write_text
+from torchslim.kernels import cpu_gemv
+
+__all__ = ["RUNTIMES", "fast_forward", "runtime_report", "set_runtime_"]
+
+_CACHE_FILE = "cpu-paths.json"
+_MEASURED: dict[str, dict[str, float]] = {}
+# fp32 bytes of weights rotated through while timing a layer: enough to push a large model's weights out of the
+# caches, as in a real forward pass; a small model is timed on as many copies as it has bytes (it stays cached).
+_ROTATION_BYTES_CAP = 64 << 20
+_MAX_COPIES = 16
+
+
+@dataclasses.dataclass
+class _LayerState:
+    """What a packed layer derived at run time (plain attributes: never in ``state_dict``, never saved)."""
+
+    policy: str
+    model_bytes: int = 0
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    dense: Tensor | None = None
+    pack: cpu_gemv.GemvPack | None = None
+    key: tuple = ()
+
+
+def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
+    """Set the execution policy of every packed layer of ``model`` (in place; nothing is decoded yet).
+
+    Args:
+        model: any model; its ``IntQuantLayer``/``CodebookLayer``/``HalfLayer`` modules are affected.
+        runtime: one of :data:`RUNTIMES`.
+
+    Returns:
+        The number of packed layers.
+
+    Raises:
+        ConfigError: unknown ``runtime`` (the message lists the allowed ones).
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime = {runtime!r} is invalid: expected one of {', '.join(map(repr, RUNTIMES))}")
+    layers = [m for m in model.modules() if hasattr(m, "dequantize_weight") or hasattr(m, "dtype_name")]
+    layers = [m for m in layers if hasattr(m, "weight_shape")]
+    model_bytes = sum(_fp32_bytes(m) for m in layers)
+    for layer in layers:
+        layer._runtime_state = _LayerState(policy=runtime, model_bytes=model_bytes)
+    return len(layers)
+
+
+def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
+    """Per packed layer: its policy, the path taken per input kind so far, why, and the memory it costs.
+
+    Returns:
+        One dict per packed layer: ``name``, ``type``, ``policy``, ``paths`` (``{"1 row"|"rows": path}``),
+        ``reasons`` (same keys), ``stored_bytes`` (the packed buffers), ``derived_bytes`` (the fp32 copy and
+        kernel codes held now).
+    """
+    rows = []
+    for name, module in model.named_modules():
+        state = getattr(module, "_runtime_state", None)
+        if state is None:
+            continue
+        derived = 0 if state.dense is None else state.dense.numel() * state.dense.element_size()
+        derived += 0 if state.pack is None else state.pack.nbytes
+        stored = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+        stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        rows.append({"name": name, "type": type(module).__name__, "policy": state.policy,
+                     "paths": dict(state.paths), "reasons": dict(state.reasons),
+                     "stored_bytes": stored, "derived_bytes": derived})
+    return rows
+
+
+def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
+    """The layer's output through its chosen fast path, or None when the reference path must run.
+
+    Args:
+        layer: a packed layer (``run``, ``dequantize_weight`` or ``weight``, ``weight_shape``).
+        x: its input.
+    """
+    state: _LayerState | None = getattr(layer, "_runtime_state", None)
+    if state is None or state.policy == "reference" or not _fast_allowed(layer, x):
+        return None
+    rows = x.numel() // max(1, x.shape[-1]) if layer.op == "linear" else 2
+    bucket = "1 row" if rows == 1 else "rows"
+    path = state.paths.get(bucket)
+    if path is None:
+        path, reason = _choose(layer, state, bucket)
+        state.paths[bucket], state.reasons[bucket] = path, reason
+    _refresh(layer, state)
+    if path == "gemv":
+        if torch.is_grad_enabled():
+            path = "dense" if state.policy != "compact" else "reference"
+        else:
+            if state.pack is None:
+                state.pack = _derived(lambda: cpu_gemv.prepack(layer))
+            return cpu_gemv.gemv(x, state.pack, layer.bias)
+    if path == "dense":
+        if state.dense is None:
+            state.dense = _derived(lambda: _float_weight(layer))
+        return layer.run(x, state.dense)
+    return None
+
+
+def _fast_allowed(layer: nn.Module, x: Tensor) -> bool:
+    if layer.training or x.device.type != "cpu" or not x.is_floating_point():
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    weights = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in weights))
+
+
+def _derived(build) -> Tensor:
+    """Build a derived tensor as a normal tensor (usable outside ``inference_mode``), without autograd history."""
+    with torch.inference_mode(False), torch.no_grad():
+        return build()
+
+
+def _float_weight(layer: nn.Module) -> Tensor:
+    if hasattr(layer, "dequantize_weight"):
+        return layer.dequantize_weight(torch.float32).contiguous()
+    return layer.weight.detach().to(torch.float32).contiguous()
+
+
+def _version_key(layer: nn.Module) -> tuple:
+    """Changes when the layer's stored tensors are replaced or modified in place (then derived state is rebuilt)."""
+    key = []
+    for tensor in list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False)):
+        try:
+            version = tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = -1
+        key.append((tensor.data_ptr(), version))
+    return tuple(key)
+
+
+def _refresh(layer: nn.Module, state: _LayerState) -> None:
+    key = _version_key(layer)
+    if key != state.key:
+        state.key, state.dense, state.pack = key, None, None
+
+
+def _fp32_bytes(layer: nn.Module) -> int:
+    numel = 1
+    for d in layer.weight_shape:
+        numel *= int(d)
+    return 4 * numel
+
+
+def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str]:
+    """(path, reason) for this layer and input kind under its policy."""
+    if state.policy == "dense":
+        return "dense", "runtime='dense'"
+    reason = cpu_gemv.unsupported_reason(layer) if hasattr(layer, "codes") else (
+        f"{type(layer).__name__}: the integer GEMV takes integer codes")
+    if reason is None and bucket != "1 row":
+        reason = "several input rows: the GEMV is for one row"
+    if reason is not None:
+        return ("reference", f"{reason}; runtime='compact' keeps no fp32 copy") if state.policy == "compact" else (
+            "dense", f"{reason}; decoded once")
+    if state.policy == "compact":
+        return "gemv", "runtime='compact'"
+    timing = _measure(layer, state.model_bytes)
+    if "error" in timing:
+        return "dense", f"the compiled GEMV failed here ({timing['error']}); decoded once"
+    speed = timing["dense_ms"] / timing["gemv_ms"]
+    detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms ({speed:.2f}x)"
+    return ("gemv", detail) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
+
+
+def _signature(layer: nn.Module, copies: int) -> str:
+    out_features, in_features = layer.weight_shape
+    group = layer.group_size if layer.granularity == "group" else layer.granularity
+    return (f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-t{torch.get_num_threads()}-"
+            f"linear{out_features}x{in_features}-b{layer.bits}-g{group}-c{copies}")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("TORCHSLIM_CACHE_DIR") or Path.home() / ".cache" / "torchslim") / _CACHE_FILE
+
+
+def _read_cache() -> dict[str, dict[str, float]]:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(signature: str, timing: dict[str, float]) -> None:
+    data = _read_cache()
+    data[signature] = timing
+    try:
+        _cache_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_path(), json.dumps(data, indent=1, sort_keys=True))
+    except OSError:  # a read-only home: the in-memory cache still serves this process
+        pass
+
+
+def _measure(layer: nn.Module, model_bytes: int) -> dict[str, Any]:
+    """Median ms of the GEMV and of the fp32 ``F.linear`` for this layer's shape, on rotating weight copies."""
+    layer_bytes = _fp32_bytes(layer)
+    copies = max(1, min(_MAX_COPIES, min(model_bytes, _ROTATION_BYTES_CAP) // max(1, layer_bytes)))
+    signature = _signature(layer, copies)
+    if signature not in _MEASURED:
+        cached = _read_cache().get(signature)
+        if cached is None:
+            cached = _time_paths(layer, copies)
+            if "error" not in cached:
+                _write_cache(signature, cached)
+        _MEASURED[signature] = cached
+    return _MEASURED[signature]
+
+
+def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any]:
+    out_features, in_features = layer.weight_shape
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        template = cpu_gemv.prepack(layer)
+        levels = 256 if template.kind == "group4" else 1 << layer.bits
+        packs = [dataclasses.replace(template, codes=torch.randint(0, levels, template.codes.shape, generator=generator,
+                                                                   dtype=torch.int32).to(torch.uint8))
+                 for _ in range(copies)]
+        weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
+        x = torch.randn(1, in_features, generator=generator)
+        try:
+            for pack in packs[:2]:
+                cpu_gemv.gemv(x, pack)  # compiles
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
+            return {"error": str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}
+        gemv_times, dense_times = [], []
+        for _ in range(rounds):
+            gemv_times.append(_timed(lambda: [cpu_gemv.gemv(x, p) for p in packs]) / copies)
+            dense_times.append(_timed(lambda: [torch.nn.functional.linear(x, w) for w in weights]) / copies)
+    return {"gemv_ms": sorted(gemv_times)[rounds // 2], "dense_ms": sorted(dense_times)[rounds // 2]}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    repeats = 0
+    while True:
+        fn()
+        repeats += 1
+        elapsed = time.perf_counter() - start
+        if elapsed > 0.01:
+            return elapsed / repeats * 1e3

@@ -1,0 +1,163 @@
+"""Fast paths of packed layers on CPU: each equals the reference dequantized computation, is chosen and recorded
+per layer, falls back with a reason, and never changes the saved file."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.kernels import cpu_gemv
+from torchslim.quantize.runtime import runtime_report, set_runtime_
+
+CONFIGS = [
+    ts.IntQuant(bits=4, granularity="group", group_size=128),  # 576 inputs: the last group is padded
+    ts.IntQuant(bits=4, granularity="group", group_size=32, symmetric=True),
+    ts.IntQuant(bits=8, granularity="channel"),
+    ts.IntQuant(bits=8, granularity="group", group_size=64),
+    ts.IntQuant(bits=3, granularity="group", group_size=16),
+    ts.IntQuant(bits=2, granularity="tensor"),
+    ts.IntQuant(bits=6, granularity="channel", symmetric=True),
+]
+
+
+def _quantized(config, in_features=576, out_features=200):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, out_features), nn.ReLU(), nn.Linear(out_features, 37))
+    ts.quantize_(model, config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.bits}b-{c.granularity}-{c.group_size}-{c.symmetric}")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_integer_gemv_equals_the_dequantized_linear(config, compiled):
+    model = _quantized(config)
+    layer = model[0]
+    pack = cpu_gemv.prepack(layer)
+    assert pack.codes.dtype == torch.uint8
+    x = torch.randn(1, 576)
+    reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    with torch.inference_mode():
+        got = cpu_gemv.gemv(x, pack, layer.bias, compiled=compiled)
+    torch.testing.assert_close(got, reference, atol=1e-4 * float(reference.detach().abs().max()), rtol=1e-4)
+    if config.bits == 4 and config.granularity == "group":
+        assert pack.kind == "group4" and pack.codes.numel() * 2 == layer.packed.numel() * 2 * 1  # half a byte a weight
+
+
+@pytest.mark.parametrize("runtime", ["auto", "compact", "dense"])
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: f"{c.bits}b-{c.granularity}")
+@pytest.mark.parametrize("batch", [1, 5])
+def test_every_runtime_matches_the_reference_path(runtime, config, batch):
+    model = _quantized(config)
+    x = torch.randn(batch, 576)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        reference = model(x)
+    set_runtime_(model, runtime)
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, reference, atol=2e-4, rtol=1e-4)
+    report = {row["name"]: row for row in runtime_report(model)}
+    bucket = "1 row" if batch == 1 else "rows"
+    assert set(report) == {"0", "2"}
+    for row in report.values():
+        path = row["paths"][bucket]
+        assert row["reasons"][bucket]
+        if runtime == "dense":
+            assert path == "dense"
+        if runtime == "compact":
+            assert path == ("gemv" if batch == 1 else "reference")
+            assert row["derived_bytes"] < row["stored_bytes"] * 2 + 4 * 576 * 200 // 4  # no fp32 copy
+        if runtime == "auto":
+            assert path in ({"gemv", "dense"} if batch == 1 else {"dense"})
+
+
+def test_auto_picks_by_measurement_and_caches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path))
+    from torchslim.quantize import runtime as rt
+
+    monkeypatch.setattr(rt, "_MEASURED", {})
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(model)
+    with torch.inference_mode():
+        model(torch.randn(1, 576))
+    cache = json.loads((tmp_path / "cpu-paths.json").read_text())
+    assert len(cache) == 2 and all({"gemv_ms", "dense_ms"} <= set(v) for v in cache.values())
+    for row in runtime_report(model):
+        timing = cache[next(k for k in cache if f"x{576 if row['name'] == '0' else 200}-" in k)]
+        expected = "gemv" if timing["dense_ms"] / timing["gemv_ms"] > 1.0 else "dense"
+        assert row["paths"]["1 row"] == expected, row
+    # a second model of the same shapes reuses the measurement: no benchmark runs
+    monkeypatch.setattr(rt, "_MEASURED", {})
+    monkeypatch.setattr(rt, "_time_paths", lambda *a, **k: pytest.fail("measured again"))
+    again = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(again)
+    with torch.inference_mode():
+        again(torch.randn(1, 576))
+
+
+def test_a_layer_the_gemv_cannot_take_falls_back_and_says_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).eval()
+    ts.quantize_(model, ts.CodebookQuant(bits=4), filter_fn=lambda m, n: n == "2")
+    ts.quantize_(model, ts.IntQuant(bits=4), filter_fn=lambda m, n: n == "0")
+    x = torch.randn(1, 1, 28, 28)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        reference = model(x)
+    set_runtime_(model, "compact")
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, reference)
+    report = {row["name"]: row for row in runtime_report(model)}
+    assert report["0"]["paths"]["rows"] == "reference" and "Linear layers only" in report["0"]["reasons"]["rows"]
+    assert report["2"]["paths"]["1 row"] == "reference" and "integer codes" in report["2"]["reasons"]["1 row"]
+    assert report["0"]["derived_bytes"] == 0 and report["2"]["derived_bytes"] == 0
+
+
+def test_load_sets_the_runtime_and_the_file_stays_byte_identical(tmp_path):
+    torch.manual_seed(0)
+    base = ts.create_model("lenet300").eval()
+    ts.quantize_(base, ts.IntQuant(bits=4, granularity="group", group_size=32))
+    ts.save(base, tmp_path / "a.slim")
+    loaded = ts.load(tmp_path / "a.slim")
+    assert {row["policy"] for row in runtime_report(loaded)} == {"auto"}
+    x = torch.rand(3, 1, 28, 28)
+    with torch.inference_mode():
+        fast = loaded(x)
+        loaded(x[:1])
+    reference = ts.load(tmp_path / "a.slim", runtime="reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(fast, reference(x))
+    assert all(not row["paths"] for row in runtime_report(reference))
+    ts.save(loaded, tmp_path / "b.slim")  # derived state is never saved
+    assert (tmp_path / "a.slim").read_bytes() == (tmp_path / "b.slim").read_bytes()
+    with pytest.raises(ts.ConfigError, match="runtime = 'fast' is invalid: expected one of 'auto'"):
+        ts.load(tmp_path / "a.slim", runtime="fast")
+
+
+def test_training_and_changed_weights_take_the_reference_path():
+    model = _quantized(ts.IntQuant(bits=4, granularity="channel"))
+    set_runtime_(model, "dense")
+    x = torch.randn(2, 576)
+    with torch.inference_mode():
+        before = model(x)
+    layer = model[0]
+    layer.scale.mul_(2)  # in-place change: the fp32 copy must be rebuilt
+    with torch.inference_mode():
+        after = model(x)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(after, model(x))
+    assert not torch.equal(before, after)
+    set_runtime_(model, "dense")
+    model.train()
+    model(x)
+    assert all(not row["paths"] for row in runtime_report(model))
+    codebook = copy.deepcopy(_quantized(ts.CodebookQuant(bits=3)))
+    set_runtime_(codebook, "dense")
+    out = codebook(x)  # grad enabled and the codebook is a parameter: differentiable reference path
+    out.sum().backward()
+    assert codebook[0].codebook.grad is not None
