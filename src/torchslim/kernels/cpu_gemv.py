@@ -75,15 +75,14 @@ def prepack(layer: Any) -> GemvPack:
         The :class:`GemvPack` on the layer's device.
     """
     codes = layer.codes()  # (rows, groups, group_len) uint8 true codes, padding included
-    rows, groups, group_len = codes.shape
     out_features, in_features = layer.weight_shape
     scale = layer.scale.to(torch.float32)
     zero = layer.zero_points().to(torch.float32)
     if layer.granularity == "tensor":  # one scale for every row
         codes = codes.reshape(out_features, 1, in_features)
-        rows, groups, group_len = out_features, 1, in_features
         scale, zero = scale.expand(out_features, 1), zero.expand(out_features, 1)
     scale, scale_zero = scale.contiguous(), (scale * zero).contiguous()
+    groups, group_len = codes.shape[1:]
     if groups == 1:
         return GemvPack(codes.reshape(out_features, -1)[:, :in_features].contiguous(), scale, scale_zero,
                         in_features, "channel")
