@@ -88,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "PlannerConfig": "torchslim.pipeline.planner",
     "holdout_split": "torchslim.pipeline.planner",
     "write_report": "torchslim.pipeline.report",
+    "deploy": "torchslim.deployment",
+    "DeployReport": "torchslim.deployment",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -110,6 +112,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.artifact import load, read_manifest, save  # noqa: F401
     from torchslim.config import Config, register_config  # noqa: F401
     from torchslim.data import DataSplits, load_data  # noqa: F401
+    from torchslim.deployment import DeployReport, deploy  # noqa: F401
     from torchslim.distill import KD, SyntheticData, distill, distillation_loss, synthesize  # noqa: F401
     from torchslim.distill.fusion import FusionResult, ParameterFusion, fuse_parameters  # noqa: F401
     from torchslim.errors import (  # noqa: F401

@@ -15,6 +15,7 @@ from torchslim._version import __version__
 from torchslim.cli import (
     bench_cmd,
     compress_cmd,
+    deploy_cmd,
     distill_cmd,
     export_cmd,
     fuse_cmd,
@@ -63,6 +64,7 @@ app.command("quantize")(quantize_cmd.quantize)
 app.command("prune")(prune_cmd.prune)
 app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
+app.command("deploy")(deploy_cmd.deploy)
 app.command("fuse")(fuse_cmd.fuse)
 app.command("compress")(compress_cmd.compress)
 app.command("report")(report_cmd.report)

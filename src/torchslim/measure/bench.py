@@ -134,7 +134,7 @@ def _load_candidate(item: Any, name: str) -> _Candidate:
     return _load_candidate(load(path), name)
 
 
-def _factory_baseline(item: Any) -> tuple[nn.Module | None, str]:
+def factory_baseline(item: Any) -> tuple[nn.Module | None, str]:
     """The fp32 model rebuilt from a .slim manifest's (or a module's) factory, with fresh weights."""
     from torchslim.models.registry import BUILTIN_PREFIX, create_model, factory_of
 
@@ -168,7 +168,7 @@ def _is_plain(module: nn.Module) -> bool:
 def _resolve_baseline(first: Any, candidate: _Candidate, baseline: Any) -> tuple[_Candidate, str]:
     if baseline is not None:
         return _load_candidate(baseline, BASELINE), f"given: {_label(baseline, 0)}"
-    model, how = _factory_baseline(first)
+    model, how = factory_baseline(first)
     if model is not None:
         return _Candidate(BASELINE, model), how
     if candidate.module is not None and _is_plain(candidate.module):

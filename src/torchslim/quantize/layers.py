@@ -19,7 +19,7 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.quantize.affine import compute_qparams, grouped_view, quantize_affine
 from torchslim.quantize.packing import pack, packed_size, unpack
-from torchslim.quantize.runtime import fast_forward, set_runtime_
+from torchslim.quantize.runtime import fast_forward, rebind_, set_runtime_
 
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,6 +86,11 @@ class _WeightOnlyLayer(nn.Module):
     @property
     def numel(self) -> int:
         return math.prod(self.weight_shape)
+
+    def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() replace tensors: derived run-time state follows
+        result = super()._apply(fn, recurse)
+        rebind_(self)
+        return result
 
     def _bias_bits(self) -> int:
         return 0 if self.bias is None else self.bias.numel() * self.bias.element_size() * 8

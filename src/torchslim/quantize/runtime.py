@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchslim.artifact import RUNTIMES
@@ -44,7 +45,7 @@ from torchslim.errors import ConfigError
 from torchslim.fileio import atomic_write_text
 from torchslim.kernels import cpu_gemv
 
-__all__ = ["RUNTIMES", "fast_forward", "runtime_report", "set_runtime_"]
+__all__ = ["RUNTIMES", "fast_forward", "rebind_", "runtime_report", "set_runtime_"]
 
 _CACHE_FILE = "cpu-paths.json"
 _MEASURED: dict[str, dict[str, float]] = {}
@@ -60,6 +61,8 @@ class _LayerState:
 
     policy: str
     model_bytes: int = 0
+    tensors: list[Tensor] = dataclasses.field(default_factory=list)  # the stored tensors derived state comes from
+    trainable: list[Tensor] = dataclasses.field(default_factory=list)  # weight parameters (codebook, fp16 weight)
     paths: dict[str, str] = dataclasses.field(default_factory=dict)
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     dense: Tensor | None = None
@@ -87,7 +90,17 @@ def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
     model_bytes = sum(_fp32_bytes(m) for m in layers)
     for layer in layers:
         layer._runtime_state = _LayerState(policy=runtime, model_bytes=model_bytes)
+        rebind_(layer)
     return len(layers)
+
+
+def rebind_(layer: nn.Module) -> None:
+    """Point a layer's run-time state at its current tensors and drop what was derived (after ``.to()`` etc.)."""
+    state = layer.__dict__.get("_runtime_state")
+    if state is not None:
+        state.tensors = list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False))
+        state.trainable = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
+        state.key, state.dense, state.pack = (), None, None
 
 
 def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
@@ -120,37 +133,34 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
         layer: a packed layer (``run``, ``dequantize_weight`` or ``weight``, ``weight_shape``).
         x: its input.
     """
-    state: _LayerState | None = getattr(layer, "_runtime_state", None)
-    if state is None or state.policy == "reference" or not _fast_allowed(layer, x):
+    state: _LayerState | None = layer.__dict__.get("_runtime_state")
+    if state is None or state.policy == "reference" or layer.training or not x.is_cpu:
         return None
-    rows = x.numel() // max(1, x.shape[-1]) if layer.op == "linear" else 2
-    bucket = "1 row" if rows == 1 else "rows"
+    if not x.is_floating_point() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and state.trainable and any(p.requires_grad for p in state.trainable):
+        return None
+    bucket = "1 row" if layer.op == "linear" and x.numel() == x.shape[-1] else "rows"
     path = state.paths.get(bucket)
     if path is None:
         path, reason = _choose(layer, state, bucket)
         state.paths[bucket], state.reasons[bucket] = path, reason
-    _refresh(layer, state)
+    if state.key != _version_key(state.tensors):
+        state.key, state.dense, state.pack = _version_key(state.tensors), None, None
     if path == "gemv":
-        if torch.is_grad_enabled():
-            path = "dense" if state.policy != "compact" else "reference"
-        else:
+        if not grad:
             if state.pack is None:
                 state.pack = _derived(lambda: cpu_gemv.prepack(layer))
             return cpu_gemv.gemv(x, state.pack, layer.bias)
+        path = "dense" if state.policy != "compact" else "reference"
     if path == "dense":
         if state.dense is None:
             state.dense = _derived(lambda: _float_weight(layer))
+        if x.dtype == torch.float32 and layer.op == "linear":
+            return F.linear(x, state.dense, layer.bias)
         return layer.run(x, state.dense)
     return None
-
-
-def _fast_allowed(layer: nn.Module, x: Tensor) -> bool:
-    if layer.training or x.device.type != "cpu" or not x.is_floating_point():
-        return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    weights = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
-    return not (torch.is_grad_enabled() and any(p.requires_grad for p in weights))
 
 
 def _derived(build) -> Tensor:
@@ -165,22 +175,15 @@ def _float_weight(layer: nn.Module) -> Tensor:
     return layer.weight.detach().to(torch.float32).contiguous()
 
 
-def _version_key(layer: nn.Module) -> tuple:
+def _version_key(tensors: list[Tensor]) -> tuple:
     """Changes when the layer's stored tensors are replaced or modified in place (then derived state is rebuilt)."""
     key = []
-    for tensor in list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False)):
+    for tensor in tensors:
         try:
-            version = tensor._version
+            key.append((tensor.data_ptr(), tensor._version))
         except RuntimeError:  # inference tensors have no version counter
-            version = -1
-        key.append((tensor.data_ptr(), version))
+            key.append((tensor.data_ptr(), -1))
     return tuple(key)
-
-
-def _refresh(layer: nn.Module, state: _LayerState) -> None:
-    key = _version_key(layer)
-    if key != state.key:
-        state.key, state.dense, state.pack = key, None, None
 
 
 def _fp32_bytes(layer: nn.Module) -> int:

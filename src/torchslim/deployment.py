@@ -1,0 +1,424 @@
+"""``deploy``: build every runtime route of a model, check each, time them side by side, keep the fastest valid one.
+
+Routes (:data:`ROUTES`; a route that does not apply is listed with the reason):
+
+- ``torch``: the model in PyTorch eager as :func:`torchslim.load` returns it (packed layers on the paths
+  :mod:`torchslim.quantize.runtime` measured fastest);
+- ``torch-compile``: ``torch.compile`` of that model (inductor; the first call compiles; opt-in, see
+  :data:`DEFAULT_ROUTES`);
+- ``onnxruntime-fp32``, ``onnxruntime-int8-dynamic``, ``onnxruntime-int8-static`` (needs calibration data),
+  ``onnxruntime-int4`` (``MatMulNBits``; models with Linear layers): graphs written by :func:`torchslim.export`,
+  which checks each against the model (parity) before it is kept;
+- an ONNX graph (``.onnx``, or an int8 ``.slim`` holding one) runs as stored: ``onnxruntime``.
+
+Each built route is checked: parity with the model (torch routes: outputs within fp32 tolerance; ONNX routes: the
+export's own check), and with ``data``, top-1 accuracy on its test split no more than ``max_accuracy_drop``
+points below the model's. The valid routes and the fp32 baseline (the uncompressed model, see :func:`bench`'s
+rules) are timed in the same process, one after the other, at every batch size (median of repeated runs after
+warm-up). The route with the best geometric-mean speedup over the batch sizes is written to ``out_dir``
+(``model.slim`` for torch routes, ``model.onnx`` for ONNX Runtime) with ``deploy.md`` and ``deploy.json``, the
+table of every route. Nothing is written when no route is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchslim.errors import ConfigError, DataError, TorchSlimError
+from torchslim.export import ExportConfig, export
+from torchslim.fileio import atomic_write_bytes, atomic_write_text
+from torchslim.measure.bench import factory_baseline
+from torchslim.measure.latency import measure_latency
+from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.train import evaluate
+
+__all__ = ["DEFAULT_ROUTES", "ROUTES", "DeployReport", "RouteResult", "deploy"]
+
+ROUTES = (
+    "torch",
+    "torch-compile",
+    "onnxruntime-fp32",
+    "onnxruntime-int8-dynamic",
+    "onnxruntime-int8-static",
+    "onnxruntime-int4",
+)
+# torch-compile is opt-in: it compiles for about 10 s per small model on 2 cores and was slower than eager on
+# packed models here (lenet5 int4: 0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
+DEFAULT_ROUTES = tuple(r for r in ROUTES if r != "torch-compile")
+TARGETS = ("cpu",)
+_EXPORT_QUANT = {
+    "onnxruntime-fp32": "none",
+    "onnxruntime-int8-dynamic": "int8-dynamic",
+    "onnxruntime-int8-static": "int8-static",
+    "onnxruntime-int4": "int4-weight",
+}
+_TORCH_ATOL, _TORCH_RTOL = 1e-4, 1e-3
+_PARITY_SAMPLES = 64
+
+
+@dataclasses.dataclass
+class RouteResult:
+    """One route: whether it is valid, why not, and its latency beside the baseline.
+
+    Attributes:
+        name: the route (one of :data:`ROUTES`, or ``onnxruntime`` for a stored graph).
+        status: ``"ok"``, ``"rejected"`` (built, failed a check) or ``"not applicable"``.
+        reason: why it was rejected or does not apply ("" when ok).
+        parity: ``max_abs_error``/``cosine``/``top1_agreement`` vs the model (None when not built).
+        accuracy: top-1 accuracy on the test split (None without data).
+        latency_ms: ``{batch: median ms}``.
+        speedup: ``{batch: baseline ms / route ms}``.
+        artifact_bytes: bytes of the file this route writes.
+    """
+
+    name: str
+    status: str
+    reason: str = ""
+    parity: dict[str, float] | None = None
+    accuracy: float | None = None
+    latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+    speedup: dict[int, float] = dataclasses.field(default_factory=dict)
+    artifact_bytes: int | None = None
+    module: nn.Module | None = dataclasses.field(default=None, repr=False)
+    payload: bytes | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (without the module and bytes)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("module", "payload")}
+        data["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        data["speedup"] = {str(k): v for k, v in self.speedup.items()}
+        return data
+
+
+@dataclasses.dataclass
+class DeployReport:
+    """What :func:`deploy` built, measured and wrote.
+
+    Attributes:
+        source: the model's label; baseline: how the fp32 baseline was obtained.
+        batch_sizes: the timed batch sizes; threads: intra-op threads of every runtime.
+        baseline_ms: ``{batch: median ms}`` of the fp32 baseline in PyTorch eager.
+        model_accuracy: the model's own test accuracy (None without data).
+        routes: every route, valid or not.
+        chosen: the fastest valid route; path: the file written (None when ``out_dir`` was None).
+    """
+
+    source: str
+    baseline: str
+    batch_sizes: list[int]
+    threads: int
+    baseline_ms: dict[int, float]
+    model_accuracy: float | None
+    routes: list[RouteResult]
+    chosen: str
+    path: str | None = None
+
+    def route(self, name: str) -> RouteResult:
+        """The route called ``name``.
+
+        Raises:
+            KeyError: no such route.
+        """
+        for item in self.routes:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+    @property
+    def best(self) -> RouteResult:
+        """The chosen route."""
+        return self.route(self.chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "routes"}
+        data["baseline_ms"] = {str(k): v for k, v in self.baseline_ms.items()}
+        data["routes"] = [r.to_dict() for r in self.routes]
+        return data
+
+    def to_markdown(self) -> str:
+        """The route table (speedups vs the fp32 baseline in PyTorch eager) with the reasons."""
+        heads = ["route", "status"] + [f"b{b} ms" for b in self.batch_sizes] + [f"b{b} speedup" for b in
+                                                                                self.batch_sizes]
+        heads += ["accuracy", "bytes", "note"]
+        lines = [
+            f"# deploy: {self.source}",
+            "",
+            f"Baseline: {self.baseline} ("
+            + ", ".join(f"b{b} {self.baseline_ms[b]:.3f} ms" for b in self.batch_sizes)
+            + f"), PyTorch eager, {self.threads} threads, same process. Chosen: **{self.chosen}**"
+            + (f" -> `{self.path}`." if self.path else "."),
+            "",
+            "| " + " | ".join(heads) + " |",
+            "|" + "---|" * len(heads),
+        ]
+        for r in self.routes:
+            cells = [r.name + (" (chosen)" if r.name == self.chosen else ""), r.status]
+            cells += [f"{r.latency_ms[b]:.3f}" if b in r.latency_ms else "" for b in self.batch_sizes]
+            cells += [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in self.batch_sizes]
+            cells += ["" if r.accuracy is None else f"{r.accuracy:.2%}", "" if r.artifact_bytes is None else
+                      f"{r.artifact_bytes:,}", r.reason.replace("|", "/")]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def deploy(
+    model: nn.Module | str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    target: str = "cpu",
+    batch_sizes: Sequence[int] = (1, 32),
+    data: Any = None,
+    example_inputs: Tensor | None = None,
+    reference: nn.Module | str | os.PathLike | None = None,
+    routes: Sequence[str] | None = None,
+    max_accuracy_drop: float = 0.5,
+    num_threads: int | None = None,
+    min_run_time: float = 0.2,
+    force: bool = False,
+) -> DeployReport:
+    """Build every route of ``model``, check and time them against the fp32 baseline, write the fastest valid one.
+
+    Args:
+        model: an ``nn.Module``, a ``.slim`` file or an ``.onnx`` file.
+        out_dir: where to write the chosen artifact, ``deploy.md`` and ``deploy.json`` (created); None writes
+            nothing.
+        target: ``"cpu"``.
+        batch_sizes: batch sizes to time (the choice maximises the geometric-mean speedup over them).
+        data: ``DataSplits`` (test split: accuracy check and parity inputs; train split: int8 calibration).
+        example_inputs: an input batch when there is no ``data``; default: the input signature recorded in a
+            ``.slim`` file.
+        reference: the fp32 model to time as the baseline (module or file); default: rebuilt from the model's
+            factory (uncompressed architecture), else the model itself when it is fp32.
+        routes: the routes to try (default: :data:`DEFAULT_ROUTES`, every route but ``torch-compile``).
+        max_accuracy_drop: largest allowed accuracy loss of a route vs the model, in percentage points.
+        num_threads: intra-op threads for every runtime (default: ``torch.get_num_threads()``).
+        min_run_time: seconds of timed runs per route and batch size.
+        force: replace files in ``out_dir``.
+
+    Returns:
+        A :class:`DeployReport`.
+
+    Raises:
+        ConfigError: unknown target or route, bad batch sizes or budget (before any work).
+        DataError: no input to run the model on.
+        TorchSlimError: no route is valid (nothing is written), or ``out_dir`` holds a deployment (without
+            ``force``).
+    """
+    wanted = _check_options(target, routes, batch_sizes, max_accuracy_drop)
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    source_label = Path(model).name if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "deploy.json").exists() and not force:
+        raise TorchSlimError(f"out_dir {str(out)!r} already holds a deployment: pass --force (force=True) to replace")
+    module, stored_graph = _load_model(model)
+    example = _example(model, data, example_inputs)
+    parity_inputs = _parity_inputs(data, example)
+    baseline, how = _baseline(model, module, reference)
+    model_accuracy = _accuracy(module, data)
+
+    results = [_build(name, module, stored_graph, model, data, example, parity_inputs) for name in wanted]
+    for result in results:
+        if result.status == "ok" and data is not None:
+            _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
+    valid = [r for r in results if r.status == "ok"]
+    if not valid:
+        raise TorchSlimError(f"deploy: no route is valid for {source_label}: " +
+                             "; ".join(f"{r.name}: {r.reason}" for r in results))
+    baseline_ms = _time(baseline, example, batch_sizes, threads, min_run_time)
+    for result in valid:
+        result.latency_ms = _time(result.module, example, batch_sizes, threads, min_run_time)
+        result.speedup = {b: baseline_ms[b] / result.latency_ms[b] for b in batch_sizes}
+    best = max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
+    report = DeployReport(source=source_label, baseline=how, batch_sizes=list(batch_sizes), threads=threads,
+                          baseline_ms=baseline_ms, model_accuracy=model_accuracy, routes=results, chosen=best.name)
+    if out is not None:
+        report.path = str(_write(out, best, model, report))
+    return report
+
+
+def _check_options(target: str, routes, batch_sizes, max_accuracy_drop) -> list[str]:
+    if target not in TARGETS:
+        raise ConfigError(f"target = {target!r} is invalid: expected one of {', '.join(map(repr, TARGETS))}")
+    wanted = list(DEFAULT_ROUTES if routes is None else routes)
+    for name in wanted:
+        if name not in ROUTES:
+            raise ConfigError(f"routes contains {name!r}: expected some of {', '.join(ROUTES)}")
+    if not wanted:
+        raise ConfigError("routes is empty: expected at least one of " + ", ".join(ROUTES))
+    if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes):
+        raise ConfigError(f"batch_sizes = {list(batch_sizes)!r} is invalid: expected integers >= 1")
+    if not isinstance(max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop <= 100:
+        raise ConfigError(f"max_accuracy_drop = {max_accuracy_drop!r} is invalid: expected points in [0, 100]")
+    return wanted
+
+
+def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
+    """(module, stored graph bytes or None)."""
+    if isinstance(model, nn.Module):
+        module = model
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(2, "No such file", str(path))
+        if path.suffix == ".onnx":
+            module = OnnxGraph.from_bytes(path.read_bytes())
+        else:
+            from torchslim.artifact import load
+
+            module = load(path)
+    else:
+        raise DataError(f"model = {type(model).__name__} is invalid: expected an nn.Module, a .slim or an .onnx path")
+    module.eval()
+    return module, module.onnx_bytes() if isinstance(module, OnnxGraph) else None
+
+
+def _example(model: Any, data: Any, example_inputs: Tensor | None) -> Tensor:
+    if example_inputs is not None:
+        if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
+            raise DataError("example_inputs is invalid: expected a tensor with a leading batch dimension")
+        return example_inputs[:1].detach().float()
+    if data is not None and hasattr(data, "example_inputs"):
+        return data.example_inputs(1)
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".slim":
+        from torchslim.artifact import read_manifest
+
+        signature = ((read_manifest(model).get("extra") or {}).get("input_signature")) or {}
+        if signature.get("shape"):
+            return torch.rand((1, *signature["shape"]), generator=torch.Generator().manual_seed(0))
+    raise DataError("example_inputs is missing: expected data (--data), example_inputs (--input-shape) or a .slim "
+                    "that records its input signature")
+
+
+def _parity_inputs(data: Any, example: Tensor) -> Tensor:
+    if data is not None and hasattr(data, "test"):
+        return data.test.tensors[0][:_PARITY_SAMPLES]
+    return example
+
+
+def _baseline(model: Any, module: nn.Module, reference: Any) -> tuple[nn.Module, str]:
+    if reference is not None:
+        if isinstance(reference, nn.Module):
+            return reference.eval(), f"given ({type(reference).__name__})"
+        loaded, _ = _load_model(reference)
+        return loaded, f"given: {Path(reference).name}"
+    rebuilt, how = factory_baseline(model)
+    if rebuilt is not None:
+        return rebuilt, how
+    if not isinstance(module, OnnxGraph) and not any(hasattr(m, "weight_shape") for m in module.modules()):
+        return module, "the model itself (fp32)"
+    raise ConfigError("reference is missing: the model is compressed and has no torchslim factory to rebuild the "
+                      "fp32 model from; expected reference = the fp32 model or file")
+
+
+def _accuracy(module: nn.Module, data: Any) -> float | None:
+    if data is None or not hasattr(data, "test"):
+        return None
+    return evaluate(module, data.test)
+
+
+def _build(name: str, module: nn.Module, stored_graph: bytes | None, source: Any, data: Any, example: Tensor,
+           parity_inputs: Tensor) -> RouteResult:
+    if stored_graph is not None:
+        if name != "onnxruntime-fp32":
+            return RouteResult(name, "not applicable", "the model is an ONNX graph: it runs as stored "
+                               "(route onnxruntime-fp32)")
+        return RouteResult("onnxruntime-fp32", "ok", "the stored graph", module=module, payload=stored_graph,
+                           artifact_bytes=len(stored_graph))
+    if name == "torch":
+        return _torch_route(name, module, parity_inputs, source)
+    if name == "torch-compile":
+        try:
+            compiled = torch.compile(copy.deepcopy(module))
+            result = _torch_route(name, compiled, parity_inputs, source, reference=module)
+        except Exception as exc:  # noqa: BLE001 - inductor failures vary; the route is reported, not fatal
+            return RouteResult(name, "rejected", f"torch.compile failed: {_summary(exc)}")
+        return result
+    return _onnx_route(name, module, data, example, parity_inputs)
+
+
+def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, source: Any,
+                 reference: nn.Module | None = None) -> RouteResult:
+    payload = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else None
+    result = RouteResult(name, "ok", module=module, payload=payload,
+                         artifact_bytes=None if payload is None else len(payload))
+    if reference is None:
+        return result  # the model itself: its parity is exact by definition
+    with torch.inference_mode():
+        want, got = reference(parity_inputs), module(parity_inputs)
+    error = float((want - got).abs().max())
+    limit = _TORCH_ATOL + _TORCH_RTOL * float(want.abs().max())
+    result.parity = {"max_abs_error": error}
+    if not error <= limit:
+        result.status, result.reason = "rejected", f"max abs error {error:.3g} > {limit:.3g}"
+    return result
+
+
+def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity_inputs: Tensor) -> RouteResult:
+    quant = _EXPORT_QUANT[name]
+    if quant == "int8-static" and data is None:
+        return RouteResult(name, "not applicable", "needs calibration data (--data)")
+    if quant in ("int8-dynamic", "int4-weight") and not any(
+        isinstance(m, nn.Linear) or getattr(m, "op", None) == "linear" for m in module.modules()
+    ):
+        return RouteResult(name, "not applicable", "no Linear layers (it quantizes MatMul/Gemm only)")
+    try:
+        report = export(module, None, ExportConfig(quant=quant), example_inputs=example,
+                        calib_data=None if quant != "int8-static" else data, parity_inputs=parity_inputs)
+    except TorchSlimError as exc:
+        return RouteResult(name, "rejected", _summary(exc))
+    graph = OnnxGraph.from_bytes(report.graph)
+    return RouteResult(name, "ok", "; ".join(report.notes[:2]), parity=dict(report.parity), module=graph,
+                       payload=report.graph, artifact_bytes=len(report.graph))
+
+
+def _check_accuracy(result: RouteResult, data: Any, model_accuracy: float | None, budget: float) -> None:
+    result.accuracy = evaluate(result.module, data.test)
+    if model_accuracy is not None and (model_accuracy - result.accuracy) * 100 > budget + 1e-9:
+        result.status = "rejected"
+        result.reason = (f"accuracy {result.accuracy:.2%} is {(model_accuracy - result.accuracy) * 100:.2f} points "
+                         f"below the model's {model_accuracy:.2%} (budget {budget:g})")
+
+
+def _time(module: nn.Module, example: Tensor, batch_sizes: Sequence[int], threads: int,
+          min_run_time: float) -> dict[int, float]:
+    timings = measure_latency(module, example, tuple(batch_sizes), num_threads=threads, min_run_time=min_run_time)
+    return {b: timings[b]["median_ms"] for b in batch_sizes}
+
+
+def _write(out: Path, best: RouteResult, source: Any, report: DeployReport) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if best.name.startswith("torch"):
+        path = out / "model.slim"
+        if best.payload is not None:
+            atomic_write_bytes(path, best.payload)
+        else:
+            from torchslim.artifact import save
+
+            save(_original(best.module), path)
+    else:
+        path = out / "model.onnx"
+        atomic_write_bytes(path, best.payload or b"")
+    report.path = str(path)
+    atomic_write_text(out / "deploy.json", json.dumps(report.to_dict(), indent=1))
+    atomic_write_text(out / "deploy.md", report.to_markdown())
+    return path
+
+
+def _original(module: nn.Module) -> nn.Module:
+    return getattr(module, "_orig_mod", module)  # a torch.compile wrapper saves the model it wraps
+
+
+def _summary(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
