@@ -293,7 +293,7 @@ def _example(model: Any, data: Any, example_inputs: Tensor | None) -> Tensor:
     if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".slim":
         from torchslim.artifact import read_manifest
 
-        signature = ((read_manifest(model).get("extra") or {}).get("input_signature")) or {}
+        signature = read_manifest(model).get("input") or {}
         if signature.get("shape"):
             return torch.rand((1, *signature["shape"]), generator=torch.Generator().manual_seed(0))
     raise DataError("example_inputs is missing: expected data (--data), example_inputs (--input-shape) or a .slim "

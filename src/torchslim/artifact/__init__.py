@@ -68,6 +68,7 @@ from torchslim.fileio import atomic_write_bytes
 __all__ = [
     "FORMAT_VERSION",
     "RUNTIMES",
+    "input_signature",
     "load",
     "read_manifest",
     "register_load_hook",
@@ -87,6 +88,7 @@ def save(
     extra: Any = None,
     factory: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    input_signature: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to a ``.slim`` file atomically (the old file survives any failure).
 
@@ -102,6 +104,9 @@ def save(
             ``create_model``; overrides the recorded factory.
         allow_nonfinite: write parameters holding NaN/Inf (e.g. to keep a diverged run for debugging);
             by default such a model is refused.
+        input_signature: one sample's input, ``{"shape": [1, 28, 28], "dtype": "float32"}`` (see
+            :func:`input_signature`), recorded as the manifest's ``input`` so ``deploy``/``bench`` need no
+            example; default: the signature the model carries (``load`` and ``torchslim train`` set it).
 
     Returns:
         ``path`` as a ``Path``.
@@ -152,6 +157,9 @@ def save(
         "tensors": entries,
         **sections,
     }
+    signature = input_signature if input_signature is not None else getattr(model, "_torchslim_input", None)
+    if signature is not None:
+        manifest["input"] = _checked_signature(signature, "save: input_signature")
     metadata = {MANIFEST_KEY: manifest_text(manifest)}
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
@@ -161,6 +169,28 @@ def save(
         return atomic_write_bytes(path, data)
     except OSError as exc:  # disk full, permissions...: the old file is untouched
         raise ArtifactError(f"save: cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def input_signature(example: torch.Tensor) -> dict[str, Any]:
+    """The input signature of a batch: one sample's shape and the dtype, as :func:`save` records it.
+
+    Args:
+        example: a tensor with a leading batch dimension.
+
+    Returns:
+        ``{"shape": [...], "dtype": "float32"}``.
+    """
+    return {"shape": [int(d) for d in example.shape[1:]], "dtype": str(example.dtype).removeprefix("torch.")}
+
+
+def _checked_signature(signature: Any, where: str) -> dict[str, Any]:
+    shape = signature.get("shape") if isinstance(signature, dict) else None
+    dtype = signature.get("dtype") if isinstance(signature, dict) else None
+    if not (isinstance(shape, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                     for d in shape) and isinstance(dtype, str)):
+        raise ArtifactError(f"{where} = {signature!r} is invalid: expected {{'shape': [positive ints], "
+                            "'dtype': 'float32'}")
+    return {"shape": [int(d) for d in shape], "dtype": dtype}
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -415,6 +445,8 @@ def load(
         raise ArtifactError(
             f"{where}: cannot move the model to map_location={map_location!r}: {exc}"
         ) from exc
+    if manifest.get("input") is not None:
+        model._torchslim_input = _checked_signature(manifest["input"], f"{where}: manifest input")
     for hook in _LOAD_HOOKS:
         hook(model, runtime)
     return model.eval()

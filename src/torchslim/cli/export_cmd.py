@@ -45,8 +45,12 @@ def export(
     if quant == "int8-static" and calib is None:
         raise ConfigError("--quant int8-static needs --calib: expected a calibration data spec, e.g. --calib digits")
     spec = calib or data
-    if spec is None and input_shape is None:
-        raise ConfigError("--data, --calib or --input-shape is missing: expected the model's input, e.g. --data digits")
+    from torchslim.artifact import read_manifest
+
+    recorded = (read_manifest(path).get("input") or {}).get("shape") if path.suffix == ".slim" else None
+    if spec is None and input_shape is None and not recorded:
+        raise ConfigError("--data, --calib or --input-shape is missing (the .slim records no input signature): "
+                          "expected the model's input, e.g. --data digits")
     target = check_output_path(out, path, force=force)
     from torchslim.artifact import load
 
@@ -55,7 +59,7 @@ def export(
     if spec is not None:
         calib_data = load_data_for(spec, model).train
     else:
-        shape = parse_int_list("--input-shape", input_shape)
+        shape = parse_int_list("--input-shape", input_shape) if input_shape else tuple(recorded)
         example = torch.randn((8, *shape), generator=torch.Generator().manual_seed(0))
     report = run_export(model, target, config, example_inputs=example, calib_data=calib_data)
     summary = {"input": str(path), "input_bytes": path.stat().st_size, **report.to_dict()}

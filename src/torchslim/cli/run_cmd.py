@@ -30,6 +30,7 @@ def train(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model on a data set and save it as a .slim file (data parallel under torchrun)."""
+    from torchslim.artifact import input_signature
     from torchslim.data import load_data
     from torchslim.distributed import is_main_process, save_on_main, world_size
     from torchslim.fileio import check_output_path
@@ -52,6 +53,7 @@ def train(
     set_seed(seed)  # the initial weights depend on --seed only, not on what ran before in this process
     net = create_model_for_data(model, splits.input_shape, splits.num_classes)
     check_model_data(net, splits.example_inputs(1), splits.num_classes, data)
+    net._torchslim_input = input_signature(splits.example_inputs(1))  # recorded in the .slim by save
     started = time.perf_counter()
     result = run_training(
         net, splits.train, config, eval_data=splits.test, checkpoint_path=checkpoint, resume=resume, progress=progress

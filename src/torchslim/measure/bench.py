@@ -197,10 +197,13 @@ def _example_input(example_inputs: Tensor | None, input_shape: Sequence[int] | N
 
 
 def _graph_input_shape(candidates: list[_Candidate]) -> tuple[int, ...] | None:
-    """One sample's shape from the first graph whose input has fixed sizes after the batch axis."""
+    """One sample's shape: recorded in the first ``.slim`` that has one, or the first graph's fixed input sizes."""
     from torchslim.export.runtime import require_onnx
 
     for candidate in candidates:
+        recorded = getattr(candidate.module, "_torchslim_input", None)  # a .slim's recorded input signature
+        if recorded:
+            return tuple(recorded["shape"])
         if candidate.graph is None:
             continue
         graph = require_onnx().load_from_string(candidate.graph).graph

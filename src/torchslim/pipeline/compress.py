@@ -243,10 +243,10 @@ def save_and_measure(
     Raises:
         TorchSlimError: if the reloaded model's outputs differ from the saved model's.
     """
-    from torchslim.artifact import load, save
+    from torchslim.artifact import input_signature, load, save
     from torchslim.measure import measure
 
-    save(model, path, recipe=recipe)
+    save(model, path, recipe=recipe, input_signature=input_signature(splits.example_inputs(1)))
     reloaded = load(path)
     test_x = splits.test.tensors[0]
     with torch.inference_mode():

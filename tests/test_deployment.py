@@ -1,0 +1,119 @@
+"""deploy: every route is checked and timed beside the fp32 baseline; the fastest valid one is written."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim import deployment
+from torchslim.artifact import input_signature
+from torchslim.errors import TorchSlimError
+
+
+@pytest.fixture(scope="module")
+def int4_file(trained_lenet5, digits, tmp_path_factory):
+    model = copy.deepcopy(trained_lenet5)
+    ts.quantize_(model, ts.IntQuant(bits=4, granularity="channel"))
+    path = tmp_path_factory.mktemp("deploy") / "lenet5-int4.slim"
+    ts.save(model, path, input_signature=input_signature(digits.example_inputs(1)))
+    return path
+
+
+def test_deploy_writes_the_fastest_valid_route_and_the_table(int4_file, digits, trained_lenet5, tmp_path):
+    report = ts.deploy(int4_file, tmp_path / "out", data=digits, reference=trained_lenet5, min_run_time=0.05)
+    names = [r.name for r in report.routes]
+    assert names == list(deployment.DEFAULT_ROUTES)
+    valid = [r for r in report.routes if r.status == "ok"]
+    assert {"torch", "onnxruntime-fp32", "onnxruntime-int8-static"} <= {r.name for r in valid}
+    for route in valid:  # every valid route was timed at both batch sizes, beside the baseline, and kept accuracy
+        assert set(route.speedup) == {1, 32}
+        assert route.accuracy is not None and route.accuracy >= report.model_accuracy - 0.005
+    geo = {r.name: math.fsum(math.log(s) for s in r.speedup.values()) for r in valid}
+    assert report.chosen == max(geo, key=geo.get)
+    written = tmp_path / "out" / ("model.slim" if report.chosen.startswith("torch") else "model.onnx")
+    assert report.path == str(written) and written.stat().st_size == report.best.artifact_bytes
+    saved = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    assert saved["chosen"] == report.chosen and len(saved["routes"]) == len(names)
+    table = (tmp_path / "out" / "deploy.md").read_text()
+    assert f"**{report.chosen}**" in table and "onnxruntime-int4" in table
+    # the written artifact reproduces the model's predictions
+    model = ts.load(int4_file)
+    deployed = ts.OnnxGraph.from_bytes(written.read_bytes()) if written.suffix == ".onnx" else ts.load(written)
+    x = digits.test.tensors[0][:64]
+    with torch.inference_mode():
+        agree = (model(x).argmax(1) == deployed(x).argmax(1)).float().mean()
+    assert agree >= 0.95
+    with pytest.raises(TorchSlimError, match="already holds a deployment"):
+        ts.deploy(int4_file, tmp_path / "out", data=digits, routes=["torch"])
+
+
+def test_a_route_that_fails_parity_is_rejected_and_nothing_is_written(int4_file, digits, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise TorchSlimError("export (int8-dynamic, fp32): top-1 agreement 0.5 < 0.9")
+
+    monkeypatch.setattr(deployment, "export", broken)
+    report = ts.deploy(int4_file, data=digits, routes=["torch", "onnxruntime-int8-dynamic"], min_run_time=0.02)
+    rejected = report.route("onnxruntime-int8-dynamic")
+    assert rejected.status == "rejected" and "agreement 0.5" in rejected.reason and not rejected.speedup
+    assert report.chosen == "torch"
+    with pytest.raises(TorchSlimError, match="no route is valid.*agreement 0.5"):
+        ts.deploy(int4_file, tmp_path / "none", data=digits, routes=["onnxruntime-int8-dynamic"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_route_over_the_accuracy_budget_is_rejected(int4_file, digits, monkeypatch):
+    real = deployment.evaluate
+    calls = []
+
+    def lossy(module, data):  # the second evaluation is the route's: 2 points below the model
+        calls.append(module)
+        return real(module, data) - (0.02 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(deployment, "evaluate", lossy)
+    report = ts.deploy(int4_file, data=digits, routes=["onnxruntime-fp32"], max_accuracy_drop=5, min_run_time=0.02)
+    assert report.route("onnxruntime-fp32").status == "ok"
+    calls.clear()
+    with pytest.raises(TorchSlimError, match=r"2\.00 points below the model's .* \(budget 0\.5\)"):
+        ts.deploy(int4_file, data=digits, routes=["onnxruntime-fp32"], min_run_time=0.02)
+
+
+def test_the_recorded_input_signature_replaces_data(int4_file, tmp_path):
+    manifest = ts.read_manifest(int4_file)
+    assert manifest["input"] == {"shape": [1, 28, 28], "dtype": "float32"}
+    loaded = ts.load(int4_file)
+    ts.save(loaded, tmp_path / "again.slim")  # the loaded model carries its signature into the next file
+    assert ts.read_manifest(tmp_path / "again.slim")["input"] == manifest["input"]
+    report = ts.deploy(tmp_path / "again.slim", routes=["torch", "onnxruntime-fp32"], batch_sizes=[1],
+                       min_run_time=0.02)
+    assert report.route("onnxruntime-fp32").parity["samples"] == 1
+    assert "lenet5 rebuilt from its factory" in report.baseline
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "gpu"}, "target = 'gpu' is invalid: expected one of 'cpu'"),
+        ({"routes": ["tensorrt"]}, "routes contains 'tensorrt': expected some of torch, torch-compile"),
+        ({"batch_sizes": [0]}, r"batch_sizes = \[0\] is invalid: expected integers >= 1"),
+        ({"max_accuracy_drop": -1}, r"max_accuracy_drop = -1 is invalid: expected points in \[0, 100\]"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(int4_file, tmp_path, kwargs, message):
+    with pytest.raises(ts.ConfigError, match=message):
+        ts.deploy(int4_file, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_deploy_cli_writes_the_artifact(int4_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from torchslim.cli.main import app
+
+    result = CliRunner().invoke(app, ["deploy", str(int4_file), "--out", str(tmp_path / "d"), "--batch", "1",
+                                      "--routes", "torch,onnxruntime-fp32", "--min-run-time", "0.02", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["chosen"] in ("torch", "onnxruntime-fp32") and (tmp_path / "d" / "deploy.md").exists()
