@@ -227,7 +227,11 @@ def deploy(
     baseline, how = _baseline(model, module, reference)
     model_accuracy = _accuracy(module, data)
 
-    results = [_build(name, module, stored_graph, model, data, example, parity_inputs) for name in wanted]
+    if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
+        results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
+                               artifact_bytes=len(stored_graph))]
+    else:
+        results = [_build(name, module, model, data, example, parity_inputs) for name in wanted]
     for result in results:
         if result.status == "ok" and data is not None:
             _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
@@ -327,14 +331,8 @@ def _accuracy(module: nn.Module, data: Any) -> float | None:
     return evaluate(module, data.test)
 
 
-def _build(name: str, module: nn.Module, stored_graph: bytes | None, source: Any, data: Any, example: Tensor,
+def _build(name: str, module: nn.Module, source: Any, data: Any, example: Tensor,
            parity_inputs: Tensor) -> RouteResult:
-    if stored_graph is not None:
-        if name != "onnxruntime-fp32":
-            return RouteResult(name, "not applicable", "the model is an ONNX graph: it runs as stored "
-                               "(route onnxruntime-fp32)")
-        return RouteResult("onnxruntime-fp32", "ok", "the stored graph", module=module, payload=stored_graph,
-                           artifact_bytes=len(stored_graph))
     if name == "torch":
         return _torch_route(name, module, parity_inputs, source)
     if name == "torch-compile":

@@ -79,23 +79,25 @@ def test_auto_picks_by_measurement_and_caches_it(tmp_path, monkeypatch):
     from torchslim.quantize import runtime as rt
 
     monkeypatch.setattr(rt, "_MEASURED", {})
-    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"), in_features=1024, out_features=1024)
     set_runtime_(model)
     with torch.inference_mode():
-        model(torch.randn(1, 576))
+        model(torch.randn(1, 1024))
     cache = json.loads((tmp_path / "cpu-paths.json").read_text())
-    assert len(cache) == 2 and all({"gemv_ms", "dense_ms"} <= set(v) for v in cache.values())
-    for row in runtime_report(model):
-        timing = cache[next(k for k in cache if f"x{576 if row['name'] == '0' else 200}-" in k)]
-        expected = "gemv" if timing["dense_ms"] / timing["gemv_ms"] > 1.0 else "dense"
-        assert row["paths"]["1 row"] == expected, row
+    assert len(cache) == 1  # the 1024 x 1024 layer; the 1024 x 37 one is too small to be worth a GEMV
+    (timing,) = cache.values()
+    report = {row["name"]: row for row in runtime_report(model)}
+    expected = "gemv" if timing["dense_ms"] / timing["gemv_ms"] > 1.0 else "dense"
+    assert report["0"]["paths"]["1 row"] == expected and "ms vs dense" in report["0"]["reasons"]["1 row"]
+    assert report["2"]["paths"]["1 row"] == "dense" and "below 524,288" in report["2"]["reasons"]["1 row"]
     # a second model of the same shapes reuses the measurement: no benchmark runs
     monkeypatch.setattr(rt, "_MEASURED", {})
     monkeypatch.setattr(rt, "_time_paths", lambda *a, **k: pytest.fail("measured again"))
-    again = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    again = _quantized(ts.IntQuant(bits=8, granularity="channel"), in_features=1024, out_features=1024)
     set_runtime_(again)
     with torch.inference_mode():
-        again(torch.randn(1, 576))
+        again(torch.randn(1, 1024))
+    assert runtime_report(again)[0]["paths"] == report["0"]["paths"]
 
 
 def test_a_layer_the_gemv_cannot_take_falls_back_and_says_why():

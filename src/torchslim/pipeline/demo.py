@@ -206,6 +206,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
         entry = save_and_measure(name, model, out / f"{name}.slim", splits, recipe=recipe, latency=settings.latency)
         if since is not None:
             entry["compress_seconds"] = round(begun - since, 2)
+        if settings.latency:
+            entry["deploy"] = _deployed(out / f"{name}.slim", out / "deployed" / name, splits, trained[BASELINE])
         step(f"measured {name}" if since is None else f"compressed and measured {name}",
              begun if since is None else since)
         return entry
@@ -271,7 +273,11 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {settings.describe()}; "
             f"{seconds:.0f} s before plotting. Every row is measured on the reloaded `.slim` file (test split, "
             f"{len(splits.test)} images); ratio and speedup are against the fp32 `{BASELINE}` of the same run. "
-            + ("Latency: median of repeated runs after warm-up (torch.utils.benchmark; ONNX Runtime for int8 rows)."
+            + ("Latency: median of repeated runs after warm-up (torch.utils.benchmark; ONNX Runtime for int8 rows). "
+               "`speedup` columns: the reloaded `.slim` in PyTorch eager (`ts.load`'s default runtime); `deployed` "
+               f"columns: the route `torchslim deploy` picked for that file (fastest of PyTorch and ONNX Runtime "
+               f"fp32/int8/int4 that keeps parity and accuracy within 0.5 points), timed against the fp32 "
+               f"`{BASELINE}` in the same deploy run (`deployed/NAME/deploy.md` lists every route)."
                if settings.latency else "Latency was not measured."),
             f"Rows: fp32 {BASELINE}, lenet300 and the ResNet teacher; {BASELINE} with 4-bit weights (the seed's "
             f"affine formula, nearest and floor rounding), fp16, static int8 (ONNX Runtime), a {STUDENT} distilled "
@@ -294,6 +300,17 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
     return DemoReport(results=results, markdown_path=Path(files["markdown"]), html_path=Path(files["html"]),
                       json_path=Path(files["json"]), plots=list(files["plots"]), onnx=onnx_files,
                       seconds=round(time.perf_counter() - started, 1))
+
+
+def _deployed(path: Path, out_dir: Path, splits, reference: nn.Module) -> dict[str, Any]:
+    """Deploy one row's ``.slim`` (every route, checked, timed against the fp32 baseline); the summary for the row."""
+    from torchslim.deployment import deploy
+
+    report = deploy(path, out_dir, data=splits, reference=reference, force=True)
+    best = report.best
+    return {"route": best.name, "speedup": {str(b): s for b, s in best.speedup.items()},
+            "latency_ms": {str(b): ms for b, ms in best.latency_ms.items()}, "path": report.path,
+            "routes": {r.name: r.status for r in report.routes}}
 
 
 def _limit(splits, images: int | None):

@@ -25,7 +25,7 @@ __all__ = ["COLUMNS", "ReportFiles", "load_report_data", "row_cells", "with_rati
 
 COLUMNS = [
     "artifact", "accuracy", "file bytes", "ratio", "params", "nonzero", "bits/weight", "MACs",
-    "b1 ms", "b32 ms", "speedup b1", "speedup b32", "runtime",
+    "b1 ms", "b32 ms", "speedup b1", "speedup b32", "runtime", "deployed route", "deployed b1", "deployed b32",
 ]
 REPORT_FILE = "report.json"
 COMPRESS_FILE = "compress.json"
@@ -67,7 +67,16 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         _int(m.get("parameters")), _int(m.get("nonzero_parameters")), f"{m.get('bits_per_weight', 0):.2f}", macs,
         "-" if b1 is None else f"{b1:.3f}", "-" if b32 is None else f"{b32:.3f}",
         _times(r.get("speedup_b1")), _times(r.get("speedup_b32")), r.get("runtime", "torch"),
+        *_deployed(r.get("deploy")),
     ]
+
+
+def _deployed(entry: dict[str, Any] | None) -> list[str]:
+    """Route, speedup b1, speedup b32 of a row's ``deploy`` entry (``-`` when it was not deployed)."""
+    if not entry:
+        return ["-", "-", "-"]
+    speedup = entry.get("speedup", {})
+    return [entry.get("route", "-"), _times(speedup.get("1")), _times(speedup.get("32"))]
 
 
 def load_report_data(directory: str | Path) -> dict[str, Any]:
