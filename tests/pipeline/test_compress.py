@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import torchslim as ts
 from torchslim.artifact import load, read_manifest
 from torchslim.errors import TorchSlimError
 from torchslim.pipeline.compress import compress
@@ -92,3 +93,28 @@ def test_distill_stage_trains_a_named_student_from_the_baseline(small_model, dig
     assert read_manifest(result.final)["factory"]["name"] == "torchslim.models:student_mlp"
     assert result.final_measurement["parameters"] == 25_450
     assert result.final_measurement["accuracy"] > 0.8
+
+
+def test_int4_export_and_deploy_stages_write_checked_files(small_model, digits, tmp_path):
+    recipe = ts.parse_recipe({"name": "int4-deploy", "stages": [
+        {"quantize": {"method": "int", "bits": 4, "granularity": "group", "group_size": 16}},
+        {"export": {"quant": "int4-weight"}},
+        {"deploy": {"batch_sizes": [1], "routes": ["torch", "onnxruntime-fp32", "onnxruntime-int4"]}},
+    ]})
+    result = ts.compress(small_model, digits, recipe, tmp_path / "run", latency=False, report=False)
+    export, deploy = result.stages[1], result.stages[2]
+    assert export["details"]["parity"]["cosine"] > 0.95 and (tmp_path / "run" / "model-int4-weight.onnx").exists()
+    route = deploy["details"]["route"]
+    assert route in ("torch", "onnxruntime-fp32", "onnxruntime-int4")
+    assert deploy["deploy"]["route"] == route and set(deploy["deploy"]["speedup"]) == {"1"}
+    assert (tmp_path / "run" / "deploy" / "deploy.md").exists()
+    assert deploy["measurement"]["accuracy"] >= result.stages[0]["measurement"]["accuracy"] - 0.005
+    # the final model is the quantized one, not an output file
+    assert ts.read_manifest(result.final)["measurements"]["accuracy"] == result.stages[0]["measurement"]["accuracy"]
+
+
+def test_a_deploy_stage_with_a_bad_field_is_refused():
+    with pytest.raises(ts.ConfigError, match=r"stage 1 \(deploy\): DeployStep.batch_sizes = \(0,\) is invalid"):
+        ts.parse_recipe({"name": "x", "stages": [{"deploy": {"batch_sizes": [0]}}]})
+    with pytest.raises(ts.ConfigError, match="DeployStep.routes = .*tensorrt.* is invalid"):
+        ts.parse_recipe({"name": "x", "stages": [{"deploy": {"routes": ["tensorrt"]}}]})

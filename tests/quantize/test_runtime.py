@@ -163,3 +163,16 @@ def test_training_and_changed_weights_take_the_reference_path():
     out = codebook(x)  # grad enabled and the codebook is a parameter: differentiable reference path
     out.sum().backward()
     assert codebook[0].codebook.grad is not None
+
+
+@pytest.mark.parametrize("runtime", ["auto", "compact", "dense"])
+def test_half_precision_and_codebook_layers_match_the_reference(runtime):
+    for config in (ts.HalfPrecision(dtype="fp16"), ts.HalfPrecision(dtype="bf16"), ts.CodebookQuant(bits=4)):
+        model = _quantized(config)
+        x = torch.randn(3, 576)
+        set_runtime_(model, "reference")
+        with torch.inference_mode():
+            reference = model(x)
+        set_runtime_(model, runtime)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)

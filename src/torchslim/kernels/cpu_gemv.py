@@ -98,16 +98,18 @@ def _channel(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor) -> Ten
     return acc * scale[:, 0] - x.sum(-1, keepdim=True) * scale_zero[:, 0]
 
 
+# The grouped kernels take x already padded to whole groups: a pad inside the compiled graph becomes a masked
+# load of every element (int64 index compares), which made the kernel several times slower.
 def _group(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor) -> Tensor:
     rows, groups, group_len = codes.shape
-    xg = F.pad(x, (0, groups * group_len - x.shape[-1])).reshape(x.shape[0], 1, groups, group_len)
+    xg = x.reshape(x.shape[0], 1, groups, group_len)
     acc = (xg * codes.to(torch.float32) * scale.unsqueeze(-1)).sum((-1, -2))
     return acc - xg.sum(-1).reshape(x.shape[0], groups) @ scale_zero.T
 
 
 def _group4(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor) -> Tensor:
     rows, groups, half = codes.shape
-    xg = F.pad(x, (0, groups * 2 * half - x.shape[-1])).reshape(x.shape[0], 1, groups, 2, half)
+    xg = x.reshape(x.shape[0], 1, groups, 2, half)
     low = (codes & 15).to(torch.float32)
     high = (codes >> 4).to(torch.float32)
     acc = ((xg[..., 0, :] * low + xg[..., 1, :] * high) * scale.unsqueeze(-1)).sum((-1, -2))
@@ -142,6 +144,10 @@ def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: boo
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if pack.kind != "channel":
+        padded = pack.codes.shape[1] * pack.codes.shape[2] * (2 if pack.kind == "group4" else 1)
+        if padded != flat.shape[-1]:
+            flat = F.pad(flat, (0, padded - flat.shape[-1]))
     fn = _compiled(pack.kind) if compiled else _EAGER[pack.kind]
     y = fn(flat, pack.codes, pack.scale, pack.scale_zero)
     if bias is not None:

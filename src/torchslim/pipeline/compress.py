@@ -27,7 +27,7 @@ from torch import nn
 
 from torchslim.errors import TorchSlimError
 from torchslim.fileio import atomic_write_text
-from torchslim.pipeline.recipe import Recipe, Stage
+from torchslim.pipeline.recipe import OUTPUT_KINDS, Recipe, Stage
 
 __all__ = ["CompressResult", "compress", "save_and_measure", "sparse_qat_"]
 
@@ -68,6 +68,7 @@ class _Context:
     out_dir: Path
     progress: bool | None
     teachers: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    artifact: str = ""  # the .slim of the current model (what a deploy stage deploys)
 
 
 def compress(
@@ -139,10 +140,11 @@ def compress(
     model_artifact = state["stages"][-1]["model_artifact"] if done else str(out / "input.slim")
     for stage in recipe.stages[done:]:
         started = time.perf_counter()
+        context.artifact = model_artifact
         current, details = _run_stage(stage, current, context)
         records.append(_stage_record(stage))
-        if stage.kind == "export":
-            entry = _measure_export(stage, details, splits, latency=latency)
+        if stage.kind in OUTPUT_KINDS:
+            entry = _measure_output(stage, details, splits, latency=latency)
         else:
             path = out / f"stage-{stage.label}.slim"
             entry = save_and_measure(stage.label, current, path, splits, recipe=records, latency=latency)
@@ -153,7 +155,7 @@ def compress(
         state["stages"].append(entry)
         _write_state(state_path, state)
 
-    final_entry = next((e for e in reversed(state["stages"]) if e["kind"] != "export"), state["input"])
+    final_entry = next((e for e in reversed(state["stages"]) if e["kind"] not in OUTPUT_KINDS), state["input"])
     final = out / "model.slim"
     from torchslim.artifact import save
 
@@ -262,17 +264,21 @@ def save_and_measure(
     }
 
 
-def _measure_export(stage: Stage, details: dict[str, Any], splits: Any, *, latency: bool) -> dict[str, Any]:
-    """Measure the exported ONNX graph under ONNX Runtime; its file bytes are the ``.onnx`` file's."""
+def _measure_output(stage: Stage, details: dict[str, Any], splits: Any, *, latency: bool) -> dict[str, Any]:
+    """Measure the file an export/deploy stage wrote (an ONNX graph under ONNX Runtime, or a ``.slim``)."""
+    from torchslim.artifact import load
     from torchslim.measure import measure
     from torchslim.models.onnx_graph import OnnxGraph
 
     path = Path(details["files"][0])
-    graph = OnnxGraph.from_bytes(path.read_bytes())
-    measurement = measure(graph, splits, latency=latency).to_dict()
+    model = OnnxGraph.from_bytes(path.read_bytes()) if path.suffix == ".onnx" else load(path)
+    measurement = measure(model, splits, latency=latency).to_dict()
     measurement["artifact_bytes"] = path.stat().st_size
-    return {"name": f"{stage.label} ({path.name})", "artifact": str(path), "runtime": "onnxruntime",
-            "recipe": None, "measurement": measurement}
+    entry = {"name": f"{stage.label} ({path.name})", "artifact": str(path), "recipe": None,
+             "runtime": details.get("route", getattr(model, "runtime", "torch")), "measurement": measurement}
+    if stage.kind == "deploy":
+        entry["deploy"] = {"route": details["route"], "speedup": details["speedup"]}
+    return entry
 
 
 # --- stages ----------------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ def _train_base(model: nn.Module):
 
 def _run_stage(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
     handler = {"prune": _prune, "distill": _distill, "quantize": _quantize, "finetune": _finetune,
-               "export": _export}[stage.kind]
+               "export": _export, "deploy": _deploy}[stage.kind]
     return handler(stage, model, ctx)
 
 
@@ -425,56 +431,32 @@ def _finetune(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
 
 
 def _export(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
-    from torchslim.export import export_onnx
-    from torchslim.fileio import atomic_write_bytes
-    from torchslim.models.onnx_graph import OnnxGraph
-    from torchslim.quantize import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static
+    """Write the model as an ONNX graph through :func:`torchslim.export` (its parity check included)."""
+    from torchslim.export import ExportConfig, export
 
     config = stage.config
     splits = ctx.splits
-    source = model if isinstance(model, OnnxGraph) else dequantized_copy(model)
     path = ctx.out_dir / f"model{'' if config.quant == 'none' else '-' + config.quant}.onnx"
-    details: dict[str, Any] = {"quant": config.quant}
-    if isinstance(source, OnnxGraph):
-        graph_bytes = source.onnx_bytes()
-    elif config.quant == "int8-static":
-        graph = quantize_static(source, splits.train, StaticInt8(), example_inputs=splits.example_inputs(1))
-        graph_bytes, details["parity"] = graph.onnx_bytes(), _plain(graph.parity)
-    elif config.quant == "int8-dynamic":
-        graph = quantize_dynamic(source, DynamicInt8(), example_inputs=splits.example_inputs(32))
-        graph_bytes, details["parity"] = graph.onnx_bytes(), _plain(graph.parity)
-    else:
-        kwargs = {} if config.opset is None else {"opset": config.opset}
-        graph_bytes = export_onnx(source, splits.example_inputs(1), **kwargs)
-    atomic_write_bytes(path, graph_bytes)
-
-    details.update(files=[str(path)], onnx_bytes=len(graph_bytes))
+    export_config = ExportConfig(quant=config.quant, opset=config.opset)
+    report = export(model, path, export_config, example_inputs=splits.example_inputs(1),
+                    calib_data=splits.train if config.quant == "int8-static" else None,
+                    parity_inputs=splits.test.tensors[0][:64])
+    details: dict[str, Any] = {"quant": config.quant, "parity": _plain(report.parity), "notes": list(report.notes),
+                               "files": [str(path)], "onnx_bytes": report.bytes}
     return model, details
 
 
-def dequantized_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each weight-only quantized layer replaced by a float Linear/Conv of its weights.
+def _deploy(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
+    """Deploy the current model's ``.slim`` into ``DIR/deploy/`` (every route checked and timed)."""
+    from torchslim.deployment import deploy
 
-    The copy computes the same outputs with standard ops, so it exports to an ONNX graph any runtime loads (the
-    packed low-bit form lives in the ``.slim`` file).
-
-    Args:
-        model: a model that may hold ``IntQuantLayer``/``CodebookLayer``/``HalfLayer`` modules.
-
-    Returns:
-        The float copy (``model`` itself is unchanged).
-    """
-    from torchslim.quantize.api import _replace
-    from torchslim.quantize.layers import _WeightOnlyLayer
-    from torchslim.quantize.qat import QATLayer
-
-    copied = copy.deepcopy(model)
-    for name, module in list(copied.named_modules()):
-        if isinstance(module, _WeightOnlyLayer) and name:
-            # QATLayer.to_float only reads op, shapes, conv settings, weight and bias, which every such layer has
-            # (``weight`` of a packed layer is its dequantized weight).
-            _replace(copied, name, QATLayer.to_float(module))
-    return copied.eval()
+    config = stage.config
+    report = deploy(ctx.artifact, ctx.out_dir / "deploy", target=config.target, batch_sizes=config.batch_sizes,
+                    data=ctx.splits, reference=ctx.baseline, routes=config.routes,
+                    max_accuracy_drop=config.max_accuracy_drop, force=True)
+    best = report.best
+    return model, {"route": best.name, "speedup": {str(b): v for b, v in best.speedup.items()},
+                   "files": [report.path], "routes": {r.name: r.status for r in report.routes}}
 
 
 def _plain(value: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
 
-__all__ = ["KINDS", "METHODS", "ExportStep", "Recipe", "Stage", "load_recipe", "parse_recipe"]
+__all__ = ["KINDS", "METHODS", "DeployStep", "ExportStep", "Recipe", "Stage", "load_recipe", "parse_recipe"]
 
 # stage kind -> allowed ``method`` values (registered config names); the first is the default
 METHODS: dict[str, tuple[str, ...]] = {
@@ -37,12 +37,18 @@ METHODS: dict[str, tuple[str, ...]] = {
     "distill": ("kd",),
     "finetune": ("train",),
     "export": ("recipe-export",),
+    "deploy": ("recipe-deploy",),
 }
 KINDS = tuple(METHODS)
 # quantize methods that replace the torch model by an ONNX Runtime graph
 ONNX_METHODS = ("int8-static", "int8-dynamic")
 # stage keys that are neither the method config's nor the training loop's fields
-_STAGE_KEYS = {"prune": ("schedule",), "distill": ("teacher", "student"), "quantize": (), "finetune": (), "export": ()}
+_STAGE_KEYS = {"prune": ("schedule",), "distill": ("teacher", "student"), "quantize": (), "finetune": (), "export": (),
+               "deploy": ()}
+# stage kinds with a single method (no ``method`` key)
+_ONE_METHOD = ("finetune", "export", "deploy")
+# stage kinds that write a file beside the model and leave the model as it is
+OUTPUT_KINDS = ("export", "deploy")
 _TOP_KEYS = ("name", "description", "stages")
 
 
@@ -53,8 +59,9 @@ class ExportStep(Config):
 
     Args:
         format: ``"onnx"`` (the only format so far).
-        quant: ``"none"`` (fp32 graph, or the int8 graph of an earlier int8 stage), ``"int8-static"`` or
-            ``"int8-dynamic"`` (quantized through ONNX Runtime at export; the ``.slim`` is unchanged).
+        quant: ``"none"`` (fp32 graph, or the int8 graph of an earlier int8 stage), ``"int8-static"``,
+            ``"int8-dynamic"`` or ``"int4-weight"`` (quantized through ONNX Runtime by :func:`torchslim.export`,
+            parity-checked; the ``.slim`` is unchanged).
         opset: ONNX opset in [13, 21], or None for the exporter's default.
     """
 
@@ -65,9 +72,41 @@ class ExportStep(Config):
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
         self.check_choice("format", ("onnx",))
-        self.check_choice("quant", ("none", *ONNX_METHODS))
+        self.check_choice("quant", ("none", *ONNX_METHODS, "int4-weight"))
         if self.opset is not None:
             self.check_int("opset", 13, 21)
+
+
+@register_config("recipe-deploy")
+@dataclasses.dataclass(frozen=True)
+class DeployStep(Config):
+    """The ``deploy`` stage: :func:`torchslim.deploy` the current model into ``DIR/deploy/``.
+
+    Args:
+        target: ``"cpu"``.
+        batch_sizes: batch sizes to time.
+        max_accuracy_drop: points a route may lose vs the model on the test split.
+        routes: routes to try (None: ``torchslim.deployment.DEFAULT_ROUTES``).
+    """
+
+    target: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 32)
+    max_accuracy_drop: float = 0.5
+    routes: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        from torchslim.deployment import ROUTES, TARGETS
+
+        self.check_choice("target", TARGETS)
+        batches = self.batch_sizes
+        if not isinstance(batches, (list, tuple)) or not batches or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches):
+            raise self.fail("batch_sizes", batches, "a list of integers >= 1")
+        self.check_float("max_accuracy_drop", 0.0, 100.0)
+        if self.routes is not None and (not isinstance(self.routes, (list, tuple)) or not self.routes
+                                        or any(r not in ROUTES for r in self.routes)):
+            raise self.fail("routes", self.routes, "a list of " + ", ".join(ROUTES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +147,7 @@ class Stage:
     def describe(self) -> str:
         """One line: ``prune(channel amount=0.5, epochs=8)``."""
         fields = {k: v for k, v in self.spec[self.kind].items() if k != "method"}
-        method = self.config.config_name if self.kind not in ("finetune", "export") else ""
+        method = self.config.config_name if self.kind not in _ONE_METHOD else ""
         inner = ", ".join(f"{k}={v}" for k, v in fields.items())
         return f"{self.kind}({' '.join(p for p in (method, inner) if p)})"
 
@@ -206,7 +245,7 @@ def _parse_stage(index: int, raw: Any, source: str) -> Stage:
         raise ConfigError(f"{where}: fields = {fields!r} is invalid: expected a mapping of field: value")
     fields = dict(fields)
     methods = METHODS[kind]
-    method = fields.pop("method", methods[0]) if kind not in ("finetune", "export") else methods[0]
+    method = fields.pop("method", methods[0]) if kind not in _ONE_METHOD else methods[0]
     if method not in methods:
         raise ConfigError(f"{where}: method = {method!r} is invalid: expected one of {', '.join(methods)}")
     registry = _registry()
@@ -221,7 +260,7 @@ def _parse_stage(index: int, raw: Any, source: str) -> Stage:
     unknown = sorted(set(fields) - config_fields - train_fields - set(own))
     if unknown:
         allowed = sorted(config_fields) + sorted(own) + sorted(train_fields)
-        if kind not in ("finetune", "export"):
+        if kind not in _ONE_METHOD:
             allowed.insert(0, "method")
         raise ConfigError(f"{where}: {unknown[0]!r} is not a field of this stage: expected one of {', '.join(allowed)}")
     config_args = {k: v for k, v in fields.items() if k in config_fields}
@@ -250,7 +289,7 @@ def _parse_stage(index: int, raw: Any, source: str) -> Stage:
     if kind == "quantize" and train_args and method != "int":
         raise ConfigError(f"{where}: {sorted(train_args)[0]} = {train_args[sorted(train_args)[0]]!r} is invalid "
                           f"with method = {method!r}: only method 'int' trains (quantization-aware training)")
-    spec = {kind: ({"method": method} if kind not in ("finetune", "export") else {}) | dict(fields)}
+    spec = {kind: ({"method": method} if kind not in _ONE_METHOD else {}) | dict(fields)}
     return Stage(index=index, kind=kind, config=config, train=train_args, schedule=schedule, teacher=teacher,
                  student=student, spec=spec)
 
@@ -276,6 +315,8 @@ def _check_order(stages: tuple[Stage, ...], source: str) -> None:
     quantized_at: Stage | None = None
     onnx_at: Stage | None = None
     for stage in stages:
+        if stage.kind == "deploy":
+            continue
         if stage.kind == "export":
             if onnx_at is not None and stage.config.quant != "none":
                 raise ConfigError(f"{source}: stage {stage.index} (export): quant = {stage.config.quant!r} is invalid "

@@ -160,8 +160,9 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
     if path == "dense":
         if state.dense is None:
             state.dense = _derived(lambda: _float_weight(layer))
-        if x.dtype == torch.float32 and layer.op == "linear":
-            return F.linear(x, state.dense, layer.bias)
+        bias = layer.bias
+        if x.dtype == torch.float32 and layer.op == "linear" and (bias is None or bias.dtype == torch.float32):
+            return F.linear(x, state.dense, bias)
         return layer.run(x, state.dense)
     return None
 
