@@ -22,11 +22,15 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+# benchmarks/transformers.py would shadow the transformers package when this script's folder is on sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torchslim as ts
 from torchslim.quantize.runtime import runtime_report

@@ -7,14 +7,14 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
 - ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
   layer's; resident memory = an fp32 weight);
 - ``gemv``: the ``torch.compile``d integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
-  derived at first use (one byte a weight, half a byte for grouped 4-bit; Linear layers with 1-8-bit codes, one
-  input row).
+  derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row).
 
 The policy (``runtime``) says which paths a layer may take:
 
 - ``"auto"`` (what :func:`torchslim.load` sets): one input row -> ``gemv`` where a micro-benchmark of this layer
   shape on this machine measured it faster than ``dense``, else ``dense``; several rows and other layers ->
-  ``dense``. Never slower than the fp32 layer (up to timing noise), memory up to fp32 for the layers that need it.
+  ``dense`` (an fp32 copy is made on the first call with several rows, e.g. an LLM's prompt). Never slower than
+  the fp32 layer (up to timing noise); memory up to fp32 for the layers that need it.
 - ``"compact"``: ``gemv`` where it applies, else ``reference``: no fp32 copy is ever made (memory first; may be
   slower, and :func:`runtime_report` says where);
 - ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere.
@@ -52,9 +52,12 @@ _MEASURED: dict[str, dict[str, float]] = {}
 # fp32 bytes of weights rotated through while timing a layer: enough to push a large model's weights out of the
 # caches, as in a real forward pass; a small model is timed on as many copies as it has bytes (it stays cached).
 _ROTATION_BYTES_CAP = 64 << 20
-_MAX_COPIES = 16
-# Below this many weights (2 MiB in fp32) a layer's fp32 weight stays in the CPU caches and the compiled GEMV
-# measured no faster than F.linear (576 x 576: 0.95-1.05x here), so it is not compiled or timed at all.
+_MAX_COPIES = 48
+# A model whose packed layers hold fewer weights than this (32 MiB in fp32) runs from the CPU caches, where the
+# GEMV does not beat F.linear on a small layer; then only layers of at least MIN_GEMV_WEIGHTS are compiled and
+# timed. In a larger model every layer's weight comes from memory and every Linear is timed (SmolLM2-135M's
+# 576 x 576 projections: 2.6x fp32 on 48 rotating copies).
+MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
 
 
@@ -205,8 +208,10 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
         f"{type(layer).__name__}: the integer GEMV takes integer codes")
     if reason is None and bucket != "1 row":
         reason = "several input rows: the GEMV is for one row"
-    if reason is None and state.policy == "auto" and _fp32_bytes(layer) // 4 < MIN_GEMV_WEIGHTS:
-        reason = f"{_fp32_bytes(layer) // 4:,} weights: below {MIN_GEMV_WEIGHTS:,} the fp32 layer is as fast"
+    weights, model_weights = _fp32_bytes(layer) // 4, state.model_bytes // 4
+    if reason is None and state.policy == "auto" and weights < MIN_GEMV_WEIGHTS and model_weights < MIN_MODEL_WEIGHTS:
+        reason = (f"{weights:,} weights in a model of {model_weights:,}: below {MIN_GEMV_WEIGHTS:,} and "
+                  f"{MIN_MODEL_WEIGHTS:,} the fp32 layer runs from cache and is as fast")
     if reason is not None:
         return ("reference", f"{reason}; runtime='compact' keeps no fp32 copy") if state.policy == "compact" else (
             "dense", f"{reason}; decoded once")
@@ -269,7 +274,7 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         template = cpu_gemv.prepack(layer)
-        levels = 256 if template.kind == "group4" else 1 << layer.bits
+        levels = 1 << layer.bits
         packs = [dataclasses.replace(template, codes=torch.randint(0, levels, template.codes.shape, generator=generator,
                                                                    dtype=torch.int32).to(torch.uint8))
                  for _ in range(copies)]
