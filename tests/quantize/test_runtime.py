@@ -146,8 +146,9 @@ def test_training_and_changed_weights_take_the_reference_path():
     x = torch.randn(2, 576)
     with torch.inference_mode():
         before = model(x)
-    layer = model[0]
-    layer.scale.mul_(2)  # in-place change: the fp32 copy must be rebuilt
+    state = model.state_dict()
+    state["0.scale"] = state["0.scale"] * 2
+    model.load_state_dict(state)  # new stored values: the fp32 copy must be rebuilt
     with torch.inference_mode():
         after = model(x)
     set_runtime_(model, "reference")
@@ -158,6 +159,14 @@ def test_training_and_changed_weights_take_the_reference_path():
     model.train()
     model(x)
     assert all(not row["paths"] for row in runtime_report(model))
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # trained (here: by hand), then back to eval: derived state is rebuilt
+    model.eval()
+    with torch.inference_mode():
+        trained = model(x)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(trained, model(x))
     codebook = copy.deepcopy(_quantized(ts.CodebookQuant(bits=3)))
     set_runtime_(codebook, "dense")
     out = codebook(x)  # grad enabled and the codebook is a parameter: differentiable reference path

@@ -87,10 +87,21 @@ class _WeightOnlyLayer(nn.Module):
     def numel(self) -> int:
         return math.prod(self.weight_shape)
 
-    def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() replace tensors: derived run-time state follows
+    # Derived run-time state (fp32 copies, kernel codes; quantize.runtime) is rebuilt after whatever replaces or
+    # rewrites the stored tensors: .to()/.half(), load_state_dict, and training (then back to eval).
+    def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         rebind_(self)
         return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        rebind_(self)
+
+    def train(self, mode: bool = True):
+        if self.training and not mode:
+            rebind_(self)
+        return super().train(mode)
 
     def _bias_bits(self) -> int:
         return 0 if self.bias is None else self.bias.numel() * self.bias.element_size() * 8

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,13 @@ class _LayerState:
 
     policy: str
     model_bytes: int = 0
-    tensors: list[Tensor] = dataclasses.field(default_factory=list)  # the stored tensors derived state comes from
     trainable: list[Tensor] = dataclasses.field(default_factory=list)  # weight parameters (codebook, fp16 weight)
+    # one row? -> (function of x, needs grad disabled): the chosen path, built once (float32 inputs)
+    ready: dict[bool, tuple[Callable[[Tensor], Tensor], bool]] = dataclasses.field(default_factory=dict)
     paths: dict[str, str] = dataclasses.field(default_factory=dict)
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     dense: Tensor | None = None
     pack: cpu_gemv.GemvPack | None = None
-    key: tuple = ()
 
 
 def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
@@ -101,12 +102,16 @@ def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
 
 
 def rebind_(layer: nn.Module) -> None:
-    """Point a layer's run-time state at its current tensors and drop what was derived (after ``.to()`` etc.)."""
+    """Drop what a layer derived from its stored tensors; the next call rebuilds it.
+
+    Packed layers call it after ``.to()``/``.half()`` (``_apply``), ``load_state_dict`` and a switch from training
+    to eval mode; call it yourself after changing a packed layer's buffers in place.
+    """
     state = layer.__dict__.get("_runtime_state")
     if state is not None:
-        state.tensors = list(layer.buffers(recurse=False)) + list(layer.parameters(recurse=False))
         state.trainable = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
-        state.key, state.dense, state.pack = (), None, None
+        state.dense, state.pack = None, None
+        state.ready.clear()
 
 
 def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
@@ -140,34 +145,57 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
         x: its input.
     """
     state: _LayerState | None = layer.__dict__.get("_runtime_state")
-    if state is None or state.policy == "reference" or layer.training or not x.is_cpu:
+    if state is None or layer.training or state.policy == "reference":
         return None
-    if not x.is_floating_point() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    one_row = layer.op == "linear" and x.numel() == x.shape[-1]
+    entry = state.ready.get(one_row)
+    if entry is not None and x.dtype == torch.float32 and x.is_cpu:  # the hot path: one lookup, one call
+        fn, no_grad_only = entry
+        grad = torch.is_grad_enabled()
+        if not (grad and (no_grad_only or state.trainable)) and not torch.compiler.is_compiling() \
+                and not torch.jit.is_tracing():
+            return fn(x)
+    if not x.is_cpu or not x.is_floating_point() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     grad = torch.is_grad_enabled()
     if grad and state.trainable and any(p.requires_grad for p in state.trainable):
         return None
-    bucket = "1 row" if layer.op == "linear" and x.numel() == x.shape[-1] else "rows"
+    bucket = "1 row" if one_row else "rows"
     path = state.paths.get(bucket)
     if path is None:
         path, reason = _choose(layer, state, bucket)
         state.paths[bucket], state.reasons[bucket] = path, reason
-    if state.key != _version_key(state.tensors):
-        state.key, state.dense, state.pack = _version_key(state.tensors), None, None
-    if path == "gemv":
-        if not grad:
-            if state.pack is None:
-                state.pack = _derived(lambda: cpu_gemv.prepack(layer))
-            return cpu_gemv.gemv(x, state.pack, layer.bias)
+    if path == "gemv" and grad:
         path = "dense" if state.policy != "compact" else "reference"
-    if path == "dense":
-        if state.dense is None:
-            state.dense = _derived(lambda: _float_weight(layer))
-        bias = layer.bias
-        if x.dtype == torch.float32 and layer.op == "linear" and (bias is None or bias.dtype == torch.float32):
-            return F.linear(x, state.dense, bias)
+    if path == "reference":
+        return None
+    fn = _build(layer, state, path)
+    if x.dtype == torch.float32 and path == state.paths[bucket]:
+        state.ready[one_row] = (fn, path == "gemv")
+    if path == "dense" and x.dtype != torch.float32:  # e.g. a float16 input: the weight is cast to it
         return layer.run(x, state.dense)
-    return None
+    return fn(x)
+
+
+def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor], Tensor]:
+    """The function of a float32 input that runs ``path`` (derived tensors built now)."""
+    bias = layer.bias
+    if path == "gemv":
+        if state.pack is None:
+            state.pack = _derived(lambda: cpu_gemv.prepack(layer))
+        pack = state.pack
+        return lambda x: cpu_gemv.gemv(x, pack, bias)
+    if state.dense is None:
+        state.dense = _derived(lambda: _float_weight(layer))
+    weight = state.dense
+    if bias is not None and bias.dtype != torch.float32:  # an fp16/bf16 layer: its bias in float32, once
+        bias = _derived(lambda: layer.bias.detach().float())
+    if layer.op == "linear":
+        return lambda x: F.linear(x, weight, bias)
+    conv = F.conv1d if layer.op == "conv1d" else F.conv2d
+    stride, padding = tuple(layer.conv["stride"]), tuple(layer.conv["padding"])
+    dilation, groups = tuple(layer.conv["dilation"]), layer.conv["groups"]
+    return lambda x: conv(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _derived(build) -> Tensor:
@@ -180,17 +208,6 @@ def _float_weight(layer: nn.Module) -> Tensor:
     if hasattr(layer, "dequantize_weight"):
         return layer.dequantize_weight(torch.float32).contiguous()
     return layer.weight.detach().to(torch.float32).contiguous()
-
-
-def _version_key(tensors: list[Tensor]) -> tuple:
-    """Changes when the layer's stored tensors are replaced or modified in place (then derived state is rebuilt)."""
-    key = []
-    for tensor in tensors:
-        try:
-            key.append((tensor.data_ptr(), tensor._version))
-        except RuntimeError:  # inference tensors have no version counter
-            key.append((tensor.data_ptr(), -1))
-    return tuple(key)
 
 
 def _fp32_bytes(layer: nn.Module) -> int:
