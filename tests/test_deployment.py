@@ -27,7 +27,8 @@ def test_deploy_writes_the_fastest_valid_route_and_the_table(int4_file, digits, 
     names = [r.name for r in report.routes]
     assert names == list(deployment.DEFAULT_ROUTES)
     valid = [r for r in report.routes if r.status == "ok"]
-    assert {"torch", "onnxruntime-fp32", "onnxruntime-int8-static"} <= {r.name for r in valid}
+    assert {"torch", "onnxruntime-fp32", "onnxruntime-int8-static", "openvino-fp32", "openvino-int8-static"} <= {
+        r.name for r in valid}
     for route in valid:  # every valid route was timed at both batch sizes, beside the baseline, and kept accuracy
         assert set(route.speedup) == {1, 32}
         assert route.accuracy is not None and route.accuracy >= report.model_accuracy - 0.005
@@ -62,6 +63,21 @@ def test_a_route_that_fails_parity_is_rejected_and_nothing_is_written(int4_file,
     with pytest.raises(TorchSlimError, match="no route is valid.*agreement 0.5"):
         ts.deploy(int4_file, tmp_path / "none", data=digits, routes=["onnxruntime-int8-dynamic"])
     assert not (tmp_path / "none").exists()
+
+
+def test_openvino_routes_say_what_to_install_when_it_is_missing(int4_file, digits, monkeypatch):
+    monkeypatch.setattr(deployment, "openvino_available", lambda: False)
+    report = ts.deploy(int4_file, data=digits, routes=["torch", "openvino-fp32"], batch_sizes=[1], min_run_time=0.02)
+    route = report.route("openvino-fp32")
+    assert route.status == "not applicable" and "pip install openvino" in route.reason
+
+
+def test_openvino_runs_the_exported_graph_like_the_model(int4_file, digits):
+    report = ts.deploy(int4_file, data=digits, routes=["openvino-fp32", "openvino-int8-static"], batch_sizes=[1],
+                       min_run_time=0.02)
+    fp32, int8 = report.route("openvino-fp32"), report.route("openvino-int8-static")
+    assert fp32.status == "ok" and fp32.parity["cosine"] > 0.9999 and fp32.parity["top1_agreement"] == 1.0
+    assert int8.status == "ok" and int8.parity["cosine"] > 0.98 and int8.parity["samples"] == 64
 
 
 def test_a_route_over_the_accuracy_budget_is_rejected(int4_file, digits, monkeypatch):

@@ -42,13 +42,22 @@ from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx
 from torchslim.export.runtime import graph_op_types, require_onnx, require_onnxruntime
 from torchslim.fileio import atomic_write_bytes
 
-__all__ = ["QUANT_MODES", "ExportConfig", "ExportReport", "choose_opset", "export"]
+__all__ = [
+    "FP32_ATOL",
+    "FP32_RTOL",
+    "PARITY_LIMITS",
+    "QUANT_MODES",
+    "ExportConfig",
+    "ExportReport",
+    "choose_opset",
+    "export",
+]
 
 QUANT_MODES = ("none", "int8-static", "int8-dynamic", "int4-weight")
 PRECISIONS = ("fp32", "fp16")
 # (min cosine, min top-1 agreement) of the exported graph vs the PyTorch model, per mode
-_DEFAULT_LIMITS = {"fp32": (0.9999, 0.99), "fp16": (0.999, 0.95), "int8": (0.98, 0.9), "int4": (0.95, 0.8)}
-_FP32_ATOL, _FP32_RTOL = 1e-4, 1e-3
+PARITY_LIMITS = {"fp32": (0.9999, 0.99), "fp16": (0.999, 0.95), "int8": (0.98, 0.9), "int4": (0.95, 0.8)}
+FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
 _PARITY_SAMPLES = 64
 # newest ai.onnx opset each ONNX Runtime minor release runs (from ORT's compatibility table)
 _ORT_MAX_OPSET = (
@@ -260,7 +269,7 @@ def export(
         notes.append("OnnxGraph: the stored graph is written unchanged")
     else:
         data, packed_layers = _build(model, config, example, calib, opset, notes)
-    limits = _DEFAULT_LIMITS[config.family]
+    limits = PARITY_LIMITS[config.family]
     min_cosine = limits[0] if config.min_cosine is None else config.min_cosine
     min_agreement = limits[1] if config.min_agreement is None else config.min_agreement
     exact = config.family == "fp32"
@@ -269,8 +278,8 @@ def export(
             model,
             data,
             check,
-            atol=_FP32_ATOL if exact else None,
-            rtol=_FP32_RTOL if exact else 0.0,
+            atol=FP32_ATOL if exact else None,
+            rtol=FP32_RTOL if exact else 0.0,
             min_agreement=min_agreement,
             min_cosine=min_cosine,
         )
