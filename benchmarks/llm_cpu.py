@@ -32,8 +32,8 @@ import torch
 # benchmarks/transformers.py would shadow the transformers package when this script's folder is on sys.path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torchslim as ts
-from torchslim.quantize.runtime import runtime_report
+import torchslim as ts  # noqa: E402
+from torchslim.quantize.runtime import runtime_report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -163,14 +163,14 @@ def write(args, rows, ao_version: str) -> None:
         "| variant | ms/token | speedup | logits cosine | same tokens | file MiB | stored MiB | derived MiB | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        def num(key, fmt):
-            return "-" if r.get(key) is None else format(r[key], fmt)
+    def num(r, key, fmt):
+        return "-" if r.get(key) is None else format(r[key], fmt)
 
-        lines.append(f"| {r['variant']} | {num('ms_per_token', '.1f')} | "
+    for r in rows:
+        lines.append(f"| {r['variant']} | {num(r, 'ms_per_token', '.1f')} | "
                      f"{'-' if r.get('speedup') is None else format(r['speedup'], '.2f') + 'x'} | "
-                     f"{num('cosine', '.4f')} | {num('same_tokens', '.0%')} | {num('file_mib', '.1f')} | "
-                     f"{num('stored_mib', '.1f')} | {num('derived_mib', '.1f')} | {r.get('note', '')} |")
+                     f"{num(r, 'cosine', '.4f')} | {num(r, 'same_tokens', '.0%')} | {num(r, 'file_mib', '.1f')} | "
+                     f"{num(r, 'stored_mib', '.1f')} | {num(r, 'derived_mib', '.1f')} | {r.get('note', '')} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -89,6 +89,8 @@ _EXPORTS: dict[str, str] = {
     "holdout_split": "torchslim.pipeline.planner",
     "write_report": "torchslim.pipeline.report",
     "deploy": "torchslim.deployment",
+    "set_runtime_": "torchslim.quantize.runtime",
+    "runtime_report": "torchslim.quantize.runtime",
     "DeployReport": "torchslim.deployment",
 }
 
@@ -166,4 +168,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from torchslim.quantize.gptq import GPTQ, gptq_  # noqa: F401
     from torchslim.quantize.qat import qat  # noqa: F401
+    from torchslim.quantize.runtime import runtime_report, set_runtime_  # noqa: F401
     from torchslim.train import TrainConfig, evaluate, train  # noqa: F401
