@@ -12,6 +12,7 @@ cache. The codes are derived from a layer's packed buffers at first use
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,6 @@ from torch import Tensor
 __all__ = ["GemvPack", "gemv", "prepack", "unsupported_reason"]
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
-# Each layer shape is its own compiled graph; an LLM has a handful of shapes, a model zoo a few dozen.
-_RECOMPILE_LIMIT = 256
 
 
 @dataclasses.dataclass
@@ -46,6 +45,7 @@ class GemvPack:
     scale_zero: Tensor
     in_features: int
     kind: str
+    zero_bias: Tensor | None = None  # (N,) zeros, passed for layers without a bias (one graph for both)
 
     @property
     def nbytes(self) -> int:
@@ -90,31 +90,37 @@ def prepack(layer: Any) -> GemvPack:
     return GemvPack(codes.contiguous(), scale, scale_zero, in_features, "group")
 
 
-def _channel(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor) -> Tensor:
+def _channel(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor, bias: Tensor) -> Tensor:
     acc = (x.unsqueeze(-2) * codes.to(torch.float32)).sum(-1)
-    return acc * scale[:, 0] - x.sum(-1, keepdim=True) * scale_zero[:, 0]
+    return acc * scale[:, 0] - x.sum(-1, keepdim=True) * scale_zero[:, 0] + bias
 
 
-# The grouped kernels take x already padded to whole groups: a pad inside the compiled graph becomes a masked
-# load of every element (int64 index compares), which made the kernel several times slower.
-def _group(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor) -> Tensor:
+# The grouped kernel takes x already padded to whole groups: a pad inside the compiled graph becomes a masked
+# load of every element (int64 index compares), which made the kernel several times slower. The zero point is
+# subtracted inside the reduction (one graph, no separate matmul for the zero-point term).
+def _group(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor, bias: Tensor) -> Tensor:
     rows, groups, group_len = codes.shape
     xg = x.reshape(x.shape[0], 1, groups, group_len)
-    acc = (xg * codes.to(torch.float32) * scale.unsqueeze(-1)).sum((-1, -2))
-    return acc - xg.sum(-1).reshape(x.shape[0], groups) @ scale_zero.T
+    weight = codes.to(torch.float32) * scale.unsqueeze(-1) - scale_zero.unsqueeze(-1)
+    return (xg * weight).sum((-1, -2)) + bias
 
 
 _EAGER = {"channel": _channel, "group": _group}
 
 
-def _compiled(kind: str) -> Callable[..., Tensor]:
-    fn = _COMPILED.get(kind)
-    if fn is None:
-        import torch._dynamo
+def _compiled(kind: str, shape: tuple[int, ...]) -> Callable[..., Tensor]:
+    """The kernel compiled for one codes shape.
 
-        if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
-            torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
-        fn = _COMPILED[kind] = torch.compile(_EAGER[kind], dynamic=False)
+    Each shape gets its own copy of the function's code object, hence its own dynamo cache with one entry: a
+    shared function would check every shape's guards in turn on every call (9 us a call with an LLM's shapes).
+    """
+    key = f"{kind}_{'x'.join(map(str, shape))}"
+    fn = _COMPILED.get(key)
+    if fn is None:
+        source = _EAGER[kind]
+        code = source.__code__.replace(co_name=f"_gemv_{key}")
+        fn = _COMPILED[key] = torch.compile(types.FunctionType(code, source.__globals__, code.co_name),
+                                            dynamic=False, fullgraph=True)
     return fn
 
 
@@ -136,8 +142,11 @@ def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: boo
         padded = pack.codes.shape[1] * pack.codes.shape[2]
         if padded != flat.shape[-1]:
             flat = F.pad(flat, (0, padded - flat.shape[-1]))
-    fn = _compiled(pack.kind) if compiled else _EAGER[pack.kind]
-    y = fn(flat, pack.codes, pack.scale, pack.scale_zero)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.reshape(*lead, -1).to(x.dtype)
+    fn = _compiled(pack.kind, tuple(pack.codes.shape)) if compiled else _EAGER[pack.kind]
+    if bias is None:
+        if pack.zero_bias is None:
+            pack.zero_bias = pack.scale.new_zeros(pack.scale.shape[0])
+        bias = pack.zero_bias
+    elif bias.dtype != torch.float32:
+        bias = bias.to(torch.float32)
+    return fn(flat, pack.codes, pack.scale, pack.scale_zero, bias).reshape(*lead, -1).to(x.dtype)

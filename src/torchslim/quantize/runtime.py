@@ -53,7 +53,7 @@ _MEASURED: dict[str, dict[str, float]] = {}
 # fp32 bytes of weights rotated through while timing a layer: enough to push a large model's weights out of the
 # caches, as in a real forward pass; a small model is timed on as many copies as it has bytes (it stays cached).
 _ROTATION_BYTES_CAP = 64 << 20
-_MAX_COPIES = 48
+_MAX_COPIES = 256
 # A model whose packed layers hold fewer weights than this (32 MiB in fp32) runs from the CPU caches, where the
 # GEMV does not beat F.linear on a small layer; then only layers of at least MIN_GEMV_WEIGHTS are compiled and
 # timed. In a larger model every layer's weight comes from memory and every Linear is timed (SmolLM2-135M's
