@@ -185,3 +185,26 @@ def test_half_precision_and_codebook_layers_match_the_reference(runtime):
         set_runtime_(model, runtime)
         with torch.inference_mode():
             torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("zeros", [0.5, 0.97])
+def test_a_sparse_layer_takes_csr_only_when_measured_faster(zeros):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(800, 500)).eval()
+    ts.prune_(model, ts.MagnitudePruning(scope="global", amount=zeros))
+    ts.finalize_(model)
+    ts.quantize_(model, ts.IntQuant(bits=4))
+    x = torch.randn(32, 800)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        reference = model(x)
+    set_runtime_(model, "auto")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    (row,) = runtime_report(model)
+    if zeros < 0.8:  # never measured: CSR lost to dense below 80% zeros in every shape measured
+        assert row["paths"]["rows"] == "dense" and "zeros" not in row["reasons"]["rows"]
+    elif row["paths"]["rows"] == "sparse":
+        assert "97.0% zeros: CSR" in row["reasons"]["rows"] and row["derived_bytes"] < 4 * 800 * 500 * 0.1
+    else:
+        assert row["paths"]["rows"] == "dense"

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ _MAX_COPIES = 256
 # 576 x 576 projections: 2.6x fp32 on 48 rotating copies).
 MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
+SPARSE_MIN_ZEROS = 0.8  # below this CSR lost to dense in every measured shape (benchmarks/sparse_cpu.py)
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class _LayerState:
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     dense: Tensor | None = None
     pack: cpu_gemv.GemvPack | None = None
+    csr: Tensor | None = None
 
 
 def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
@@ -110,7 +113,7 @@ def rebind_(layer: nn.Module) -> None:
     state = layer.__dict__.get("_runtime_state")
     if state is not None:
         state.trainable = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
-        state.dense, state.pack = None, None
+        state.dense, state.pack, state.csr = None, None, None
         state.ready.clear()
 
 
@@ -129,6 +132,9 @@ def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
             continue
         derived = 0 if state.dense is None else state.dense.numel() * state.dense.element_size()
         derived += 0 if state.pack is None else state.pack.nbytes
+        if state.csr is not None:
+            derived += sum(t.numel() * t.element_size() for t in (state.csr.values(), state.csr.col_indices(),
+                                                                   state.csr.crow_indices()))
         stored = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
         stored += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         rows.append({"name": name, "type": type(module).__name__, "policy": state.policy,
@@ -180,6 +186,10 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
 def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor], Tensor]:
     """The function of a float32 input that runs ``path`` (derived tensors built now)."""
     bias = layer.bias
+    if path == "sparse":
+        if state.csr is None:
+            state.csr = _derived(lambda: _to_csr(_float_weight(layer)))
+        return _sparse_linear(state.csr, bias)
     if path == "gemv":
         if state.pack is None:
             state.pack = _derived(lambda: cpu_gemv.prepack(layer))
@@ -196,6 +206,22 @@ def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor]
     stride, padding = tuple(layer.conv["stride"]), tuple(layer.conv["padding"])
     dilation, groups = tuple(layer.conv["dilation"]), layer.conv["groups"]
     return lambda x: conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _to_csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": we measure before using it
+        warnings.simplefilter("ignore", UserWarning)
+        return weight.to_sparse_csr()
+
+
+def _sparse_linear(csr: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.sparse.mm(csr, flat.t()).t()
+        y = y + bias if bias is not None else y.contiguous()
+        return y.reshape(*x.shape[:-1], csr.shape[0])
+
+    return run
 
 
 def _derived(build) -> Tensor:
@@ -229,6 +255,9 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     if reason is None and state.policy == "auto" and weights < MIN_GEMV_WEIGHTS and model_weights < MIN_MODEL_WEIGHTS:
         reason = (f"{weights:,} weights in a model of {model_weights:,}: below {MIN_GEMV_WEIGHTS:,} and "
                   f"{MIN_MODEL_WEIGHTS:,} the fp32 layer runs from cache and is as fast")
+    sparse = _sparse_choice(layer, bucket) if layer.op == "linear" else None
+    if sparse is not None and (reason is not None or state.policy == "compact"):
+        return sparse
     if reason is not None:
         return ("reference", f"{reason}; runtime='compact' keeps no fp32 copy") if state.policy == "compact" else (
             "dense", f"{reason}; decoded once")
@@ -240,6 +269,27 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     speed = timing["dense_ms"] / timing["gemv_ms"]
     detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms ({speed:.2f}x)"
     return ("gemv", detail) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
+
+
+def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
+    """("sparse", why) when this layer's weight is sparse enough and CSR measured faster than dense, else None.
+
+    Measured on the layer's own weight (its sparsity pattern decides), at 1 input row or 32: on this project's
+    machine CSR paid from about 90% zeros at batch 32 and 95% at batch 1, and lost below (benchmarks/sparse_cpu.py).
+    """
+    with torch.inference_mode():
+        weight = _float_weight(layer)
+        zeros = 1.0 - int(torch.count_nonzero(weight)) / max(1, weight.numel())
+        if zeros < SPARSE_MIN_ZEROS:
+            return None
+        csr = _to_csr(weight)
+        x = torch.randn(1 if bucket == "1 row" else 32, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        run = _sparse_linear(csr, None)
+        dense_ms = sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1]
+        sparse_ms = sorted(_timed(lambda: run(x)) for _ in range(3))[1]
+    detail = (f"{zeros:.1%} zeros: CSR {sparse_ms:.3f} ms vs dense {dense_ms:.3f} ms "
+              f"({dense_ms / sparse_ms:.2f}x)")
+    return ("sparse", detail) if sparse_ms < dense_ms else None
 
 
 def _signature(layer: nn.Module, copies: int) -> str:
