@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from torchslim._callable_module import make_module_callable
 from torchslim.export.api import QUANT_MODES, ExportConfig, ExportReport, choose_opset, export
 from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx, run_onnx
 from torchslim.export.runtime import (
@@ -28,3 +29,6 @@ __all__ = [
     "require_onnxruntime",
     "run_onnx",
 ]
+
+# ``import torchslim.export`` rebinds ``torchslim.export`` to this package; calls go on to the function ``export``.
+make_module_callable(__name__, "export")
