@@ -25,6 +25,7 @@ from torchslim.quantize.layers import (
     _WeightOnlyLayer,
     describe_layer,
 )
+from torchslim.quantize.runtime import set_runtime_
 
 
 @register_config("int")
@@ -188,6 +189,8 @@ def quantize_(
     for name, module, chosen in plan:
         _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
         report.quantized[name] = chosen.to_dict()
+    if plan:  # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
+        set_runtime_(model, "auto")
     return report
 
 

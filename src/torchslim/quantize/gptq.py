@@ -41,6 +41,7 @@ from torchslim.quantize.api import (
     quantization_handler,
 )
 from torchslim.quantize.layers import SCALE_DTYPES, IntQuantLayer
+from torchslim.quantize.runtime import set_runtime_
 
 __all__ = ["GPTQ", "gptq_", "gptq_quantize", "layer_hessian"]
 
@@ -404,6 +405,7 @@ def gptq_(
     finally:
         for m, training in modes.items():
             m.training = training
+    set_runtime_(model, "auto")  # as ts.load would (see quantize_)
     return report
 
 

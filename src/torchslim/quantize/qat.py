@@ -42,6 +42,7 @@ from torchslim.quantize.layers import (
     _WeightOnlyLayer,
     describe_layer,
 )
+from torchslim.quantize.runtime import set_runtime_
 from torchslim.train import TrainConfig, train
 
 __all__ = ["SCALE_INITS", "QATLayer", "convert_", "init_qparams", "lsq_grad_scale", "prepare_qat_", "qat"]
@@ -319,6 +320,7 @@ def convert_(model: nn.Module) -> QuantizeReport:
         quantized.train(layer.training)
         _replace(model, name, quantized)
         report.quantized[name] = layer.config.to_dict()
+    set_runtime_(model, "auto")  # as ts.load would (see quantize_)
     return report
 
 

@@ -274,21 +274,30 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
 def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
     """("sparse", why) when this layer's weight is sparse enough and CSR measured faster than dense, else None.
 
-    Measured on the layer's own weight (its sparsity pattern decides), at 1 input row or 32: on this project's
-    machine CSR paid from about 90% zeros at batch 32 and 95% at batch 1, and lost below (benchmarks/sparse_cpu.py).
+    Measured on the layer's own weight, at 1 input row or 32: on this project's machine CSR paid from about 90%
+    zeros at batch 32 and 95% at batch 1, and lost below (benchmarks/sparse_cpu.py). The result is cached by
+    (shape, nonzero count, rows), so the model that was saved and the one loaded back take the same path.
     """
     with torch.inference_mode():
         weight = _float_weight(layer)
-        zeros = 1.0 - int(torch.count_nonzero(weight)) / max(1, weight.numel())
+        nonzero = int(torch.count_nonzero(weight))
+        zeros = 1.0 - nonzero / max(1, weight.numel())
         if zeros < SPARSE_MIN_ZEROS:
             return None
-        csr = _to_csr(weight)
-        x = torch.randn(1 if bucket == "1 row" else 32, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        run = _sparse_linear(csr, None)
-        dense_ms = sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1]
-        sparse_ms = sorted(_timed(lambda: run(x)) for _ in range(3))[1]
-    detail = (f"{zeros:.1%} zeros: CSR {sparse_ms:.3f} ms vs dense {dense_ms:.3f} ms "
-              f"({dense_ms / sparse_ms:.2f}x)")
+        rows = 1 if bucket == "1 row" else 32
+        signature = (f"sparse-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
+                     f"t{torch.get_num_threads()}-linear{weight.shape[0]}x{weight.shape[1]}-nz{nonzero}-r{rows}")
+        timing = _MEASURED.get(signature) or _read_cache().get(signature)
+        if timing is None:
+            csr = _to_csr(weight)
+            x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            run = _sparse_linear(csr, None)
+            timing = {"dense_ms": sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1],
+                      "sparse_ms": sorted(_timed(lambda: run(x)) for _ in range(3))[1]}
+            _write_cache(signature, timing)
+        _MEASURED[signature] = timing
+    dense_ms, sparse_ms = timing["dense_ms"], timing["sparse_ms"]
+    detail = f"{zeros:.1%} zeros: CSR {sparse_ms:.3f} ms vs dense {dense_ms:.3f} ms ({dense_ms / sparse_ms:.2f}x)"
     return ("sparse", detail) if sparse_ms < dense_ms else None
 
 
