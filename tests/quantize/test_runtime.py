@@ -208,3 +208,26 @@ def test_a_sparse_layer_takes_csr_only_when_measured_faster(zeros):
         assert "97.0% zeros: CSR" in row["reasons"]["rows"] and row["derived_bytes"] < 4 * 800 * 500 * 0.1
     else:
         assert row["paths"]["rows"] == "dense"
+
+
+def test_copies_of_a_running_model_rebuild_their_own_derived_state(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(800, 500)).eval()
+    ts.prune_(model, ts.MagnitudePruning(scope="global", amount=0.97))
+    ts.finalize_(model)
+    ts.quantize_(model, ts.IntQuant(bits=4))
+    set_runtime_(model, "compact")
+    x = torch.randn(32, 800)
+    with torch.inference_mode():
+        before = model(x)
+    twin = copy.deepcopy(model)  # derived tensors (maybe CSR) are not copied
+    state = twin.state_dict()
+    state["0.scale"] = state["0.scale"] * 2
+    twin.load_state_dict(state)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before)  # the original is untouched by the copy's change
+        doubled = twin(x)
+    torch.save(twin, tmp_path / "whole.pt")  # pickling a running model works (derived state dropped)
+    set_runtime_(twin, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(doubled, twin(x), atol=1e-5, rtol=1e-5)

@@ -70,7 +70,7 @@ class _LayerState:
 
     policy: str
     model_bytes: int = 0
-    trainable: list[Tensor] = dataclasses.field(default_factory=list)  # weight parameters (codebook, fp16 weight)
+    trainable: list[Tensor] | None = None  # weight parameters (codebook, fp16 weight); None: not bound yet
     # one row? -> (function of x, needs grad disabled): the chosen path, built once (float32 inputs)
     ready: dict[bool, tuple[Callable[[Tensor], Tensor], bool]] = dataclasses.field(default_factory=dict)
     paths: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -78,6 +78,13 @@ class _LayerState:
     dense: Tensor | None = None
     pack: cpu_gemv.GemvPack | None = None
     csr: Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (deepcopy, pickle) keep the decisions and rebuild derived tensors from their own layer: closures
+        # and tensors here belong to the original layer (and CSR tensors cannot be deep-copied).
+        state = self.__dict__.copy()
+        state.update(trainable=None, ready={}, dense=None, pack=None, csr=None)
+        return state
 
 
 def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
@@ -153,6 +160,8 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
     state: _LayerState | None = layer.__dict__.get("_runtime_state")
     if state is None or layer.training or state.policy == "reference":
         return None
+    if state.trainable is None:  # a fresh or copied state: bind it to this layer's tensors
+        rebind_(layer)
     one_row = layer.op == "linear" and x.numel() == x.shape[-1]
     entry = state.ready.get(one_row)
     if entry is not None and x.dtype == torch.float32 and x.is_cpu:  # the hot path: one lookup, one call
