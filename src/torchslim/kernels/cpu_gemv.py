@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GemvPack", "gemv", "prepack", "unsupported_reason"]
+__all__ = ["VERSION", "GemvPack", "gemv", "prepack", "unsupported_reason"]
 
+# Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
+# then no longer apply.
+VERSION = 2
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
