@@ -313,8 +313,8 @@ def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
 def _signature(layer: nn.Module, copies: int) -> str:
     out_features, in_features = layer.weight_shape
     group = layer.group_size if layer.granularity == "group" else layer.granularity
-    return (f"gemv{cpu_gemv.VERSION}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-t{torch.get_num_threads()}-"
-            f"linear{out_features}x{in_features}-b{layer.bits}-g{group}-c{copies}")
+    return (f"gemv{cpu_gemv.VERSION}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
+            f"t{torch.get_num_threads()}-linear{out_features}x{in_features}-b{layer.bits}-g{group}-c{copies}")
 
 
 def _cache_path() -> Path:
