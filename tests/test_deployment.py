@@ -27,8 +27,10 @@ def test_deploy_writes_the_fastest_valid_route_and_the_table(int4_file, digits, 
     names = [r.name for r in report.routes]
     assert names == list(deployment.DEFAULT_ROUTES)
     valid = [r for r in report.routes if r.status == "ok"]
-    assert {"torch", "onnxruntime-fp32", "onnxruntime-int8-static", "openvino-fp32", "openvino-int8-static"} <= {
-        r.name for r in valid}
+    assert "ts.load(path, runtime='compact')" in report.route("torch-compact").reason
+    expected = {"torch", "torch-compact", "onnxruntime-fp32", "onnxruntime-int8-static", "openvino-fp32",
+                "openvino-int8-static"}
+    assert expected <= {r.name for r in valid}
     for route in valid:  # every valid route was timed at both batch sizes, beside the baseline, and kept accuracy
         assert set(route.speedup) == {1, 32}
         assert route.accuracy is not None and route.accuracy >= report.model_accuracy - 0.005
@@ -112,7 +114,7 @@ def test_the_recorded_input_signature_replaces_data(int4_file, tmp_path):
     ("kwargs", "message"),
     [
         ({"target": "gpu"}, "target = 'gpu' is invalid: expected one of 'cpu'"),
-        ({"routes": ["tensorrt"]}, "routes contains 'tensorrt': expected some of torch, torch-compile"),
+        ({"routes": ["tensorrt"]}, "routes contains 'tensorrt': expected some of torch, torch-compact, torch-compile"),
         ({"batch_sizes": [0]}, r"batch_sizes = \[0\] is invalid: expected integers >= 1"),
         ({"max_accuracy_drop": -1}, r"max_accuracy_drop = -1 is invalid: expected points in \[0, 100\]"),
     ],
