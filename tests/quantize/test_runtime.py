@@ -231,3 +231,29 @@ def test_copies_of_a_running_model_rebuild_their_own_derived_state(tmp_path):
     set_runtime_(twin, "reference")
     with torch.inference_mode():
         torch.testing.assert_close(doubled, twin(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("runtime", "fallback"), [("auto", "dense"), ("compact", "reference")])
+def test_a_kernel_that_does_not_compile_falls_back_and_says_so(monkeypatch, runtime, fallback):
+    from torchslim.quantize import runtime as rt
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(rt, "_MEASURED", {})
+    monkeypatch.setattr(rt, "_read_cache", lambda: {})
+    monkeypatch.setattr(cpu_gemv, "_compiled", no_compiler)
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"), in_features=1024, out_features=1024)
+    set_runtime_(model, runtime)
+    x = torch.randn(1, 1024)
+    with torch.inference_mode():
+        got = model(x)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(x))
+    set_runtime_(model, runtime)
+    with torch.inference_mode():
+        model(x)
+    row = runtime_report(model)[0]
+    assert row["paths"]["1 row"] == fallback
+    assert "the compiled GEMV failed here (no C++ compiler found)" in row["reasons"]["1 row"]

@@ -270,11 +270,12 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     if reason is not None:
         return ("reference", f"{reason}; runtime='compact' keeps no fp32 copy") if state.policy == "compact" else (
             "dense", f"{reason}; decoded once")
+    timing = _measure(layer, state.model_bytes)  # also proves the kernel compiles here
+    if "error" in timing:
+        fallback = "reference" if state.policy == "compact" else "dense"
+        return fallback, f"the compiled GEMV failed here ({timing['error']}); {fallback} path"
     if state.policy == "compact":
         return "gemv", "runtime='compact'"
-    timing = _measure(layer, state.model_bytes)
-    if "error" in timing:
-        return "dense", f"the compiled GEMV failed here ({timing['error']}); decoded once"
     speed = timing["dense_ms"] / timing["gemv_ms"]
     detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms ({speed:.2f}x)"
     return ("gemv", detail) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
