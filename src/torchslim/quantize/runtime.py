@@ -51,9 +51,11 @@ __all__ = ["RUNTIMES", "fast_forward", "rebind_", "runtime_report", "set_runtime
 
 _CACHE_FILE = "cpu-paths.json"
 _MEASURED: dict[str, dict[str, float]] = {}
-# fp32 bytes of weights rotated through while timing a layer: enough to push a large model's weights out of the
-# caches, as in a real forward pass; a small model is timed on as many copies as it has bytes (it stays cached).
-_ROTATION_BYTES_CAP = 64 << 20
+# fp32 bytes of weights rotated through while timing a layer: 8x the development machine's 32 MiB L3, so a large
+# model's weights come from memory as in a real forward pass (with 64 MiB the fp32 copies still hit the L3 often
+# enough that an int4 LLM's attention projections were wrongly kept dense); a small model is timed on as many
+# copies as it has bytes (it stays cached).
+_ROTATION_BYTES_CAP = 256 << 20
 _MAX_COPIES = 256
 # A model whose packed layers hold fewer weights than this (32 MiB in fp32) runs from the CPU caches, where the
 # GEMV does not beat F.linear on a small layer; then only layers of at least MIN_GEMV_WEIGHTS are compiled and
