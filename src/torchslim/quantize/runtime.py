@@ -6,7 +6,7 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
   memory, slower than the fp32 layer it replaced);
 - ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
   layer's; resident memory = an fp32 weight);
-- ``gemv``: the ``torch.compile``d integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
+- ``gemv``: the inductor-compiled integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
   derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row).
 
 The policy (``runtime``) says which paths a layer may take:
