@@ -1,13 +1,14 @@
 """How packed layers compute on CPU: the execution path of each layer, chosen by measurement.
 
-A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute its output three ways:
+A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute its output four ways:
 
 - ``reference``: unpack and dequantize the whole weight on every call (what the layer did before; the least
   memory, slower than the fp32 layer it replaced);
 - ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
   layer's; resident memory = an fp32 weight);
 - ``gemv``: the inductor-compiled integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
-  derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row).
+  derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row);
+- ``sparse``: CSR ``torch.sparse.mm`` for Linear layers with >= 80% zeros, only where measured faster than dense.
 
 The policy (``runtime``) says which paths a layer may take:
 
