@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
+from torchslim.export.onnx import compare_outputs
 from torchslim.export.openvino import OpenVinoGraph, openvino_available
 from torchslim.fileio import atomic_write_bytes, atomic_write_text
 from torchslim.measure.bench import factory_baseline
@@ -380,20 +381,14 @@ def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, source: An
 
 
 def _check_outputs(result: RouteResult, want: Tensor, got: Tensor, family: str) -> RouteResult:
-    """Parity of a route's outputs with the model's, with :func:`torchslim.export`'s limits for ``family``."""
-    want, got = want.float().reshape(len(want), -1), got.float().reshape(len(got), -1)
-    error = float((want - got).abs().max())
-    cosine = float(torch.nn.functional.cosine_similarity(want.reshape(-1), got.reshape(-1), dim=0))
-    agreement = float((want.argmax(-1) == got.argmax(-1)).float().mean())
-    result.parity = {"max_abs_error": error, "cosine": cosine, "top1_agreement": agreement, "samples": len(want)}
+    """Parity of a route's outputs with the model's: :func:`torchslim.export`'s check and limits for ``family``."""
     min_cosine, min_agreement = PARITY_LIMITS[family]
-    limit = FP32_ATOL + FP32_RTOL * float(want.abs().max())
-    if family == "fp32" and not error <= limit:
-        result.status, result.reason = "rejected", f"max abs error {error:.3g} > {limit:.3g}"
-    elif not (cosine >= min_cosine and (want.shape[-1] == 1 or agreement >= min_agreement)):
-        result.status = "rejected"
-        result.reason = (f"cosine {cosine:.4f} (min {min_cosine}), top-1 agreement {agreement:.3f} "
-                         f"(min {min_agreement})")
+    exact = family == "fp32"
+    try:
+        result.parity = compare_outputs(want, got, atol=FP32_ATOL if exact else None, rtol=FP32_RTOL if exact else 0.0,
+                                        min_agreement=min_agreement, min_cosine=min_cosine)
+    except TorchSlimError as exc:
+        result.status, result.reason = "rejected", _summary(exc)
     return result
 
 

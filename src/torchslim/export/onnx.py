@@ -227,10 +227,36 @@ def check_parity(
         expected = model(*(item.to(device) for item in tensors))
     if isinstance(expected, (tuple, list)):
         expected = expected[0]
+    return compare_outputs(expected, got, atol=atol, rtol=rtol, min_agreement=min_agreement, min_cosine=min_cosine)
+
+
+def compare_outputs(
+    expected: Tensor,
+    got: Tensor,
+    *,
+    atol: float | None,
+    min_agreement: float = 0.99,
+    rtol: float = 0.0,
+    min_cosine: float | None = None,
+) -> dict[str, float]:
+    """Compare a runtime's outputs with the PyTorch model's (the check behind :func:`check_parity` and ``deploy``).
+
+    Args:
+        expected: the model's outputs ``(samples, ...)``; got: the runtime's, same shape.
+        atol, rtol, min_agreement, min_cosine: as in :func:`check_parity`.
+
+    Returns:
+        ``{"max_abs_error", "top1_agreement", "cosine", "samples"}``.
+
+    Raises:
+        TorchSlimError: shapes differ, or a limit is not met (the message gives the numbers and the limits).
+    """
     expected = expected.detach().to("cpu", torch.float32)
+    got = got.detach().to("cpu", torch.float32)
+    samples = int(expected.shape[0]) if expected.dim() else 1
     if tuple(got.shape) != tuple(expected.shape):
         raise TorchSlimError(
-            f"parity check failed: the ONNX graph returns shape {tuple(got.shape)}, the model "
+            f"parity check failed: the runtime returns shape {tuple(got.shape)}, the model "
             f"{tuple(expected.shape)}"
         )
     diff = (got - expected).abs()
