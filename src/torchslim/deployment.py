@@ -236,7 +236,7 @@ def deploy(
     if out is not None and (out / "deploy.json").exists() and not force:
         raise TorchSlimError(f"out_dir {str(out)!r} already holds a deployment: pass --force (force=True) to replace")
     module, stored_graph = _load_model(model)
-    example = _example(model, data, example_inputs)
+    example = _example(module, data, example_inputs)
     parity_inputs = _parity_inputs(data, example)
     baseline, how = _baseline(model, module, reference)
     model_accuracy = _accuracy(module, data)
@@ -245,7 +245,8 @@ def deploy(
         results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
                                artifact_bytes=len(stored_graph))]
     else:
-        results = [_build(name, module, model, data, example, parity_inputs) for name in wanted]
+        payload = Path(model).read_bytes() if isinstance(model, (str, os.PathLike)) else None  # torch routes' file
+        results = [_build(name, module, payload, data, example, parity_inputs) for name in wanted]
     for result in results:
         if result.status == "ok" and data is not None:
             _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
@@ -262,7 +263,7 @@ def deploy(
     report = DeployReport(source=source_label, baseline=how, batch_sizes=list(batch_sizes), threads=threads,
                           baseline_ms=baseline_ms, model_accuracy=model_accuracy, routes=results, chosen=best.name)
     if out is not None:
-        report.path = str(_write(out, best, model, report))
+        report.path = str(_write(out, best, report))
     return report
 
 
@@ -302,19 +303,16 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     return module, module.onnx_bytes() if isinstance(module, OnnxGraph) else None
 
 
-def _example(model: Any, data: Any, example_inputs: Tensor | None) -> Tensor:
+def _example(module: nn.Module, data: Any, example_inputs: Tensor | None) -> Tensor:
     if example_inputs is not None:
         if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
             raise DataError("example_inputs is invalid: expected a tensor with a leading batch dimension")
         return example_inputs[:1].detach().float()
     if data is not None and hasattr(data, "example_inputs"):
         return data.example_inputs(1)
-    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".slim":
-        from torchslim.artifact import read_manifest
-
-        signature = read_manifest(model).get("input") or {}
-        if signature.get("shape"):
-            return torch.rand((1, *signature["shape"]), generator=torch.Generator().manual_seed(0))
+    signature = getattr(module, "_torchslim_input", None)  # set by load from the .slim's manifest
+    if signature:
+        return torch.rand((1, *signature["shape"]), generator=torch.Generator().manual_seed(0))
     raise DataError("example_inputs is missing: expected data (--data), example_inputs (--input-shape) or a .slim "
                     "that records its input signature")
 
@@ -346,31 +344,30 @@ def _accuracy(module: nn.Module, data: Any) -> float | None:
     return evaluate(module, data.test)
 
 
-def _build(name: str, module: nn.Module, source: Any, data: Any, example: Tensor,
+def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, example: Tensor,
            parity_inputs: Tensor) -> RouteResult:
     if name == "torch":
-        return _torch_route(name, module, parity_inputs, source)
+        return _torch_route(name, module, parity_inputs, payload)
     if name == "torch-compact":
         if not any(hasattr(m, "weight_shape") for m in module.modules()):
             return RouteResult(name, "not applicable", "no packed layers (runtime='compact' changes nothing)")
         compact = copy.deepcopy(module)
         set_runtime_(compact, "compact")
-        result = _torch_route(name, compact, parity_inputs, source, reference=module)
+        result = _torch_route(name, compact, parity_inputs, payload, reference=module)
         result.reason = result.reason or "load with ts.load(path, runtime='compact')"
         return result
     if name == "torch-compile":
         try:
             compiled = torch.compile(copy.deepcopy(module))
-            result = _torch_route(name, compiled, parity_inputs, source, reference=module)
+            result = _torch_route(name, compiled, parity_inputs, payload, reference=module)
         except Exception as exc:  # noqa: BLE001 - inductor failures vary; the route is reported, not fatal
             return RouteResult(name, "rejected", f"torch.compile failed: {_summary(exc)}")
         return result
     return _onnx_route(name, module, data, example, parity_inputs)
 
 
-def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, source: Any,
+def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, payload: bytes | None,
                  reference: nn.Module | None = None) -> RouteResult:
-    payload = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else None
     result = RouteResult(name, "ok", module=module, payload=payload,
                          artifact_bytes=None if payload is None else len(payload))
     if reference is None:
@@ -457,7 +454,7 @@ def _time_interleaved(modules: list[nn.Module], example: Tensor, batch_sizes: Se
     return [{b: statistics.median(values[b]) for b in batch_sizes} for values in samples]
 
 
-def _write(out: Path, best: RouteResult, source: Any, report: DeployReport) -> Path:
+def _write(out: Path, best: RouteResult, report: DeployReport) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if best.name.startswith("torch"):
         path = out / "model.slim"
