@@ -66,8 +66,8 @@ ROUTES = (
     "openvino-fp32",
     "openvino-int8-static",
 )
-# torch-compile is opt-in: it compiles for about 10 s per small model on 2 cores and was slower than eager on
-# packed models here (lenet5 int4: 0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
+# torch-compile is opt-in: in one scratch ts.deploy run it compiled for about 10 s on 2 cores and was slower than
+# eager on an int4 lenet5 (0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
 DEFAULT_ROUTES = tuple(r for r in ROUTES if r != "torch-compile")
 TARGETS = ("cpu",)
 _EXPORT_QUANT = {

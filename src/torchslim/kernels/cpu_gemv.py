@@ -35,7 +35,8 @@ class GemvPack:
         codes: ``(N, K)`` uint8 (per-channel scales) or ``(N, G, group)`` uint8 (grouped scales), one byte per
             code whatever the bit width: nibble-packed 4-bit codes halve the bytes read but their unpacking cost
             more than it saved (SmolLM2-135M shapes, 2 threads, vs fp32: 576x576 1.85x nibbles vs 2.57x bytes,
-            1536x576 3.24x vs 3.80x, 49152x576 5.20x vs 7.42x).
+            1536x576 3.24x vs 3.80x, 49152x576 5.20x vs 7.42x; one scratch run during development, script not
+            kept).
         scale: ``(N, 1)`` or ``(N, G)`` float32.
         scale_zero: ``scale * zero_point``, same shape (float32).
         in_features: K (the input length; groups may be padded past it).
@@ -115,7 +116,7 @@ def _compiled(kind: str, args: tuple[Tensor, ...]) -> Callable[..., Tensor]:
 
     The graph is traced once with ``make_fx`` and handed to ``torch._inductor.compile``: calling the result skips
     dynamo's guard checks and compiled-region wrapper, which cost ~40 us a call through ``torch.compile`` (an LLM
-    decode step makes 211 such calls); a 576 x 576 call went from 69 to 33 us.
+    decode step makes 211 such calls); a 576 x 576 call went from 69 to 33 us in a scratch timeit run (not kept).
     """
     key = f"{kind}-{'x'.join(map(str, args[1].shape))}-{'x'.join(map(str, args[0].shape))}"
     fn = _COMPILED.get(key)
