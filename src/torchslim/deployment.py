@@ -153,6 +153,14 @@ class DeployReport:
         """The chosen route."""
         return self.route(self.chosen)
 
+    def summary(self) -> dict[str, Any]:
+        """What a report row keeps: ``route``, ``speedup`` and ``latency_ms`` (by batch, as strings), ``path``,
+        ``routes`` (name -> status)."""
+        best = self.best
+        return {"route": best.name, "speedup": {str(b): s for b, s in best.speedup.items()},
+                "latency_ms": {str(b): ms for b, ms in best.latency_ms.items()}, "path": self.path,
+                "routes": {r.name: r.status for r in self.routes}}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "routes"}

@@ -21,6 +21,22 @@ def small_model(digits):
     return model.eval()
 
 
+@pytest.fixture
+def quick_deploy(monkeypatch):
+    """The real ``deploy`` on two routes with short timing; the list of every call's keyword arguments."""
+    import torchslim.deployment as deployment
+
+    calls = []
+    real = deployment.deploy
+
+    def quick(model, out_dir=None, **kwargs):
+        calls.append(kwargs)
+        return real(model, out_dir, **{**kwargs, "routes": ("torch", "onnxruntime-fp32"), "min_run_time": 0.02})
+
+    monkeypatch.setattr(deployment, "deploy", quick)
+    return calls
+
+
 class _Images(HTMLParser):
     def __init__(self):
         super().__init__()

@@ -118,3 +118,17 @@ def test_a_deploy_stage_with_a_bad_field_is_refused():
         ts.parse_recipe({"name": "x", "stages": [{"deploy": {"batch_sizes": [0]}}]})
     with pytest.raises(ts.ConfigError, match="DeployStep.routes = .*tensorrt.* is invalid"):
         ts.parse_recipe({"name": "x", "stages": [{"deploy": {"routes": ["tensorrt"]}}]})
+
+
+def test_with_latency_every_artifact_is_deployed_and_reported(small_model, digits, tmp_path, quick_deploy):
+    recipe = ts.parse_recipe({"name": "q", "stages": [{"quantize": {"method": "int", "bits": 4}},
+                                                      {"export": {"format": "onnx"}}]})
+    result = ts.compress(small_model, digits, recipe, tmp_path / "run")
+    rows = [result.input] + result.stages
+    assert [r["deploy"]["route"] in ("torch", "onnxruntime-fp32", "onnxruntime") for r in rows] == [True] * 3
+    assert rows[2]["deploy"]["route"] == "onnxruntime"  # an exported graph runs as stored
+    assert all(set(r["deploy"]["speedup"]) == {"1", "32"} for r in rows)
+    assert all(call["reference"] is not None for call in quick_deploy)  # timed against the input model
+    assert (tmp_path / "run" / "deployed" / "1-quantize" / "deploy.md").is_file()
+    table = (tmp_path / "run" / "report.md").read_text()
+    assert "deployed route" in table and f"| {rows[1]['deploy']['route']} |" in table

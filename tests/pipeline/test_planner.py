@@ -138,3 +138,33 @@ def test_a_candidate_that_loses_the_shifted_views_is_over_budget(small_model, di
     assert all(p["accuracy"] >= result.accuracy_floor - 1e-9 for p in result.points[:1])  # held-out alone passed
     assert not any(p["ok"] for p in result.points)
     assert plan(small_model, digits, PlannerConfig(**{**FAST, "shift_check": 0})).model is not None
+
+
+def test_target_latency_ranks_candidates_by_their_deployed_route(small_model, digits, quick_deploy):
+    calls = quick_deploy
+    config = PlannerConfig(**{**FAST, "sparsities": (0.5,), "target": "latency"})
+    result = plan(small_model, digits, config)
+    ok = [p for p in result.points if p["ok"]]
+    assert ok and len(calls) == len(ok)  # only candidates within the budget are deployed
+    assert all(p["deployed_route"] in ("torch", "onnxruntime-fp32") and p["deployed_speedup_b1"] > 0 for p in ok)
+    assert all("deployed_route" not in p for p in result.points if not p["ok"])
+    chosen = result.points[result.chosen]
+    assert chosen["latency_b1_ms"] == min(p["latency_b1_ms"] for p in ok)
+    # decisions never see the test split: deploy checks on the held-out part and calibrates on the fine-tuning part
+    fit, held = holdout_split(digits.train)
+    for call, point in zip(calls, ok, strict=True):
+        assert len(call["data"].test) == len(held) and len(call["data"].train) == len(fit)
+        assert call["max_accuracy_drop"] == pytest.approx((point["accuracy"] - result.accuracy_floor) * 100, abs=1e-4)
+    assert "deployed:" in result.to_dict(config)["summary"]
+
+
+def test_run_planner_deploys_the_input_and_the_chosen_model(small_model, digits, quick_deploy, tmp_path):
+    from torchslim.pipeline.planner import run_planner
+    from torchslim.pipeline.report import row_cells, with_ratios
+
+    config = PlannerConfig(**{**FAST, "sparsities": (0.5,), "bits": (4,)})
+    result = run_planner(small_model, digits, config, tmp_path)
+    rows = with_ratios(result["report"]["results"])
+    assert [r["deploy"]["route"] in ("torch", "onnxruntime-fp32") for r in rows] == [True, True]
+    assert (tmp_path / "deployed" / "planned" / "deploy.md").is_file()
+    assert all(cell != "-" for cell in row_cells(rows[1])[-3:-1])  # deployed route and b1 speedup shown

@@ -127,7 +127,7 @@ def compress(
         state["stages"] = previous["stages"]
     else:
         state["input"] = save_and_measure("input", baseline, out / "input.slim", splits, recipe=input_recipe,
-                                          latency=latency)
+                                          latency=latency, **_deployed_to(out, "input", baseline, latency))
     _write_state(state_path, state)
 
     context = _Context(splits=splits, baseline=baseline, out_dir=out, progress=progress)
@@ -144,10 +144,11 @@ def compress(
         current, details = _run_stage(stage, current, context)
         records.append(_stage_record(stage))
         if stage.kind in OUTPUT_KINDS:
-            entry = _measure_output(stage, details, splits, latency=latency)
+            entry = _measure_output(stage, details, splits, latency=latency, baseline=baseline)
         else:
             path = out / f"stage-{stage.label}.slim"
-            entry = save_and_measure(stage.label, current, path, splits, recipe=records, latency=latency)
+            entry = save_and_measure(stage.label, current, path, splits, recipe=records, latency=latency,
+                                     **_deployed_to(out, stage.label, baseline, latency))
             model_artifact = str(path)
         entry.update(index=stage.index, kind=stage.kind, description=stage.describe(), details=details,
                      seconds=round(time.perf_counter() - started, 2), model_artifact=model_artifact)
@@ -228,6 +229,8 @@ def save_and_measure(
     *,
     recipe: list | None = None,
     latency: bool = True,
+    deploy_to: Path | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Save ``model``, reload it, check the reload computes the same outputs, and measure the reloaded file.
 
@@ -238,9 +241,13 @@ def save_and_measure(
         splits: ``DataSplits``; accuracy is measured on the test split.
         recipe: recorded in the manifest.
         latency: measure latency at batch 1 and 32.
+        deploy_to: also deploy the saved file there (:func:`torchslim.deploy`: every route checked and timed
+            against ``reference``) and keep the summary as the entry's ``deploy``.
+        reference: the fp32 model the deployed routes are timed against (default: deploy's own rule).
 
     Returns:
-        ``{"name", "artifact", "runtime", "recipe", "measurement"}`` (measurement as a dict).
+        ``{"name", "artifact", "runtime", "recipe", "measurement"}`` (measurement as a dict), plus ``deploy``
+        (:meth:`DeployReport.summary`) with ``deploy_to``.
 
     Raises:
         TorchSlimError: if the reloaded model's outputs differ from the saved model's.
@@ -255,17 +262,32 @@ def save_and_measure(
         if not torch.equal(model.eval()(test_x), reloaded(test_x)):
             raise TorchSlimError(f"{path}: the reloaded model's outputs differ from the saved model's")
     measurement = measure(reloaded, splits, artifact_path=path, latency=latency)
-    return {
+    entry = {
         "name": name,
         "artifact": str(path),
         "runtime": getattr(reloaded, "runtime", "torch"),
         "recipe": recipe,
         "measurement": measurement.to_dict(),
     }
+    if deploy_to is not None:
+        from torchslim.deployment import deploy
+
+        entry["deploy"] = deploy(path, deploy_to, data=splits, reference=reference, force=True).summary()
+    return entry
 
 
-def _measure_output(stage: Stage, details: dict[str, Any], splits: Any, *, latency: bool) -> dict[str, Any]:
-    """Measure the file an export/deploy stage wrote (an ONNX graph under ONNX Runtime, or a ``.slim``)."""
+def _deployed_to(out: Path, label: str, baseline: nn.Module, latency: bool) -> dict[str, Any]:
+    """``save_and_measure``'s deploy arguments for one row: ``DIR/deployed/LABEL``, timed against ``baseline``."""
+    return {"deploy_to": out / "deployed" / label, "reference": baseline} if latency else {}
+
+
+def _measure_output(stage: Stage, details: dict[str, Any], splits: Any, *, latency: bool,
+                    baseline: nn.Module) -> dict[str, Any]:
+    """Measure the file an export/deploy stage wrote (an ONNX graph under ONNX Runtime, or a ``.slim``).
+
+    With ``latency``, an exported graph is also timed as deployed (as stored, against ``baseline``); a deploy
+    stage's entry keeps the route it chose.
+    """
     from torchslim.artifact import load
     from torchslim.measure import measure
     from torchslim.models.onnx_graph import OnnxGraph
@@ -277,7 +299,11 @@ def _measure_output(stage: Stage, details: dict[str, Any], splits: Any, *, laten
     entry = {"name": f"{stage.label} ({path.name})", "artifact": str(path), "recipe": None,
              "runtime": details.get("route", getattr(model, "runtime", "torch")), "measurement": measurement}
     if stage.kind == "deploy":
-        entry["deploy"] = {"route": details["route"], "speedup": details["speedup"]}
+        entry["deploy"] = {key: details[key] for key in ("route", "speedup", "latency_ms")}
+    elif latency:
+        from torchslim.deployment import deploy
+
+        entry["deploy"] = deploy(path, None, data=splits, reference=baseline).summary()
     return entry
 
 
@@ -454,9 +480,7 @@ def _deploy(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, d
     report = deploy(ctx.artifact, ctx.out_dir / "deploy", target=config.target, batch_sizes=config.batch_sizes,
                     data=ctx.splits, reference=ctx.baseline, routes=config.routes,
                     max_accuracy_drop=config.max_accuracy_drop, force=True)
-    best = report.best
-    return model, {"route": best.name, "speedup": {str(b): v for b, v in best.speedup.items()},
-                   "files": [report.path], "routes": {r.name: r.status for r in report.routes}}
+    return model, {**report.summary(), "files": [report.path]}
 
 
 def _plain(value: Any) -> Any:

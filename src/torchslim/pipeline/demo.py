@@ -203,11 +203,11 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
 
     def measured(name: str, model: nn.Module, recipe: list, since: float | None = None) -> dict:
         begun = time.perf_counter()
-        entry = save_and_measure(name, model, out / f"{name}.slim", splits, recipe=recipe, latency=settings.latency)
+        deployed = {"deploy_to": out / "deployed" / name, "reference": trained[BASELINE]} if settings.latency else {}
+        entry = save_and_measure(name, model, out / f"{name}.slim", splits, recipe=recipe, latency=settings.latency,
+                                 **deployed)
         if since is not None:
             entry["compress_seconds"] = round(begun - since, 2)
-        if settings.latency:
-            entry["deploy"] = _deployed(out / f"{name}.slim", out / "deployed" / name, splits, trained[BASELINE])
         step(f"measured {name}" if since is None else f"compressed and measured {name}",
              begun if since is None else since)
         return entry
@@ -300,17 +300,6 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
     return DemoReport(results=results, markdown_path=Path(files["markdown"]), html_path=Path(files["html"]),
                       json_path=Path(files["json"]), plots=list(files["plots"]), onnx=onnx_files,
                       seconds=round(time.perf_counter() - started, 1))
-
-
-def _deployed(path: Path, out_dir: Path, splits, reference: nn.Module) -> dict[str, Any]:
-    """Deploy one row's ``.slim`` (every route, checked, timed against the fp32 baseline); the summary for the row."""
-    from torchslim.deployment import deploy
-
-    report = deploy(path, out_dir, data=splits, reference=reference, force=True)
-    best = report.best
-    return {"route": best.name, "speedup": {str(b): s for b, s in best.speedup.items()},
-            "latency_ms": {str(b): ms for b, ms in best.latency_ms.items()}, "path": report.path,
-            "routes": {r.name: r.status for r in report.routes}}
 
 
 def _limit(splits, images: int | None):

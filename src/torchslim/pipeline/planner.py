@@ -25,7 +25,10 @@ Steps, all deterministic for a seed:
    own accuracy) and, for image data, its accuracy over the held-out images shifted by up to ``shift_check``
    pixels (every shift, so ~9x as many, correlated, evaluations) loses at most the same: a compressed model that
    keeps the exact held-out images but loses their neighbours would lose unseen images too. The search stops when
-   the time budget is spent and keeps the best so far.
+   the time budget is spent and keeps the best so far. With ``target="latency"`` each candidate within the budget
+   is deployed (:func:`torchslim.deploy`: PyTorch, ONNX Runtime and OpenVINO routes, calibrated on the fine-tuning
+   part, checked on the held-out part with no route below the accuracy floor) and ranked by the batch-1 latency of
+   the route deploy picks, timed against the input model in the same run.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class PlannerConfig(Config):
 
     Args:
         max_accuracy_drop: the budget, in accuracy points (percent) below the input model on the held-out split.
-        target: what to minimise within the budget: ``"size"`` (``.slim`` bytes), ``"latency"`` (batch 1) or
-            ``"macs"``.
+        target: what to minimise within the budget: ``"size"`` (``.slim`` bytes), ``"latency"`` (batch 1, on the
+            route :func:`torchslim.deploy` picks) or ``"macs"``.
         time_budget: seconds of search (> 0); the best candidate found so far is returned when it is spent.
         seed: seed of the held-out split and of every training run.
         holdout_fraction: fraction of the training split held out for decisions, in (0, 0.5].
@@ -125,7 +128,8 @@ class PlanResult:
         model: the chosen model (None when no candidate met the budget).
         chosen: index of the chosen point in ``points`` (None if none met the budget).
         points: every evaluated candidate: ``label``, ``settings``, ``accuracy`` (held-out), ``file_bytes``,
-            ``macs``, ``latency_b1_ms`` (target latency only), ``shift_accuracy`` (held-out, shifted views; image
+            ``macs``, ``latency_b1_ms``, ``deployed_route`` and ``deployed_speedup_b1`` (target latency, candidates
+            within the budget only: the deployed route's latency), ``shift_accuracy`` (held-out, shifted views; image
             data), ``ok`` (within budget), ``seconds``.
         front: indices of the Pareto-optimal points (file bytes vs held-out accuracy).
         sensitivity: ``{"bits": {bits: {layer: drop}}, "sparsity": {s: {layer: drop}}}`` (accuracy drops, points).
@@ -161,7 +165,9 @@ class PlanResult:
                       f"; shifted by up to {config.shift_check} px: >= {self.shift_accuracy_floor:.2%}")
                    + f"); target {config.target}; {len(self.points)} candidates in {self.seconds:.0f} s"
                    f"{' (time budget spent: best so far)' if self.stopped_early else ''}. Chosen: "
-                   f"{chosen['label'] if chosen else 'none met the budget'}.")
+                   f"{chosen['label'] if chosen else 'none met the budget'}"
+                   + (f" (deployed: {chosen['deployed_route']}, {chosen['deployed_speedup_b1']:.2f}x the input model's "
+                      "eager latency at batch 1)." if chosen and "deployed_route" in chosen else "."))
         return {"summary": summary, "points": self.points, "front": self.front, "chosen": self.chosen,
                 "accuracy_floor": floor, "metric": config.target, "sensitivity": self.sensitivity,
                 "config": config.to_dict(), "stopped_early": self.stopped_early}
@@ -272,6 +278,25 @@ class _Search:
         self.shifted = _shifted_views(self.holdout, config.shift_check)
         self.shift_floor = None if self.shifted is None else self.shift_accuracy(self.baseline) - allowed - 1e-9
         self.tmp = tempfile.TemporaryDirectory(prefix="torchslim-plan-")
+        self.deploy_data = _deploy_data(splits, self.train, self.holdout) if config.target == "latency" else None
+        self.reference_ms: float | None = None
+
+    def deployed_latency(self, path: Path, accuracy: float) -> dict[str, Any]:
+        """Deploy the candidate's file (routes checked on the held-out part, none below the floor); its b1 latency.
+
+        Latencies are ratios to the input model timed in the same deploy run, scaled by the input model's first
+        measured latency, so candidates deployed minutes apart compare without the machine's drift.
+        """
+        from torchslim.deployment import deploy
+
+        budget = max(0.0, (accuracy - self.floor) * 100 - 1e-6)
+        report = deploy(path, None, data=self.deploy_data, reference=self.baseline, batch_sizes=(1,),
+                        max_accuracy_drop=budget)
+        if self.reference_ms is None:
+            self.reference_ms = report.baseline_ms[1]
+        speedup = report.best.speedup[1]
+        return {"latency_b1_ms": self.reference_ms / speedup, "deployed_route": report.chosen,
+                "deployed_speedup_b1": speedup}
 
     def accuracy(self, model: nn.Module) -> float:
         from torchslim.measure import accuracy
@@ -291,19 +316,18 @@ class _Search:
     def evaluate(self, model: nn.Module, label: str, settings: dict[str, Any], started: float) -> dict[str, Any]:
         """Save, score and record one candidate; keep the model if it is the best so far."""
         from torchslim.artifact import save
-        from torchslim.measure.latency import measure_latency
         from torchslim.measure.macs import count_macs
 
         path = Path(self.tmp.name) / "candidate.slim"
         save(model, path)
         point = {"label": label, "settings": settings, "accuracy": self.accuracy(model),
                  "file_bytes": path.stat().st_size, "macs": count_macs(model, self.example)}
-        if self.config.target == "latency":
-            point["latency_b1_ms"] = measure_latency(model, self.example, (1,))[1]["median_ms"]
         point["ok"] = point["accuracy"] >= self.floor
         if self.shifted is not None:
             point["shift_accuracy"] = self.shift_accuracy(model)
             point["ok"] = point["ok"] and point["shift_accuracy"] >= self.shift_floor
+        if self.config.target == "latency" and point["ok"]:  # only candidates within the budget can be chosen
+            point.update(self.deployed_latency(path, point["accuracy"]))
         point["explore"] = point["accuracy"] >= self.floor - self.config.search_slack / 100
         point["seconds"] = round(time.perf_counter() - started, 2)
         index = len(self.points)
@@ -317,6 +341,22 @@ class _Search:
                 self.best = (score, index)
                 self.models = {index: copy.deepcopy(model)}
         return point
+
+
+def _deploy_data(splits: Any, train: Subset, holdout: Subset) -> Any:
+    """``splits`` with the fine-tuning part as its training split and the held-out part as its test split.
+
+    What the planner's deploy runs calibrate on and check accuracy on: the test split stays unseen.
+
+    Raises:
+        TorchSlimError: the data are not tensors (``target="latency"`` deploys every candidate).
+    """
+    from torchslim.train import _tensors_of
+
+    parts = _tensors_of(train), _tensors_of(holdout)
+    if any(p is None for p in parts) or not dataclasses.is_dataclass(splits):
+        raise TorchSlimError("planner target='latency' needs DataSplits of tensors (from torchslim.data.load_data)")
+    return dataclasses.replace(splits, train=TensorDataset(*parts[0]), test=TensorDataset(*parts[1]))
 
 
 def _shifted_views(data: Any, radius: int) -> TensorDataset | None:
@@ -594,7 +634,8 @@ def run_planner(
         out_dir: the output directory (created).
         input_recipe: how the input model was made (kept in the manifest).
         progress: called with one line per step.
-        latency: measure the latency of the input and chosen models.
+        latency: measure the latency of the input and chosen models, eager and deployed (``DIR/deployed/input``,
+            ``DIR/deployed/planned``: :func:`torchslim.deploy` against the input model, checked on the test split).
         teacher: the distilled candidates' teacher (see :func:`plan`); None: the input model.
         teacher_name: how the manifest and report name the teacher (e.g. its file).
 
@@ -613,7 +654,11 @@ def run_planner(
     result = plan(model, splits, config, progress=progress, teacher=teacher)
     teacher_label = "the input model" if teacher is None else (teacher_name or type(teacher).__name__)
     records = list(input_recipe or [])
-    results = [save_and_measure("input", model, out / "input.slim", splits, recipe=records, latency=latency)]
+    def deployed(name: str) -> dict[str, Any]:
+        return {"deploy_to": out / "deployed" / name, "reference": model} if latency else {}
+
+    results = [save_and_measure("input", model, out / "input.slim", splits, recipe=records, latency=latency,
+                                **deployed("input"))]
     final = None
     if result.model is not None:
         point = result.points[result.chosen]
@@ -621,7 +666,8 @@ def run_planner(
         entry = save_and_measure(f"planned ({point['label']})", result.model, final, splits,
                                  recipe=records + [{"stage": "plan", "config": config.to_dict(),
                                                     "teacher": teacher_label,
-                                                    "stages": planned_recipe(point)}], latency=latency)
+                                                    "stages": planned_recipe(point)}], latency=latency,
+                                 **deployed("planned"))
         results.append(entry)
     planner = result.to_dict(config)
     planner["summary"] += f" Distillation teacher: {teacher_label}."

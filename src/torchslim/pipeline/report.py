@@ -213,14 +213,19 @@ def _markdown(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
 
 
 def _planner_md(planner: dict[str, Any]) -> list[str]:
+    points = planner.get("points", [])
+    deployed = any("deployed_route" in p for p in points)  # target latency: each candidate's deployed route
     lines = ["## Planner", "", planner.get("summary", ""), "",
-             "| # | candidate | held-out accuracy | shifted views | file bytes | MACs | Pareto | meets budget |",
-             "|---:|---|---:|---:|---:|---:|:---:|:---:|"]
+             "| # | candidate | held-out accuracy | shifted views | file bytes | MACs | "
+             + ("deployed route | deployed b1 vs input | " if deployed else "") + "Pareto | meets budget |",
+             "|---:|---|---:|---:|---:|---:|" + ("---|---:|" if deployed else "") + ":---:|:---:|"]
     front = set(planner.get("front", []))
-    for index, p in enumerate(planner.get("points", [])):
+    for index, p in enumerate(points):
         shifted = f"{p['shift_accuracy']:.2%}" if "shift_accuracy" in p else "-"
+        route = (f"{p.get('deployed_route', '-')} | {_times(p.get('deployed_speedup_b1'))} | " if deployed else "")
         lines.append(f"| {index} | {p['label']} | {p['accuracy']:.2%} | {shifted} | {p['file_bytes']:,} | "
-                     f"{p.get('macs') or '-'} | {'*' if index in front else ''} | {'yes' if p.get('ok') else 'no'} |")
+                     f"{p.get('macs') or '-'} | {route}{'*' if index in front else ''} | "
+                     f"{'yes' if p.get('ok') else 'no'} |")
     return lines + [""]
 
 
