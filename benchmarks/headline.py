@@ -3,16 +3,21 @@
 For each model, in one run: train fp32 (recommended settings, seed 0) on the planner's fine-tuning part of the
 training split (``holdout_split``: the planner's held-out 20% is never seen by the model, so the planner's budget is
 judged on unseen images) and save it as ``.slim``; train the seed's larger ResNet-style teacher (``resnet``,
-``RECOMMENDED["resnet"]``) on the same part; run the planner (``max_accuracy_drop=0.5``, ``target="size"``, its
-distilled candidates learning from that teacher: ``torchslim compress --teacher``) and measure the chosen
+``RECOMMENDED["resnet"]``) on the same part; run the planner (default ``max_accuracy_drop=0.5``, ``target="size"``,
+its distilled candidates learning from that teacher: ``torchslim compress --teacher``) and measure the chosen
 ``.slim``; and the seed's stack on the same trained model: ``torch.nn.utils.prune`` global L1
 unstructured pruning (90%, fine-tuned on the same images), then ``torch.ao.quantization`` dynamic int8 of the Linear
 layers, saved with ``torch.save`` of the quantized model's state dict (what that stack can save). Accuracy is on the
 digits test split (360 images; one image = 0.28 points). Deep Compression's published ratios (Han et al. 2016,
-Table 1: LeNet-300-100 40x, LeNet-5 39x) are quoted beside, on MNIST. No latency is reported here (see
-``benchmarks/cpu_speed.py``): this script's numbers are file bytes and accuracy only.
+Table 1: LeNet-300-100 40x, LeNet-5 39x) are quoted beside, on MNIST.
 
-Usage: ``python benchmarks/headline.py [--time-budget 600] [--models lenet300,lenet5] [--out FILE.md]``
+``--target latency`` runs the planner for batch-1 latency instead of size (it ranks candidates by the route
+``torchslim deploy`` picks) and adds a latency table: the chosen ``.slim`` deployed (every route checked on the test
+split, accuracy within 0.5 points of the planned model) and timed against the fp32 model in PyTorch eager in the
+same deploy run, and, for comparison, the fp32 model's own fastest deployed route (what the runtime alone gives).
+
+Usage: ``python benchmarks/headline.py [--time-budget 600] [--models lenet300,lenet5] [--target size|latency]
+[--out FILE.md]``
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 
 import torchslim as ts
+from torchslim.deployment import deploy
 from torchslim.pipeline.planner import PlannerConfig, holdout_split, plan
 from torchslim.train import RECOMMENDED
 
@@ -76,6 +82,9 @@ def run_model(name: str, splits, fit, config: PlannerConfig, tmp: Path, teacher:
         reloaded = ts.load(path)  # measured as a user gets it
         row["planned"] = (os.path.getsize(path), ts.evaluate(reloaded, splits.test),
                           result.points[result.chosen]["label"], result.points[result.chosen]["accuracy"])
+        if config.target == "latency":
+            row["deployed"] = deploy(path, None, data=splits, reference=model, batch_sizes=(1, 32))
+            row["fp32_deployed"] = deploy(fp32_path, None, data=splits, reference=model, batch_sizes=(1, 32))
     row["seed"] = seed_stack(name, model, fit, splits.test)
     return row
 
@@ -83,11 +92,12 @@ def run_model(name: str, splits, fit, config: PlannerConfig, tmp: Path, teacher:
 def render(rows: list[dict], args, config: PlannerConfig, teacher_acc: float) -> str:
     amounts = ",".join(f"{v:g}" for v in config.channel_amounts)
     sparsities = ",".join(f"{v:g}" for v in config.sparsities)
-    lines = ["# Headline: planner vs the seed's stack (digits, one run)", "",
+    lines = [f"# Headline: planner (target {config.target}) vs the seed's stack (digits, one run)", "",
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{platform.processor() or platform.machine()} with {os.cpu_count()} logical cores; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: `python benchmarks/headline.py "
-             f"--time-budget {args.time_budget:g} --recovery-epochs {config.recovery_epochs} --qat-epochs "
+             f"--time-budget {args.time_budget:g} --target {config.target} --max-accuracy-drop "
+             f"{config.max_accuracy_drop:g} --recovery-epochs {config.recovery_epochs} --qat-epochs "
              f"{config.qat_epochs} --channel-amounts {amounts} --sparsities {sparsities}`. Baselines trained on the "
              "planner's fine-tuning part of the "
              f"training split ({1 - config.holdout_fraction:.0%}, seed {config.seed}); the planner decides on the "
@@ -112,6 +122,19 @@ def render(rows: list[dict], args, config: PlannerConfig, teacher_acc: float) ->
         lines.append(f"| {r['name']} | {fb:,} | {fa:.2%} {planned}| {r['seconds']:.0f}"
                      f"{' (budget spent)' if r['stopped_early'] else ''} | {sb:,} | {fb / sb:.1f}x | {sa:.2%} | "
                      f"{100 * (fa - sa):.2f} | {PUBLISHED.get(r['name'], '-')} |")
+    deployed = [r for r in rows if r.get("deployed")]
+    if deployed:
+        lines += ["", "Latency on the deployed route (`torchslim deploy`: every route checked on the test split, "
+                  "timed in 5 interleaved rounds against the fp32 model in PyTorch eager in the same run; speedup = "
+                  "fp32 eager ms / route ms):", "",
+                  "| model | planner choice | deployed route | fp32 eager b1 ms | route b1 ms | speedup b1 | "
+                  "speedup b32 | fp32 model's own best route | its speedup b1 | its speedup b32 |",
+                  "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+        for r in deployed:
+            best, own = r["deployed"].best, r["fp32_deployed"].best
+            lines.append(f"| {r['name']} | {r['planned'][2]} | {best.name} | {r['deployed'].baseline_ms[1]:.3f} | "
+                         f"{best.latency_ms[1]:.3f} | **{best.speedup[1]:.2f}x** | {best.speedup[32]:.2f}x | "
+                         f"{own.name} | {own.speedup[1]:.2f}x | {own.speedup[32]:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +143,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=600.0, help="planner seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "headline.md")
     parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--target", default="size", choices=("size", "latency"), help="PlannerConfig.target")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.5, help="PlannerConfig.max_accuracy_drop")
     parser.add_argument("--recovery-epochs", type=int, default=PlannerConfig.recovery_epochs,
                         help="PlannerConfig.recovery_epochs")
     parser.add_argument("--qat-epochs", type=int, default=PlannerConfig.qat_epochs, help="PlannerConfig.qat_epochs")
@@ -131,7 +156,7 @@ def main() -> None:
     from torchslim.fileio import atomic_write_text
 
     splits = ts.load_data("digits")
-    config = PlannerConfig(max_accuracy_drop=0.5, target="size", time_budget=args.time_budget,
+    config = PlannerConfig(max_accuracy_drop=args.max_accuracy_drop, target=args.target, time_budget=args.time_budget,
                            recovery_epochs=args.recovery_epochs, qat_epochs=args.qat_epochs,
                            channel_amounts=tuple(float(v) for v in args.channel_amounts.split(",")),
                            sparsities=tuple(float(v) for v in args.sparsities.split(",")))
