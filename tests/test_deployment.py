@@ -29,7 +29,7 @@ def test_deploy_writes_the_fastest_valid_route_and_the_table(int4_file, digits, 
     valid = [r for r in report.routes if r.status == "ok"]
     assert "ts.load(path, runtime='compact')" in report.route("torch-compact").reason
     expected = {"torch", "torch-compact", "onnxruntime-fp32", "onnxruntime-int8-static", "openvino-fp32",
-                "openvino-int8-static"}
+                "openvino-int8-static", "openvino-int8-matmul"}
     assert expected <= {r.name for r in valid}
     for route in valid:  # every valid route was timed at both batch sizes, beside the baseline, and kept accuracy
         assert set(route.speedup) == {1, 32}
@@ -80,6 +80,23 @@ def test_openvino_runs_the_exported_graph_like_the_model(int4_file, digits):
     fp32, int8 = report.route("openvino-fp32"), report.route("openvino-int8-static")
     assert fp32.status == "ok" and fp32.parity["cosine"] > 0.9999 and fp32.parity["top1_agreement"] == 1.0
     assert int8.status == "ok" and int8.parity["cosine"] > 0.98 and int8.parity["samples"] == 64
+
+
+def test_the_matmul_route_gives_int8_to_matmul_and_gemm_only(int4_file, digits):
+    import onnx
+
+    report = ts.deploy(int4_file, data=digits, routes=["openvino-int8-matmul"], batch_sizes=[1], min_run_time=0.02)
+    route = report.route("openvino-int8-matmul")
+    assert route.status == "ok" and route.parity["cosine"] > 0.98
+    proto = onnx.load_from_string(route.payload)
+    producer = {output: node.op_type for node in proto.graph.node for output in node.output}
+    computing = [n for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    for node in computing:  # int8 inputs (a DequantizeLinear in front) exactly for MatMul/Gemm
+        assert (producer.get(node.input[0]) == "DequantizeLinear") == (node.op_type != "Conv"), node.op_type
+    quantizers = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    zero_points = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert quantizers and all(zero_points[n.input[2]].dtype.name == "int8" and not zero_points[n.input[2]].any()
+                              for n in quantizers)  # symmetric int8 activations
 
 
 def test_a_route_over_the_accuracy_budget_is_rejected(int4_file, digits, monkeypatch):

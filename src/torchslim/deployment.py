@@ -14,6 +14,9 @@ Routes (:data:`ROUTES`; a route that does not apply is listed with the reason):
   which checks each against the model (parity) before it is kept;
 - ``openvino-fp32``, ``openvino-int8-static``: the same fp32 / QDQ int8 graphs run by OpenVINO (optional
   ``openvino`` package; "not applicable" without it), checked against the model with the export's limits;
+- ``openvino-int8-matmul``: a QDQ graph with int8 MatMul/Gemm only and symmetric int8 activations (percentile
+  ranges), run by OpenVINO: NNCF's transformer placement (LayerNorm, Softmax, GELU, residual additions stay
+  float), which OpenVINO ran faster than the all-ops graph on a BERT-shaped encoder (models with Linear layers);
 - an ONNX graph (``.onnx``, or an int8 ``.slim`` holding one) runs as stored: ``onnxruntime``.
 
 Each built route is checked: parity with the model (torch routes: outputs within fp32 tolerance; ONNX routes: the
@@ -65,6 +68,7 @@ ROUTES = (
     "onnxruntime-int4",
     "openvino-fp32",
     "openvino-int8-static",
+    "openvino-int8-matmul",
 )
 # torch-compile is opt-in: in one scratch ts.deploy run it compiled for about 10 s on 2 cores and was slower than
 # eager on an int4 lenet5 (0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
@@ -76,7 +80,12 @@ _EXPORT_QUANT = {
     "onnxruntime-int8-static": "int8-static",
     "onnxruntime-int4": "int4-weight",
 }
-_OPENVINO_QUANT = {"openvino-fp32": "none", "openvino-int8-static": "int8-static"}
+_OPENVINO_EXPORT = {
+    "openvino-fp32": ExportConfig(),
+    "openvino-int8-static": ExportConfig(quant="int8-static"),
+    "openvino-int8-matmul": ExportConfig(quant="int8-static", static_ops="matmul", symmetric_activations=True,
+                                         observer="percentile"),
+}
 _PARITY_SAMPLES = 64
 
 
@@ -398,14 +407,12 @@ def _check_outputs(result: RouteResult, want: Tensor, got: Tensor, family: str) 
 
 
 def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity_inputs: Tensor) -> RouteResult:
-    if name in _OPENVINO_QUANT:
+    if name in _OPENVINO_EXPORT:
         return _openvino_route(name, module, data, example, parity_inputs)
     quant = _EXPORT_QUANT[name]
     if quant == "int8-static" and data is None:
         return RouteResult(name, "not applicable", "needs calibration data (--data)")
-    if quant in ("int8-dynamic", "int4-weight") and not any(
-        isinstance(m, nn.Linear) or getattr(m, "op", None) == "linear" for m in module.modules()
-    ):
+    if quant in ("int8-dynamic", "int4-weight") and not _has_linear(module):
         return RouteResult(name, "not applicable", "no Linear layers (it quantizes MatMul/Gemm only)")
     try:
         report = export(module, None, ExportConfig(quant=quant), example_inputs=example,
@@ -421,11 +428,14 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
     """The graph ``ts.export`` writes (fp32 or QDQ int8), run by OpenVINO instead of ONNX Runtime."""
     if not openvino_available():
         return RouteResult(name, "not applicable", "openvino is not installed (pip install openvino)")
-    quant = _OPENVINO_QUANT[name]
+    config = _OPENVINO_EXPORT[name]
+    quant = config.quant
     if quant == "int8-static" and data is None:
         return RouteResult(name, "not applicable", "needs calibration data (--data)")
+    if config.static_ops == "matmul" and not _has_linear(module):
+        return RouteResult(name, "not applicable", "no Linear layers (it quantizes MatMul/Gemm only)")
     try:
-        report = export(module, None, ExportConfig(quant=quant), example_inputs=example,
+        report = export(module, None, config, example_inputs=example,
                         calib_data=None if quant == "none" else data, parity_inputs=parity_inputs)
         graph = OpenVinoGraph(report.graph)
         with torch.inference_mode():
@@ -435,6 +445,10 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
     result = RouteResult(name, "ok", "the ONNX graph, run by OpenVINO", module=graph, payload=report.graph,
                          artifact_bytes=len(report.graph))
     return _check_outputs(result, want, got, "fp32" if quant == "none" else "int8")
+
+
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) or getattr(m, "op", None) == "linear" for m in module.modules())
 
 
 def _check_accuracy(result: RouteResult, data: Any, model_accuracy: float | None, budget: float) -> None:

@@ -214,6 +214,9 @@ def test_transformer_fusion_then_dynamic_int8_quantizes_fused_attention(block, t
         ({"block_size": 24}, "block_size = 24.*power of two"),
         ({"accuracy_level": 5}, "accuracy_level = 5"),
         ({"min_cosine": 2.0}, "min_cosine = 2.0"),
+        ({"quant": "int8-static", "static_ops": "conv"}, "static_ops = 'conv'.*'all', 'matmul'"),
+        ({"static_ops": "matmul"}, "static_ops = 'matmul'.*int8-static only"),
+        ({"quant": "int8-dynamic", "symmetric_activations": True}, "symmetric_activations = True.*int8-static only"),
     ],
 )
 def test_bad_config_names_field_value_and_range(kwargs, match):

@@ -90,6 +90,9 @@ class ExportConfig(Config):
         accuracy_level: ``MatMulNBits`` compute: 0 (unset), 1 fp32, 2 fp16, 3 bf16, 4 int8 (fastest on CPU).
         observer: int8-static activation observer (``minmax``, ``percentile``, ``mse``).
         calibration_samples: int8-static calibration samples (>= 1).
+        static_ops: int8-static: ``"all"`` (every node ONNX Runtime's quantizer takes) or ``"matmul"``
+            (MatMul/Gemm only; see :class:`~torchslim.quantize.int8.StaticInt8`).
+        symmetric_activations: int8-static: int8 activations with zero point 0 (else uint8, asymmetric).
         transformer_fusion: run ORT's transformer fusion (attention, LayerNorm, GELU) before quantizing.
         min_cosine: smallest allowed cosine similarity of the outputs vs PyTorch; None: the mode's default
             (fp32 0.9999, fp16 0.999, int8 0.98, int4 0.95).
@@ -105,11 +108,14 @@ class ExportConfig(Config):
     accuracy_level: int = 4
     observer: str = "minmax"
     calibration_samples: int = 256
+    static_ops: str = "all"
+    symmetric_activations: bool = False
     transformer_fusion: bool = False
     min_cosine: float | None = None
     min_agreement: float | None = None
 
     def validate(self) -> None:
+        from torchslim.quantize.int8 import STATIC_OPS
         from torchslim.quantize.observers import OBSERVERS
 
         self.check_choice("quant", QUANT_MODES)
@@ -118,7 +124,7 @@ class ExportConfig(Config):
             raise self.fail("precision", self.precision, "'fp32' with quant = " + repr(self.quant))
         if self.opset is not None:
             self.check_int("opset", 13, 21)
-        for flag in ("dynamic_batch", "symmetric", "transformer_fusion"):
+        for flag in ("dynamic_batch", "symmetric", "symmetric_activations", "transformer_fusion"):
             if not isinstance(getattr(self, flag), bool):
                 raise self.fail(flag, getattr(self, flag), "True or False")
         self.check_int("block_size", 16)
@@ -127,6 +133,10 @@ class ExportConfig(Config):
         self.check_int("accuracy_level", 0, 4)
         self.check_choice("observer", OBSERVERS)
         self.check_int("calibration_samples", 1)
+        self.check_choice("static_ops", tuple(STATIC_OPS))
+        if self.quant != "int8-static" and (self.static_ops != "all" or self.symmetric_activations):
+            field = "static_ops" if self.static_ops != "all" else "symmetric_activations"
+            raise self.fail(field, getattr(self, field), f"its default with quant = {self.quant!r} (int8-static only)")
         if self.transformer_fusion and self.quant == "int8-static":
             raise self.fail("transformer_fusion", True, "False with quant = 'int8-static'")
         if self.min_cosine is not None:
@@ -315,7 +325,8 @@ def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, o
     if config.quant == "int8-static" and not config.transformer_fusion:
         from torchslim.quantize.int8 import STATIC_MIN_AGREEMENT, StaticInt8, quantize_static
 
-        static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples)
+        static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples,
+                            ops=config.static_ops, symmetric_activations=config.symmetric_activations)
         agreement = STATIC_MIN_AGREEMENT if config.min_agreement is None else config.min_agreement
         graph = quantize_static(plain, calib, static, example_inputs=example, min_agreement=agreement)
         notes.extend(f"{name}: {reason}" for name, reason in graph.skipped.items())
