@@ -320,6 +320,11 @@ def run_encoder(runner: Runner, quick: bool) -> None:
     static = export(model, None, ExportConfig(quant="int8-static", **loose), calib_data=x).graph
     runner.ort_row(name, "torchslim static int8", static, x, ref)
     _openvino_rows(runner, name, "torchslim static int8", static, x, ref)
+    matmul_only = ExportConfig(quant="int8-static", static_ops="matmul", symmetric_activations=True,
+                               observer="percentile", **loose)  # deploy's openvino-int8-matmul route
+    static_matmul = export(model, None, matmul_only, calib_data=x).graph
+    _openvino_rows(runner, name, "torchslim static int8, MatMul/Gemm only (deploy route openvino-int8-matmul)",
+                   static_matmul, x, ref)
     fused = export(model, None, ExportConfig(transformer_fusion=True, min_agreement=0.0), example_inputs=sample)
     runner.ort_row(name, "fp32 + ORT transformer fusion", fused.graph, x, ref)
     for label, config in (

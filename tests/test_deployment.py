@@ -28,8 +28,8 @@ def test_deploy_writes_the_fastest_valid_route_and_the_table(int4_file, digits, 
     assert names == list(deployment.DEFAULT_ROUTES)
     valid = [r for r in report.routes if r.status == "ok"]
     assert "ts.load(path, runtime='compact')" in report.route("torch-compact").reason
-    expected = {"torch", "torch-compact", "onnxruntime-fp32", "onnxruntime-int8-static", "openvino-fp32",
-                "openvino-int8-static", "openvino-int8-matmul"}
+    expected = {"torch", "torch-compact", "torch-w8a8", "onnxruntime-fp32", "onnxruntime-int8-static",
+                "openvino-fp32", "openvino-int8-static", "openvino-int8-matmul"}
     assert expected <= {r.name for r in valid}
     for route in valid:  # every valid route was timed at both batch sizes, beside the baseline, and kept accuracy
         assert set(route.speedup) == {1, 32}
@@ -99,6 +99,19 @@ def test_the_matmul_route_gives_int8_to_matmul_and_gemm_only(int4_file, digits):
                               for n in quantizers)  # symmetric int8 activations
 
 
+def test_the_w8a8_route_is_the_same_file_loaded_with_int8_activations(int4_file, digits, trained_lenet5, tmp_path):
+    report = ts.deploy(int4_file, data=digits, routes=["torch-w8a8"], batch_sizes=[8], min_run_time=0.02)
+    route = report.route("torch-w8a8")
+    assert route.status == "ok" and "ts.load(path, runtime='w8a8')" in route.reason
+    assert 0.999 < route.parity["cosine"] and route.parity["max_abs_error"] > 0  # rounded, not bit-equal
+    assert route.payload == int4_file.read_bytes()  # the file itself: the policy is chosen at load
+    grouped = copy.deepcopy(trained_lenet5)
+    ts.quantize_(grouped, ts.IntQuant(bits=4, granularity="group", group_size=16))
+    report = ts.deploy(grouped, data=digits, reference=trained_lenet5, routes=["torch", "torch-w8a8"],
+                       batch_sizes=[1], min_run_time=0.02)
+    assert report.route("torch-w8a8").status == "not applicable"
+
+
 def test_a_route_over_the_accuracy_budget_is_rejected(int4_file, digits, monkeypatch):
     real = deployment.evaluate
     calls = []
@@ -131,7 +144,8 @@ def test_the_recorded_input_signature_replaces_data(int4_file, tmp_path):
     ("kwargs", "message"),
     [
         ({"target": "gpu"}, "target = 'gpu' is invalid: expected one of 'cpu'"),
-        ({"routes": ["tensorrt"]}, "routes contains 'tensorrt': expected some of torch, torch-compact, torch-compile"),
+        ({"routes": ["tensorrt"]},
+         "routes contains 'tensorrt': expected some of torch, torch-compact, torch-w8a8, torch-compile"),
         ({"batch_sizes": [0]}, r"batch_sizes = \[0\] is invalid: expected integers >= 1"),
         ({"max_accuracy_drop": -1}, r"max_accuracy_drop = -1 is invalid: expected points in \[0, 100\]"),
     ],

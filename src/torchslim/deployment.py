@@ -7,6 +7,8 @@ Routes (:data:`ROUTES`; a route that does not apply is listed with the reason):
 - ``torch-compact``: the same file loaded with ``runtime="compact"`` (integer kernels wherever they apply, no fp32
   copies): the per-layer measurements can mis-predict a whole model (a grouped int4 LLM decoded 2.46x fp32 with
   ``compact`` against 2.02x with ``auto``), so the whole model is timed both ways;
+- ``torch-w8a8``: the same file loaded with ``runtime="w8a8"`` (inputs of several rows: int8 x int8 products on
+  activations rounded per row; packed Linear layers with one scale per output row), checked like an int8 graph;
 - ``torch-compile``: ``torch.compile`` of that model (inductor; the first call compiles; opt-in, see
   :data:`DEFAULT_ROUTES`);
 - ``onnxruntime-fp32``, ``onnxruntime-int8-dynamic``, ``onnxruntime-int8-static`` (needs calibration data),
@@ -61,6 +63,7 @@ __all__ = ["DEFAULT_ROUTES", "ROUTES", "DeployReport", "RouteResult", "deploy"]
 ROUTES = (
     "torch",
     "torch-compact",
+    "torch-w8a8",
     "torch-compile",
     "onnxruntime-fp32",
     "onnxruntime-int8-dynamic",
@@ -373,6 +376,16 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
         result = _torch_route(name, compact, parity_inputs, payload, reference=module)
         result.reason = result.reason or "load with ts.load(path, runtime='compact')"
         return result
+    if name == "torch-w8a8":
+        from torchslim.kernels.cpu_int8mm import unsupported_reason
+
+        if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
+            return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
+        w8a8 = copy.deepcopy(module)
+        set_runtime_(w8a8, "w8a8")
+        result = _torch_route(name, w8a8, parity_inputs, payload, reference=module, family="int8")
+        result.reason = result.reason or "load with ts.load(path, runtime='w8a8')"
+        return result
     if name == "torch-compile":
         try:
             compiled = torch.compile(copy.deepcopy(module))
@@ -384,14 +397,14 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
 
 
 def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, payload: bytes | None,
-                 reference: nn.Module | None = None) -> RouteResult:
+                 reference: nn.Module | None = None, family: str = "fp32") -> RouteResult:
     result = RouteResult(name, "ok", module=module, payload=payload,
                          artifact_bytes=None if payload is None else len(payload))
     if reference is None:
         return result  # the model itself: its parity is exact by definition
     with torch.inference_mode():
         want, got = reference(parity_inputs), module(parity_inputs)
-    return _check_outputs(result, want, got, "fp32")
+    return _check_outputs(result, want, got, family)
 
 
 def _check_outputs(result: RouteResult, want: Tensor, got: Tensor, family: str) -> RouteResult:

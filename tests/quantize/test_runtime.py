@@ -242,7 +242,7 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_so(monkeypatch, runt
 
     monkeypatch.setattr(rt, "_MEASURED", {})
     monkeypatch.setattr(rt, "_read_cache", lambda: {})
-    monkeypatch.setattr(cpu_gemv, "_compiled", no_compiler)
+    monkeypatch.setattr(cpu_gemv, "compiled_fn", no_compiler)
     model = _quantized(ts.IntQuant(bits=8, granularity="channel"), in_features=1024, out_features=1024)
     set_runtime_(model, runtime)
     x = torch.randn(1, 1024)
@@ -283,3 +283,77 @@ def test_a_sparse_layer_measured_faster_as_csr_runs_csr(monkeypatch):
     (row,) = runtime_report(model)
     assert row["paths"]["rows"] == "sparse" and "97.0% zeros: CSR 0.100 ms vs dense 1.000 ms" in row["reasons"]["rows"]
     assert 0 < row["derived_bytes"] < 4 * 800 * 500 * 0.1  # CSR of 3% nonzeros, no fp32 copy
+
+
+# --- runtime="w8a8": int8 x int8 products for several rows ------------------------------------------------------
+W8A8_CONFIGS = [ts.IntQuant(bits=8, granularity="channel", symmetric=True), ts.IntQuant(bits=8, granularity="channel"),
+                ts.IntQuant(bits=4, granularity="channel"), ts.IntQuant(bits=8, granularity="tensor")]
+
+
+@pytest.mark.parametrize("config", W8A8_CONFIGS, ids=lambda c: f"{c.bits}b-{c.granularity}-{c.symmetric}")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_int8_products_equal_the_weight_only_layer_up_to_activation_rounding(config, compiled):
+    from torchslim.kernels import cpu_int8mm
+
+    layer = _quantized(config, in_features=577, out_features=45)[0]
+    x = torch.randn(7, 577)
+    reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    got = cpu_int8mm.linear(x, cpu_int8mm.prepack(layer), layer.bias, compiled_kernel=compiled)
+    # per-row int8 activations: each product is off by at most half a step of the row's scale per input
+    bound = (x.abs().amax(-1, keepdim=True) / 127 / 2) * layer.dequantize_weight().abs().sum(-1)
+    assert bool(((got - reference).abs() <= bound + 1e-4).all())
+    assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999
+
+
+def test_w8a8_runs_several_rows_as_int8_products_and_one_row_as_auto(tmp_path):
+    torch.manual_seed(0)
+    model = ts.create_model("lenet300").eval()
+    ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel"))
+    path = tmp_path / "m.slim"
+    ts.save(model, path)
+    loaded = ts.load(path, runtime="w8a8")
+    x = torch.rand(16, 1, 28, 28)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        reference, got = model(x), loaded(x)
+        loaded(x[:1])
+    assert not torch.equal(got, reference)  # the activations really were rounded
+    assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999
+    rows = runtime_report(loaded)
+    assert [r["paths"]["rows"] for r in rows] == ["int8mm"] * 3
+    assert rows[0]["paths"]["1 row"] == runtime_report(ts.load(path))[0]["paths"].get("1 row", "dense")
+    assert rows[0]["derived_bytes"] >= 784 * 300  # the int8 codes (plus what the one-row path holds)
+    x.requires_grad_(True)  # no autograd through the int8 kernel: a call that needs gradients takes dense
+    torch.testing.assert_close(loaded(x), reference)
+
+
+def test_w8a8_leaves_grouped_layers_dense_and_says_why():
+    model = _quantized(ts.IntQuant(bits=4, granularity="group", group_size=64))
+    set_runtime_(model, "w8a8")
+    with torch.inference_mode():
+        model(torch.randn(4, 576))
+    row = runtime_report(model)[0]
+    assert row["paths"]["rows"] == "dense" and "group scales" in row["reasons"]["rows"]
+
+
+def test_w8a8_without_a_compiler_falls_back_to_dense(monkeypatch):
+    from torchslim.kernels import cpu_int8mm
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_int8mm, "compiled", no_compiler)
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(model, "w8a8")
+    x = torch.randn(4, 576)
+    with torch.inference_mode():
+        got = model(x)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(x))
+    set_runtime_(model, "w8a8")
+    with torch.inference_mode():
+        model(x)
+    row = runtime_report(model)[0]
+    assert row["paths"]["rows"] == "dense"
+    assert "int8 product failed here (no C++ compiler found)" in row["reasons"]["rows"]

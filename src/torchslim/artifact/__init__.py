@@ -374,7 +374,7 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 # --- load ---------------------------------------------------------------------------------------
-RUNTIMES = ("auto", "compact", "dense", "reference")
+RUNTIMES = ("auto", "compact", "dense", "reference", "w8a8")
 # Called as hook(model, runtime) after a load; packed-layer modules register theirs (a lower layer never imports them).
 _LOAD_HOOKS: list[Callable[[nn.Module, str], Any]] = []
 
@@ -401,7 +401,8 @@ def load(
         map_location: device for the returned model.
         runtime: how packed layers compute (:mod:`torchslim.quantize.runtime`): ``"auto"`` (the fastest
             measured path per layer, never slower than fp32), ``"compact"`` (no fp32 copies), ``"dense"``
-            (decode once) or ``"reference"`` (dequantize on every call).
+            (decode once), ``"reference"`` (dequantize on every call) or ``"w8a8"`` (auto, plus int8 x int8
+            products with activations rounded per row for inputs of several rows: faster, not bit-equal).
 
     Returns:
         The model in eval mode, with its factory recorded (so it can be saved again).

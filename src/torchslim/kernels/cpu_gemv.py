@@ -12,19 +12,19 @@ cache. The codes are derived from a layer's packed buffers at first use
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchslim.kernels.compiled import compiled as compiled_fn
+
 __all__ = ["VERSION", "GemvPack", "gemv", "prepack", "unsupported_reason"]
 
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
 VERSION = 2
-_COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
 @dataclasses.dataclass
@@ -111,24 +111,6 @@ def _group(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor, bias: Te
 _EAGER = {"channel": _channel, "group": _group}
 
 
-def _compiled(kind: str, args: tuple[Tensor, ...]) -> Callable[..., Tensor]:
-    """The kernel compiled by inductor for these argument shapes, called without dynamo.
-
-    The graph is traced once with ``make_fx`` and handed to ``torch._inductor.compile``: calling the result skips
-    dynamo's guard checks and compiled-region wrapper, which cost ~40 us a call through ``torch.compile`` (an LLM
-    decode step makes 211 such calls); a 576 x 576 call went from 69 to 33 us in a scratch timeit run (not kept).
-    """
-    key = f"{kind}-{'x'.join(map(str, args[1].shape))}-{'x'.join(map(str, args[0].shape))}"
-    fn = _COMPILED.get(key)
-    if fn is None:
-        import torch._inductor
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        graph = make_fx(_EAGER[kind])(*args)
-        fn = _COMPILED[key] = torch._inductor.compile(graph, list(args))
-    return fn
-
-
 def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -> Tensor:
     """``x @ W^T + bias`` for the integer weight held by ``pack``.
 
@@ -154,5 +136,5 @@ def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: boo
     elif bias.dtype != torch.float32:
         bias = bias.to(torch.float32)
     args = (flat, pack.codes, pack.scale, pack.scale_zero, bias)
-    fn = _compiled(pack.kind, args) if compiled else _EAGER[pack.kind]
+    fn = compiled_fn(f"gemv-{pack.kind}", _EAGER[pack.kind], args) if compiled else _EAGER[pack.kind]
     return fn(*args).reshape(*lead, -1).to(x.dtype)

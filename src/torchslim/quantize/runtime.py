@@ -8,7 +8,9 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
   layer's; resident memory = an fp32 weight);
 - ``gemv``: the inductor-compiled integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
   derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row);
-- ``sparse``: CSR ``torch.sparse.mm`` for Linear layers with >= 80% zeros, only where measured faster than dense.
+- ``sparse``: CSR ``torch.sparse.mm`` for Linear layers with >= 80% zeros, only where measured faster than dense;
+- ``int8mm``: int8 x int8 products on inputs quantized per row at run time (:mod:`torchslim.kernels.cpu_int8mm`;
+  Linear layers with 1-8-bit codes and one scale per output row, several input rows; ``runtime="w8a8"`` only).
 
 The policy (``runtime``) says which paths a layer may take:
 
@@ -18,7 +20,10 @@ The policy (``runtime``) says which paths a layer may take:
   the fp32 layer (up to timing noise); memory up to fp32 for the layers that need it.
 - ``"compact"``: ``gemv`` where it applies, else ``reference``: no fp32 copy is ever made (memory first; may be
   slower, and :func:`runtime_report` says where);
-- ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere.
+- ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere;
+- ``"w8a8"``: ``auto``, except that inputs of several rows run ``int8mm`` where it applies: the activations are
+  rounded to int8, so outputs differ from the weight-only model's (cosine >= 0.9999 on random layers; opt-in,
+  like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as the ``torch-w8a8`` route).
 
 Paths are chosen per layer and per input kind (one row / several rows) on the first call of that kind, and are
 recorded on the layer (:func:`runtime_report`). Fast paths run in eval mode on CPU when no gradient is needed for
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 from torchslim.artifact import RUNTIMES
 from torchslim.errors import ConfigError
 from torchslim.fileio import atomic_write_text
-from torchslim.kernels import cpu_gemv
+from torchslim.kernels import cpu_gemv, cpu_int8mm
 
 __all__ = ["RUNTIMES", "fast_forward", "rebind_", "runtime_report", "set_runtime_"]
 
@@ -65,6 +70,7 @@ _MAX_COPIES = 256
 MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
 SPARSE_MIN_ZEROS = 0.8  # below this CSR lost to dense in every measured shape (benchmarks/sparse_cpu.py)
+_NO_GRAD_PATHS = ("gemv", "int8mm")  # kernels without autograd: a call that needs gradients takes dense
 
 
 @dataclasses.dataclass
@@ -81,12 +87,13 @@ class _LayerState:
     dense: Tensor | None = None
     pack: cpu_gemv.GemvPack | None = None
     csr: Tensor | None = None
+    int8: cpu_int8mm.Int8Pack | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy, pickle) keep the decisions and rebuild derived tensors from their own layer: closures
         # and tensors here belong to the original layer (and CSR tensors cannot be deep-copied).
         state = self.__dict__.copy()
-        state.update(trainable=None, ready={}, dense=None, pack=None, csr=None)
+        state.update(trainable=None, ready={}, dense=None, pack=None, csr=None, int8=None)
         return state
 
 
@@ -123,7 +130,7 @@ def rebind_(layer: nn.Module) -> None:
     state = layer.__dict__.get("_runtime_state")
     if state is not None:
         state.trainable = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
-        state.dense, state.pack, state.csr = None, None, None
+        state.dense, state.pack, state.csr, state.int8 = None, None, None, None
         state.ready.clear()
 
 
@@ -142,6 +149,7 @@ def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
             continue
         derived = 0 if state.dense is None else state.dense.numel() * state.dense.element_size()
         derived += 0 if state.pack is None else state.pack.nbytes
+        derived += 0 if state.int8 is None else state.int8.nbytes
         if state.csr is not None:
             derived += sum(t.numel() * t.element_size() for t in (state.csr.values(), state.csr.col_indices(),
                                                                    state.csr.crow_indices()))
@@ -183,13 +191,13 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
     if path is None:
         path, reason = _choose(layer, state, bucket)
         state.paths[bucket], state.reasons[bucket] = path, reason
-    if path == "gemv" and grad:
+    if path in _NO_GRAD_PATHS and grad:
         path = "dense" if state.policy != "compact" else "reference"
     if path == "reference":
         return None
     fn = _build(layer, state, path)
     if x.dtype == torch.float32 and path == state.paths[bucket]:
-        state.ready[one_row] = (fn, path == "gemv")
+        state.ready[one_row] = (fn, path in _NO_GRAD_PATHS)
     if path == "dense" and x.dtype != torch.float32:  # e.g. a float16 input: the weight is cast to it
         return layer.run(x, state.dense)
     return fn(x)
@@ -202,6 +210,11 @@ def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor]
         if state.csr is None:
             state.csr = _derived(lambda: _to_csr(_float_weight(layer)))
         return _sparse_linear(state.csr, bias)
+    if path == "int8mm":
+        if state.int8 is None:
+            state.int8 = _derived(lambda: cpu_int8mm.prepack(layer))
+        int8 = state.int8
+        return lambda x: cpu_int8mm.linear(x, int8, bias)
     if path == "gemv":
         if state.pack is None:
             state.pack = _derived(lambda: cpu_gemv.prepack(layer))
@@ -259,12 +272,21 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     """(path, reason) for this layer and input kind under its policy."""
     if state.policy == "dense":
         return "dense", "runtime='dense'"
+    if state.policy == "w8a8" and bucket == "rows":
+        reason = cpu_int8mm.unsupported_reason(layer)
+        if reason is None:
+            error = _int8mm_error(layer, state)
+            if error is None:
+                return "int8mm", "runtime='w8a8': int8 activations (rounded per row) x int8 codes"
+            reason = f"the compiled int8 product failed here ({error})"
+        return "dense", f"{reason}; decoded once"
     reason = cpu_gemv.unsupported_reason(layer) if hasattr(layer, "codes") else (
         f"{type(layer).__name__}: the integer GEMV takes integer codes")
     if reason is None and bucket != "1 row":
         reason = "several input rows: the GEMV is for one row"
     weights, model_weights = _fp32_bytes(layer) // 4, state.model_bytes // 4
-    if reason is None and state.policy == "auto" and weights < MIN_GEMV_WEIGHTS and model_weights < MIN_MODEL_WEIGHTS:
+    small = weights < MIN_GEMV_WEIGHTS and model_weights < MIN_MODEL_WEIGHTS
+    if reason is None and state.policy in ("auto", "w8a8") and small:
         reason = (f"{weights:,} weights in a model of {model_weights:,}: below {MIN_GEMV_WEIGHTS:,} and "
                   f"{MIN_MODEL_WEIGHTS:,} the fp32 layer runs from cache and is as fast")
     sparse = _sparse_choice(layer, bucket) if layer.op == "linear" else None
@@ -282,6 +304,23 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     speed = timing["dense_ms"] / timing["gemv_ms"]
     detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms ({speed:.2f}x)"
     return ("gemv", detail) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
+
+
+def _int8mm_error(layer: nn.Module, state: _LayerState) -> str | None:
+    """None when the int8 product compiles and runs here (its codes are kept), else the first line of the error."""
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            state.int8 = cpu_int8mm.prepack(layer)
+            cpu_int8mm.linear(torch.zeros(2, layer.weight_shape[1]), state.int8)
+    except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
+        state.int8 = None
+        return _first_line(exc)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
@@ -373,7 +412,7 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
             for pack in packs[:2]:
                 cpu_gemv.gemv(x, pack)  # compiles
         except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
-            return {"error": str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}
+            return {"error": _first_line(exc)}
         gemv_times, dense_times = [], []
         for _ in range(rounds):
             gemv_times.append(_timed(lambda: [cpu_gemv.gemv(x, p) for p in packs]) / copies)
