@@ -357,3 +357,20 @@ def test_w8a8_without_a_compiler_falls_back_to_dense(monkeypatch):
     row = runtime_report(model)[0]
     assert row["paths"]["rows"] == "dense"
     assert "int8 product failed here (no C++ compiler found)" in row["reasons"]["rows"]
+
+
+@pytest.mark.parametrize("config", [ts.IntQuant(bits=8, granularity="channel"), CONFIGS[0]], ids=["channel", "group"])
+def test_compiled_kernels_take_non_contiguous_inputs(config):
+    # the compiled kernels skip stride checks: the bound functions must hand them contiguous rows
+    from torchslim.kernels import cpu_int8mm
+
+    layer = _quantized(config)[0]
+    x = torch.randn(576, 3).t()  # rows 576 apart in memory, not contiguous
+    reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    run = cpu_gemv.bind(cpu_gemv.prepack(layer), layer.bias)
+    for row in range(3):
+        torch.testing.assert_close(run(x[row:row + 1]), reference[row:row + 1], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(run(x), reference, atol=1e-3, rtol=1e-4)
+    if config.granularity == "channel":
+        got = cpu_int8mm.linear(x, cpu_int8mm.prepack(layer), layer.bias)
+        assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999

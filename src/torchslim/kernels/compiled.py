@@ -23,7 +23,8 @@ def compiled(name: str, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> 
     Args:
         name: identifies ``fn`` in the cache (one name per function).
         fn: a function of tensors that ``make_fx`` can trace.
-        args: example arguments; later calls must have the same shapes and dtypes.
+        args: example arguments; later calls must pass contiguous tensors of the same shapes and dtypes (the
+            compiled code does not check).
 
     Returns:
         The compiled function (raises what inductor raises when it cannot compile, e.g. without a C++ compiler).
@@ -35,5 +36,7 @@ def compiled(name: str, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> 
         from torch.fx.experimental.proxy_tensor import make_fx
 
         graph = make_fx(fn)(*args)
-        result = _COMPILED[key] = torch._inductor.compile(graph, list(args))
+        # no per-call size/stride asserts (~5 us a call): callers pass contiguous tensors of the traced shapes
+        with torch._inductor.config.patch(size_asserts=False):
+            result = _COMPILED[key] = torch._inductor.compile(graph, list(args))
     return result

@@ -12,6 +12,7 @@ cache. The codes are derived from a layer's packed buffers at first use
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,11 +21,11 @@ from torch import Tensor
 
 from torchslim.kernels.compiled import compiled as compiled_fn
 
-__all__ = ["VERSION", "GemvPack", "gemv", "prepack", "unsupported_reason"]
+__all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "unsupported_reason"]
 
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
-VERSION = 2
+VERSION = 3
 
 
 @dataclasses.dataclass
@@ -48,7 +49,6 @@ class GemvPack:
     scale_zero: Tensor
     in_features: int
     kind: str
-    zero_bias: Tensor | None = None  # (N,) zeros, passed for layers without a bias (one graph for both)
 
     @property
     def nbytes(self) -> int:
@@ -111,8 +111,49 @@ def _group(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor, bias: Te
 _EAGER = {"channel": _channel, "group": _group}
 
 
+def bind(pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -> Callable[[Tensor], Tensor]:
+    """The function ``x -> x @ W^T + bias`` for the integer weight held by ``pack``, ready for repeated calls.
+
+    Everything that does not depend on ``x`` is settled once here (the hot path of an LLM decode step makes ~200
+    calls, where per-call bookkeeping cost as much as the kernel): the compiled kernel is looked up once per
+    number of input rows.
+
+    Args:
+        pack: from :func:`prepack`.
+        bias: optional ``(N,)`` bias (read at each call, so in-place changes show).
+        compiled: run the inductor-compiled kernel (False: the same formula in eager PyTorch, for tests).
+
+    Returns:
+        A function of a ``(..., K)`` float input (computed in float32, returned in the input's dtype) giving
+        ``(..., N)``.
+    """
+    kernel, name = _EAGER[pack.kind], f"gemv-{pack.kind}"
+    codes, scale, scale_zero, in_features = pack.codes, pack.scale, pack.scale_zero, pack.in_features
+    padded = codes.shape[1] * codes.shape[2] if pack.kind != "channel" else in_features
+    zeros = scale.new_zeros(scale.shape[0]) if bias is None else None
+    by_rows: dict[int, Callable[..., Tensor]] = {}
+
+    def run(x: Tensor) -> Tensor:
+        if x.dtype != torch.float32:
+            return run(x.to(torch.float32)).to(x.dtype)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, in_features)
+        if padded != in_features:
+            flat = F.pad(flat, (0, padded - in_features))
+        elif not flat.is_contiguous():  # the compiled kernel assumes contiguous rows (it skips stride checks)
+            flat = flat.contiguous()
+        b = zeros if bias is None else bias if bias.dtype == torch.float32 else bias.to(torch.float32)
+        fn = by_rows.get(flat.shape[0])
+        if fn is None:
+            fn = by_rows[flat.shape[0]] = compiled_fn(name, kernel, (flat, codes, scale, scale_zero, b)) if (
+                compiled) else kernel
+        return fn(flat, codes, scale, scale_zero, b).reshape(*lead, -1)
+
+    return run
+
+
 def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -> Tensor:
-    """``x @ W^T + bias`` for the integer weight held by ``pack``.
+    """``x @ W^T + bias`` for the integer weight held by ``pack`` (one call of :func:`bind`).
 
     Args:
         x: ``(..., K)`` float input (computed in float32, returned in ``x``'s dtype).
@@ -123,18 +164,4 @@ def gemv(x: Tensor, pack: GemvPack, bias: Tensor | None = None, *, compiled: boo
     Returns:
         ``(..., N)``.
     """
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    if pack.kind != "channel":
-        padded = pack.codes.shape[1] * pack.codes.shape[2]
-        if padded != flat.shape[-1]:
-            flat = F.pad(flat, (0, padded - flat.shape[-1]))
-    if bias is None:
-        if pack.zero_bias is None:
-            pack.zero_bias = pack.scale.new_zeros(pack.scale.shape[0])
-        bias = pack.zero_bias
-    elif bias.dtype != torch.float32:
-        bias = bias.to(torch.float32)
-    args = (flat, pack.codes, pack.scale, pack.scale_zero, bias)
-    fn = compiled_fn(f"gemv-{pack.kind}", _EAGER[pack.kind], args) if compiled else _EAGER[pack.kind]
-    return fn(*args).reshape(*lead, -1).to(x.dtype)
+    return bind(pack, bias, compiled=compiled)(x)

@@ -94,7 +94,7 @@ def linear(x: Tensor, pack: Int8Pack, bias: Tensor | None = None, *, compiled_ke
         ``(..., N)``.
     """
     lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()  # the compiled kernel skips stride checks
     if bias is None:
         if pack.zero_bias is None:
             pack.zero_bias = pack.scale.new_zeros(pack.scale.shape[0])
