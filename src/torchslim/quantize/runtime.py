@@ -402,8 +402,11 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
     with torch.inference_mode():
         template = cpu_gemv.prepack(layer)
         levels = 1 << layer.bits
-        packs = [dataclasses.replace(template, codes=torch.randint(0, levels, template.codes.shape, generator=generator,
-                                                                   dtype=torch.int32).to(torch.uint8))
+        def random_codes(like: Tensor) -> Tensor:
+            return torch.randint(0, levels, like.shape, generator=generator, dtype=torch.int32).to(torch.uint8)
+
+        packs = [dataclasses.replace(template, codes=random_codes(template.codes), tail=None if template.tail is None
+                                     else (random_codes(template.tail[0]), *template.tail[1:]))
                  for _ in range(copies)]
         weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
         x = torch.randn(1, in_features, generator=generator)
