@@ -5,12 +5,13 @@ heads / 3 KV heads, FFN 1536, vocab 49152, tied embeddings) and random weights (
 directory and loaded the way a user does: ``ts.load_hf`` -> ``ts.quantize_`` (every Linear, ``lm_head`` included)
 -> ``ts.save`` -> ``ts.load`` with the default runtime (``auto``) or ``compact``. Each variant prefills a 16-token
 prompt and then decodes ``--tokens`` tokens one at a time with the KV cache; the figure is the median ms per decoded
-token. torchao's weight-only and dynamic-int8 configs run on copies of the fp32 model in the same process; a config
-that raises on CPU is listed with its error. ``derived MiB`` is what torchslim's packed layers hold beside their
-stored bytes after the run (fp32 copies for layers decoded once, kernel codes for the GEMV); ``stored MiB`` is the
-packed model's weights. Run alone on a quiet machine::
+token, and every variant is timed once per round with the rounds interleaved (``--rounds``, default 3), so that the
+machine's slow spells hit every variant alike. torchao's weight-only and dynamic-int8 configs run on copies of the
+fp32 model in the same process; a config that raises on CPU is listed with its error. ``derived MiB`` is what
+torchslim's packed layers hold beside their stored bytes after the run (fp32 copies for layers decoded once, kernel
+codes for the GEMV); ``stored MiB`` is the packed model's weights. Run alone on a quiet machine::
 
-    python benchmarks/llm_cpu.py [--layers 30] [--tokens 32] [--threads 2]
+    python benchmarks/llm_cpu.py [--layers 30] [--tokens 32] [--rounds 3] [--threads 2]
 
 Writes ``benchmarks/results/llm_cpu.md`` (and ``.json``).
 """
@@ -97,43 +98,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every variant once per round)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
-    rows = []
+    rows, models = [], []
     with tempfile.TemporaryDirectory() as tmp:
         directory, work = Path(tmp) / "smollm2-shape", Path(tmp)
         build(directory, args.layers)
         fp32 = ts.load_hf(directory)
-        base_ms, base_tokens, base_logits = decode(fp32.model, prompt, args.tokens)
         fp32_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
-        rows.append({"variant": "fp32 eager (transformers)", "ms_per_token": base_ms, "speedup": 1.0,
-                     "stored_mib": fp32_bytes / 2**20, "cosine": 1.0, "same_tokens": 1.0})
-
-        def add(name, model, *, file_bytes=None, note=""):
-            ms, tokens, logits = decode(model, prompt, args.tokens)
-            cosine = float(torch.nn.functional.cosine_similarity(logits, base_logits, dim=0))
-            same = sum(a == b for a, b in zip(tokens, base_tokens, strict=True)) / len(tokens)
-            rows.append({"variant": name, "ms_per_token": ms, "speedup": base_ms / ms, "cosine": cosine,
-                         "same_tokens": same, "file_mib": None if file_bytes is None else file_bytes / 2**20,
-                         "note": note})
-
+        rows.append({"variant": "fp32 eager (transformers)", "stored_mib": fp32_bytes / 2**20})
+        models.append(fp32.model)
+        packed = {}
         for label, config in (("int8 channel", ts.IntQuant(bits=8, granularity="channel", symmetric=True)),
                               ("int4 g128", ts.IntQuant(bits=4, granularity="group", group_size=128))):
             for runtime in ("auto", "compact"):
                 loaded, size, _ = torchslim_variant(directory, work, label.replace(" ", "-"), config, runtime)
-                add(f"torchslim {label} (ts.load runtime={runtime!r})", loaded.model, file_bytes=size)
-                report = runtime_report(loaded)
-                paths: dict[str, int] = {}
-                for row in report:
-                    key = row["paths"].get("1 row", "-")
-                    paths[key] = paths.get(key, 0) + 1
-                rows[-1]["derived_mib"] = sum(r["derived_bytes"] for r in report) / 2**20
-                rows[-1]["stored_mib"] = sum(r["stored_bytes"] for r in report) / 2**20
-                rows[-1]["note"] = "decode paths: " + ", ".join(f"{k} x{v}" for k, v in sorted(paths.items()))
-                del loaded
+                rows.append({"variant": f"torchslim {label} (ts.load runtime={runtime!r})", "file_mib": size / 2**20})
+                models.append(loaded.model)
+                packed[len(rows) - 1] = loaded
         configs, ao_version = torchao_configs()
         for name, config in configs.items():
             from torchao.quantization import quantize_ as ao_quantize_
@@ -141,11 +127,37 @@ def main() -> None:
             model = copy.deepcopy(fp32.model)
             try:
                 ao_quantize_(model, config)
-                add(name, model)
+                decode(model, prompt, 1)  # a config that fails only when run
             except Exception as exc:  # noqa: BLE001 - a config without a CPU path: say so
                 text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                rows.append({"variant": name, "ms_per_token": None, "speedup": None, "note": f"no CPU path: {text}"})
-            del model
+                rows.append({"variant": name, "note": f"no CPU path: {text}"})
+                continue
+            rows.append({"variant": name})
+            models.append(model)
+        timed = [r for r in rows if "no CPU path" not in r.get("note", "")]
+        per_round: list[list[float]] = [[] for _ in timed]
+        results = [None] * len(timed)
+        for _ in range(args.rounds):  # interleaved: a slow spell of the machine hits every variant alike
+            for index, model in enumerate(models):
+                ms, tokens, logits = decode(model, prompt, args.tokens)
+                per_round[index].append(ms)
+                results[index] = (tokens, logits)
+        base_tokens, base_logits = results[0]
+        for index, row in enumerate(timed):
+            tokens, logits = results[index]
+            ratios = [base / ms for base, ms in zip(per_round[0], per_round[index], strict=True)]
+            row.update(ms_per_token=statistics.median(per_round[index]), speedup=statistics.median(ratios),
+                       cosine=float(torch.nn.functional.cosine_similarity(logits, base_logits, dim=0)),
+                       same_tokens=sum(a == b for a, b in zip(tokens, base_tokens, strict=True)) / len(tokens))
+        for index, loaded in packed.items():
+            report = runtime_report(loaded)
+            paths: dict[str, int] = {}
+            for entry in report:
+                key = entry["paths"].get("1 row", "-")
+                paths[key] = paths.get(key, 0) + 1
+            rows[index]["derived_mib"] = sum(r["derived_bytes"] for r in report) / 2**20
+            rows[index]["stored_mib"] = sum(r["stored_bytes"] for r in report) / 2**20
+            rows[index]["note"] = "decode paths: " + ", ".join(f"{k} x{v}" for k, v in sorted(paths.items()))
     write(args, rows, ao_version)
 
 
@@ -154,9 +166,11 @@ def write(args, rows, ao_version: str) -> None:
     lines = [
         "# LLM decode on CPU (SmolLM2-135M shape, random weights)",
         "",
-        f"`python benchmarks/llm_cpu.py --layers {args.layers} --tokens {args.tokens} --threads {args.threads}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, one run; {machine}; {ao_version}. Median ms per "
-        "decoded token at batch 1 after a 16-token prompt; speedup vs fp32 eager in the same run; cosine of the first "
+        f"`python benchmarks/llm_cpu.py --layers {args.layers} --tokens {args.tokens} --rounds {args.rounds} "
+        f"--threads {args.threads}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, one run; {machine}; "
+        f"{ao_version}. Every variant decodes once per round, rounds interleaved (fp32, then each variant); ms/token: "
+        "median over rounds of the median ms per decoded token at batch 1 after a 16-token prompt; speedup: median "
+        "over rounds of fp32's ms / the variant's ms in the same round; cosine of the first "
         "step's logits and the share of greedy tokens equal to fp32's (random weights make near-ties, so tokens "
         "diverge easily).",
         "",
