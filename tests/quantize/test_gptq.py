@@ -133,6 +133,11 @@ def test_quantize_verb_points_to_gptq_and_changes_nothing():
     with pytest.raises(ConfigError, match="gptq_"):
         ts.quantize_(model, GPTQ())
     assert isinstance(model[0], nn.Linear)
+    # a GPTQ override after layers quantize_ could take: refused before the first layer changes
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ConfigError, match=r"layer '4' = GPTQ needs calibration inputs.*gptq_"):
+        ts.quantize_(model, ts.IntQuant(bits=4), overrides={"4": GPTQ()})
+    assert all(isinstance(model[i], nn.Linear) for i in (0, 2, 4))
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,12 @@ def quantize_(
                 f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
                 f"{', '.join(c.__name__ for c in _HANDLERS)}"
             )
+        if getattr(chosen, "needs_calibration", False):  # refused here, before any layer changes
+            raise ConfigError(
+                f"config for layer {name!r} = {type(chosen).__name__} needs calibration inputs, which quantize_ "
+                "does not take: use torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs) (or IntQuant for "
+                "round-to-nearest)"
+            )
 
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
     for name, module, chosen in plan:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,8 @@ class GPTQ(Config):
         scale_dtype: storage dtype of the scales.
     """
 
+    needs_calibration: ClassVar[bool] = True  # quantize_ refuses it (gptq_ takes the calibration inputs)
+
     bits: int = 4
     group_size: int | None = 128
     act_order: bool = False
@@ -91,10 +93,8 @@ class GPTQ(Config):
 
 @quantization_handler(GPTQ)
 def _needs_calibration(module: nn.Module, config: GPTQ) -> nn.Module:
-    raise ConfigError(
-        "GPTQ needs calibration inputs, which quantize_ does not take: use "
-        "torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs) (or IntQuant for round-to-nearest)"
-    )
+    # registered so that gptq_ accepts GPTQ overrides; quantize_ refuses GPTQ.needs_calibration before any change
+    raise ConfigError("GPTQ needs calibration inputs: use torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs)")
 
 
 # --- the algorithm on one weight matrix -------------------------------------------------------------------------
