@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from torchslim.config import Config, register_config
-from torchslim.errors import ConfigError, ModelError
+from torchslim.errors import ConfigError
 from torchslim.models.checks import check_finite_weights, check_inputs_fit
 from torchslim.prune import importance, unstructured
+
+if TYPE_CHECKING:  # structural.py imports this module
+    from torchslim.prune.structural import StructuralReport
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SCOPES = ("global", "layer", "neuron")
@@ -134,7 +137,7 @@ def prune_(
     data: Any = None,
     loss_fn: Callable | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-) -> PruneReport:
+) -> PruneReport | StructuralReport:
     """Prune ``model`` in place.
 
     Args:
@@ -146,18 +149,16 @@ def prune_(
         filter_fn: ``filter_fn(module, name) -> bool``; layers for which it is false are skipped.
 
     Returns:
-        A :class:`PruneReport`. Unstructured masks stay attached (fine-tuning keeps zeros at zero)
-        until :func:`finalize_`; ``torchslim.save`` needs the model finalized.
+        A :class:`PruneReport` (``MagnitudePruning``, ``NMSparsity``: unstructured masks stay attached, so
+        fine-tuning keeps zeros at zero, until :func:`finalize_`; ``torchslim.save`` needs the model finalized),
+        or a :class:`~torchslim.prune.structural.StructuralReport` (``ChannelPruning``: layers rebuilt smaller).
 
     Raises:
         ConfigError: unknown config type, or nothing to prune.
         ModelError: a parameter of the model holds NaN/Inf (checked before anything changes).
         DataError: ``taylor`` without data, or ``example_inputs`` that do not fit the model.
     """
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        _load_structural()
-        handler = _HANDLERS.get(type(config))
+    handler = _HANDLERS.get(type(config))  # torchslim.prune's __init__ imports structural.py, which registers
     if handler is None:
         raise ConfigError(f"config = {type(config).__name__} is invalid for prune_: expected one of "
                           f"{', '.join(c.__name__ for c in _HANDLERS)}")
@@ -271,10 +272,3 @@ def layer_sparsity(model: nn.Module) -> dict[str, dict[str, Any]]:
             zeros = int((weight == 0).sum())
             table[name] = {"numel": weight.numel(), "zeros": zeros, "sparsity": zeros / weight.numel()}
     return table
-
-
-def _load_structural() -> None:
-    try:
-        from torchslim.prune import structural  # noqa: F401  (registers ChannelPruning's handler)
-    except ImportError as exc:  # pragma: no cover - torch-pruning is a core dependency
-        raise ModelError(f"structural pruning needs torch-pruning: pip install torch-pruning ({exc})") from exc
