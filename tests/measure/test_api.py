@@ -182,3 +182,22 @@ def test_sparse_model_has_fewer_bits_per_weight():
     assert m_dense.bits_per_weight == pytest.approx(32.0)
     assert m_sparse.bits_per_weight < 6.0
     assert m_sparse.artifact_bytes < m_dense.artifact_bytes / 4
+
+
+class _TwoInputs(nn.Module):
+    """A model called as model(ids, mask), like a token model."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        return self.head((self.embed(ids) * mask.unsqueeze(-1)).sum(1))
+
+
+def test_measure_times_a_model_with_several_inputs(no_artifact):
+    model = _TwoInputs().eval()
+    ids, mask = torch.randint(0, 50, (1, 6)), torch.ones(1, 6)
+    with pytest.warns(UserWarning):
+        m = measure(model, example_inputs=(ids, mask), batch_sizes=(1, 4))
+    assert set(m.latency) == {1, 4} and all(s["median_ms"] > 0 for s in m.latency.values())

@@ -143,7 +143,7 @@ def measure(
     if example_inputs is not None:
         result.macs = count_macs(model, example_inputs)
         result.peak_memory_bytes = peak_memory_bytes(model, first_samples(example_inputs, 1))
-        if latency and isinstance(example_inputs, Tensor):
+        if latency:  # a tensor, or a tuple of tensors for a model with several inputs
             result.latency = measure_latency(model, example_inputs, batch_sizes, num_threads=num_threads)
     return result
 

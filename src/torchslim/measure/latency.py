@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
-from torchslim.measure._common import device_of, eval_mode
+from torchslim.measure._common import call, device_of, eval_mode
 
 
 def repeat_batch(example_input: Tensor, batch_size: int) -> Tensor:
@@ -35,7 +35,7 @@ def _torch_threads(num_threads: int) -> Iterator[None]:
 
 def measure_latency(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor, ...],
     batch_sizes: Sequence[int] = (1, 32),
     *,
     num_threads: int | None = None,
@@ -51,7 +51,8 @@ def measure_latency(
 
     Args:
         model: the model to time.
-        example_input: a tensor with a leading batch dimension (one sample is enough).
+        example_input: a tensor with a leading batch dimension (one sample is enough), or a tuple of such
+            tensors for a model with several inputs (passed as positional arguments, e.g. token ids and a mask).
         batch_sizes: batch sizes to time.
         num_threads: intra-op threads during warm-up and timing (default ``torch.get_num_threads()``).
         min_run_time: seconds of timed runs per batch size.
@@ -75,14 +76,18 @@ def measure_latency(
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup = {warmup!r} is invalid: expected an integer >= 0")
 
-    example_input = example_input.to(device_of(model))
+    device = device_of(model)
+    several = isinstance(example_input, (tuple, list))
+    inputs = tuple(example_input) if several else (example_input,)
+    inputs = tuple(t.to(device) for t in inputs)
     results: dict[int, dict] = {}
     with eval_mode(model), torch.inference_mode(), _torch_threads(threads):
         for batch in batch_sizes:
-            x = repeat_batch(example_input, batch)
+            repeated = tuple(repeat_batch(t, batch) for t in inputs)
+            x = repeated if several else repeated[0]
             for _ in range(warmup):
-                model(x)
-            timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+                call(model, x)
+            timer = Timer(stmt="call(model, x)", globals={"call": call, "model": model, "x": x}, num_threads=threads)
             times = np.asarray(timer.blocked_autorange(min_run_time=min_run_time).times, dtype=np.float64)
             median = float(np.median(times))
             results[batch] = {
