@@ -175,3 +175,14 @@ def test_codebook_centroids_are_fine_tunable():
         layer.codebook -= 0.1 * layer.codebook.grad
     assert not torch.equal(layer.codebook, before)
     assert len(torch.unique(layer.weight)) <= 4
+
+
+def test_nothing_to_quantize_is_an_error_not_an_empty_report():
+    from torchslim.errors import ModelError
+
+    with pytest.raises(ModelError, match="quantize_ found no layer to quantize in Sequential: skipped nothing"):
+        ts.quantize_(nn.Sequential(nn.ReLU()), ts.IntQuant())
+    model = nn.Sequential(nn.Linear(4, 4))
+    ts.quantize_(model, ts.IntQuant())
+    with pytest.raises(ModelError, match=r"skipped \{'0': 'already a IntQuantLayer"):
+        ts.quantize_(model, ts.IntQuant())  # already quantized: says so

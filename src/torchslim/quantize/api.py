@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from torchslim.config import Config, register_config
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, ModelError
 from torchslim.models.checks import check_finite_weights
 from torchslim.quantize.affine import GRANULARITIES, ROUNDINGS
 from torchslim.quantize.layers import (
@@ -175,7 +175,7 @@ def quantize_(
     Raises:
         ConfigError: an unsupported config type, an override naming no layer, or a group size that
             does not divide a layer's input dimension while ``pad`` is off.
-        ModelError: a selected layer's weights hold NaN/Inf.
+        ModelError: a selected layer's weights hold NaN/Inf, or no layer is left to quantize (all skipped).
     """
 
     def check(name: str, chosen: Config) -> None:
@@ -192,11 +192,14 @@ def quantize_(
             )
 
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    if not plan:  # as qat does: an empty report would look like success
+        raise ModelError(f"quantize_ found no layer to quantize in {type(model).__name__}: "
+                         f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
     for name, module, chosen in plan:
         _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
         report.quantized[name] = chosen.to_dict()
-    if plan:  # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
-        set_runtime_(model, "auto")
+    # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
+    set_runtime_(model, "auto")
     return report
 
 
