@@ -42,6 +42,16 @@ def register_config(name: str):
     return decorate
 
 
+def stage_methods(kind: str) -> tuple[str, ...]:
+    """Names of the registered configs that are methods of the recipe stage ``kind``, the default first.
+
+    A config class says it is one by its ``stage`` class attribute (``stage_default`` marks the default); the
+    modules that define configs must be imported first (``torchslim.pipeline.recipe`` imports them).
+    """
+    names = [name for name, cls in _CONFIGS.items() if cls.stage == kind]
+    return tuple(sorted(names, key=lambda name: not _CONFIGS[name].stage_default))
+
+
 def registered_configs() -> dict[str, type[Config]]:
     """Return a copy of the name -> config class registry."""
     return dict(_CONFIGS)
@@ -52,6 +62,11 @@ class Config:
     """Base for all method configs. Subclasses override :meth:`validate`."""
 
     config_name: ClassVar[str] = "config"
+    # What the rest of the library needs to know about a method (class attributes, not fields):
+    stage: ClassVar[str | None] = None  # the recipe stage it is a method of ("prune", "quantize", ...)
+    stage_default: ClassVar[bool] = False  # the stage's method when a recipe names none
+    needs_calibration: ClassVar[bool] = False  # needs calibration inputs (quantize_ refuses it; recipes pass data)
+    produces_graph: ClassVar[bool] = False  # replaces the torch model by an ONNX Runtime graph
 
     def __post_init__(self) -> None:
         self.validate()

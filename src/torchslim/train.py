@@ -90,6 +90,9 @@ class TrainConfig(Config):
             default) trains on the data as given. Needs image inputs (N, C, H, W).
     """
 
+    stage = "finetune"
+    stage_default = True
+
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3

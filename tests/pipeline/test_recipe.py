@@ -88,3 +88,51 @@ def test_recipe_shape_errors(tmp_path):
         load_recipe(write(tmp_path, "stages: [prune: {amount: 0.5"))
     with pytest.raises(FileNotFoundError):
         load_recipe(tmp_path / "missing.yaml")
+
+
+# --- methods come from the config registry ------------------------------------------------------------------------
+def test_gptq_runs_in_a_recipe_on_the_training_split(small_model, digits, tmp_path):
+    import torchslim as ts
+
+    recipe = ts.parse_recipe({"name": "gptq", "stages": [{"quantize": {"method": "gptq", "bits": 4,
+                                                                        "group_size": None}}]})
+    result = ts.compress(small_model, digits, recipe, tmp_path / "run", latency=False, report=False)
+    stage = result.stages[0]
+    assert {entry["method"] for entry in stage["details"]["quantized"].values()} == {"gptq"}
+    assert stage["measurement"]["artifact_bytes"] < result.input["measurement"]["artifact_bytes"] / 6
+    assert stage["measurement"]["accuracy"] >= result.input["measurement"]["accuracy"] - 0.02
+
+
+@pytest.fixture
+def registered_method():
+    """A quantization method defined here (a config and a quantize_ handler only), removed afterwards."""
+    import dataclasses
+
+    from torchslim import config as config_module
+    from torchslim.config import Config, register_config
+    from torchslim.quantize import HalfPrecision
+    from torchslim.quantize import api as quantize_api
+
+    @register_config("test-half")
+    @dataclasses.dataclass(frozen=True)
+    class TestHalf(Config):
+        """fp16 weights under another name."""
+
+        stage = "quantize"
+
+    @quantize_api.quantization_handler(TestHalf)
+    def _half(module, config):
+        return quantize_api._HANDLERS[HalfPrecision](module, HalfPrecision(dtype="fp16"))
+
+    yield TestHalf
+    del config_module._CONFIGS["test-half"], quantize_api._HANDLERS[TestHalf]
+
+
+def test_a_method_registered_elsewhere_is_usable_in_a_recipe(registered_method, small_model, digits, tmp_path):
+    import torchslim as ts
+    from torchslim.pipeline.recipe import methods
+
+    assert "test-half" in methods()["quantize"]
+    recipe = ts.parse_recipe({"name": "new", "stages": [{"quantize": {"method": "test-half"}}]})
+    result = ts.compress(small_model, digits, recipe, tmp_path / "run", latency=False, report=False)
+    assert result.stages[0]["measurement"]["bits_per_weight"] == pytest.approx(16, abs=0.5)

@@ -51,6 +51,9 @@ class KD(Config):
             hidden state of a transformer encoder); ``alpha`` weighs it against cross-entropy as for ``"kl"``.
     """
 
+    stage = "distill"
+    stage_default = True
+
     temperature: float = 4.0
     alpha: float = 0.9
     features: tuple[str, ...] = ()

@@ -430,21 +430,18 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
 
 
 def _quantize(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
-    from torchslim.quantize import quantize_, quantize_dynamic, quantize_static
+    """Dispatch on what the config says of itself: an ONNX graph, calibrated (GPTQ), QAT, or ``quantize_``."""
+    from torchslim.quantize import gptq_, quantize_, quantize_to_graph
 
-    splits = ctx.splits
-    name = stage.config.config_name
-    if name == "int8-static":
-        graph = quantize_static(model, splits.train, stage.config, example_inputs=splits.example_inputs(1))
-        return graph, {"parity": _plain(getattr(graph, "parity", None)), "skipped": dict(graph.skipped or {})}
-    if name == "int8-dynamic":
-        graph = quantize_dynamic(model, stage.config, example_inputs=splits.example_inputs(32))
+    splits, config = ctx.splits, stage.config
+    if config.produces_graph:
+        graph = quantize_to_graph(model, config, splits)
         return graph, {"parity": _plain(getattr(graph, "parity", None)), "skipped": dict(graph.skipped or {})}
     if stage.train:
-        details = sparse_qat_(model, stage.config, splits.train, stage.train_config(_train_base(model)),
+        details = sparse_qat_(model, config, splits.train, stage.train_config(_train_base(model)),
                               progress=ctx.progress)
         return model, {"qat": True, **details}
-    report = quantize_(model, stage.config)
+    report = gptq_(model, config, splits) if config.needs_calibration else quantize_(model, config)
     return model.eval(), {"quantized": report.quantized, "skipped": report.skipped}
 
 

@@ -28,20 +28,10 @@ from typing import Any
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
 
-__all__ = ["KINDS", "METHODS", "DeployStep", "ExportStep", "Recipe", "Stage", "load_recipe", "parse_recipe"]
+__all__ = ["KINDS", "DeployStep", "ExportStep", "Recipe", "Stage", "load_recipe", "methods", "parse_recipe"]
 
-# stage kind -> allowed ``method`` values (registered config names); the first is the default
-METHODS: dict[str, tuple[str, ...]] = {
-    "prune": ("magnitude", "channel", "nm"),
-    "quantize": ("int", "codebook", "half", "int8-static", "int8-dynamic"),
-    "distill": ("kd",),
-    "finetune": ("train",),
-    "export": ("recipe-export",),
-    "deploy": ("recipe-deploy",),
-}
-KINDS = tuple(METHODS)
-# quantize methods that replace the torch model by an ONNX Runtime graph
-ONNX_METHODS = ("int8-static", "int8-dynamic")
+# stage kinds, in the order they are described; each kind's methods are the configs registered with that ``stage``
+KINDS = ("prune", "quantize", "distill", "finetune", "export", "deploy")
 # stage keys that are neither the method config's nor the training loop's fields
 _STAGE_KEYS = {"prune": ("schedule",), "distill": ("teacher", "student"), "quantize": (), "finetune": (), "export": (),
                "deploy": ()}
@@ -65,6 +55,9 @@ class ExportStep(Config):
         opset: ONNX opset in [13, 21], or None for the exporter's default.
     """
 
+    stage = "export"
+    stage_default = True
+
     format: str = "onnx"
     quant: str = "none"
     opset: int | None = None
@@ -72,7 +65,9 @@ class ExportStep(Config):
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
         self.check_choice("format", ("onnx",))
-        self.check_choice("quant", ("none", *ONNX_METHODS, "int4-weight"))
+        from torchslim.export.api import QUANT_MODES
+
+        self.check_choice("quant", QUANT_MODES)
         if self.opset is not None:
             self.check_int("opset", 13, 21)
 
@@ -88,6 +83,9 @@ class DeployStep(Config):
         max_accuracy_drop: points a route may lose vs the model on the test split.
         routes: routes to try (None: ``torchslim.deployment.DEFAULT_ROUTES``).
     """
+
+    stage = "deploy"
+    stage_default = True
 
     target: str = "cpu"
     batch_sizes: tuple[int, ...] = (1, 32)
@@ -238,20 +236,17 @@ def _parse_stage(index: int, raw: Any, source: str) -> Stage:
                           f"{{kind: {{fields}}}} with kind one of {', '.join(KINDS)}")
     kind, fields = next(iter(raw.items()))
     where = f"{source}: stage {index} ({kind})"
-    if kind not in METHODS:
+    if kind not in KINDS:
         raise ConfigError(f"{source}: stage {index} kind = {kind!r} is invalid: expected one of {', '.join(KINDS)}")
     fields = {} if fields is None else fields
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: fields = {fields!r} is invalid: expected a mapping of field: value")
     fields = dict(fields)
-    methods = METHODS[kind]
-    method = fields.pop("method", methods[0]) if kind not in _ONE_METHOD else methods[0]
-    if method not in methods:
-        raise ConfigError(f"{where}: method = {method!r} is invalid: expected one of {', '.join(methods)}")
+    allowed_methods = methods()[kind]
+    method = fields.pop("method", allowed_methods[0]) if kind not in _ONE_METHOD else allowed_methods[0]
+    if method not in allowed_methods:
+        raise ConfigError(f"{where}: method = {method!r} is invalid: expected one of {', '.join(allowed_methods)}")
     registry = _registry()
-    if method not in registry:
-        raise ConfigError(f"{where}: method = {method!r} is not available in this installation "
-                          f"(no config registered under that name; torchslim.distill provides 'kd')")
     config_cls = registry[method]
     train_cls = registry["train"]
     config_fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -326,12 +321,12 @@ def _check_order(stages: tuple[Stage, ...], source: str) -> None:
         if onnx_at is not None:
             raise ConfigError(f"{source}: stage {stage.index} ({stage.kind}) comes after stage {onnx_at.index} "
                               f"(int8 through ONNX Runtime): only export stages may follow it")
-        if quantized_at is not None and (stage.kind != "quantize" or stage.config.config_name not in ONNX_METHODS):
+        if quantized_at is not None and (stage.kind != "quantize" or not stage.config.produces_graph):
             raise ConfigError(f"{source}: stage {stage.index} ({stage.kind}) comes after stage {quantized_at.index} "
                               f"({quantized_at.describe()}): expected pruning, distillation and fine-tuning before "
                               "weight quantization (quantized layers have no float weights to train)")
         if stage.kind == "quantize":
-            if stage.config.config_name in ONNX_METHODS:
+            if stage.config.produces_graph:
                 onnx_at = stage
             else:
                 quantized_at = stage
@@ -343,13 +338,21 @@ def _registry() -> dict[str, type[Config]]:
     return registered_configs()
 
 
+def methods() -> dict[str, tuple[str, ...]]:
+    """Stage kind -> the ``method`` names a recipe may give (registered configs with that ``stage``; default first).
+
+    A config registered with ``register_config`` whose class sets ``stage = "quantize"`` (and a handler for
+    ``quantize_``) is a recipe method without any change here.
+    """
+    from torchslim.config import stage_methods
+
+    _load_config_modules()
+    return {kind: stage_methods(kind) for kind in KINDS}
+
+
 def _load_config_modules() -> None:
-    """Import the modules that register the stage configs (distillation is optional)."""
+    """Import the modules that register the stage configs."""
+    import torchslim.distill.api  # noqa: F401  (registers "kd")
     import torchslim.prune  # noqa: F401
     import torchslim.quantize  # noqa: F401
     import torchslim.train  # noqa: F401
-
-    try:
-        import torchslim.distill.api  # noqa: F401  (registers "kd")
-    except ImportError:  # pragma: no cover - distillation not installed in this build
-        pass

@@ -44,6 +44,9 @@ class MagnitudePruning(Config):
         criterion: ``"l1"``, ``"l2"`` or ``"taylor"`` (needs data).
     """
 
+    stage = "prune"
+    stage_default = True
+
     scope: str = "global"
     threshold: float | None = None
     amount: float | None = None
@@ -77,6 +80,8 @@ class NMSparsity(Config):
         m: group length along the input dimension (2..32).
         criterion: ``"l1"``, ``"l2"`` or ``"taylor"``.
     """
+
+    stage = "prune"
 
     n: int = 2
     m: int = 4

@@ -88,6 +88,8 @@ class ChannelPruning(Config):
             head stays. ``0`` leaves attention modules untouched. ``nn.MultiheadAttention`` is always kept whole.
     """
 
+    stage = "prune"
+
     amount: float = 0.5
     importance: str = "l1"
     round_to: int = 1

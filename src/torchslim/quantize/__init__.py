@@ -8,7 +8,8 @@ from torchslim.quantize.api import (
     quantization_handler,
     quantize_,
 )
-from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static
+from torchslim.quantize.gptq import GPTQ, gptq_
+from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static, quantize_to_graph
 from torchslim.quantize.layers import CodebookLayer, HalfLayer, IntQuantLayer
 from torchslim.quantize.qat import QATLayer, convert_, prepare_qat_
 from torchslim.quantize.sensitivity import LayerSensitivity, sensitivity
@@ -24,6 +25,9 @@ __all__ = [
     "SweepRow",
     "quantize_dynamic",
     "quantize_static",
+    "quantize_to_graph",
+    "GPTQ",
+    "gptq_",
     "sensitivity",
     "sweep_bits",
     "CodebookLayer",

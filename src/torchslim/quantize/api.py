@@ -45,6 +45,9 @@ class IntQuant(Config):
         pad: pad rows whose input dimension is not a multiple of ``group_size`` (else an error).
     """
 
+    stage = "quantize"
+    stage_default = True
+
     bits: int = 4
     granularity: str = "channel"
     group_size: int = 128
@@ -73,6 +76,8 @@ class CodebookQuant(Config):
         iterations: Lloyd iterations of the 1-D k-means.
     """
 
+    stage = "quantize"
+
     bits: int = 4
     iterations: int = 30
 
@@ -89,6 +94,8 @@ class HalfPrecision(Config):
     Args:
         dtype: ``"fp16"`` or ``"bf16"``.
     """
+
+    stage = "quantize"
 
     dtype: str = "fp16"
 

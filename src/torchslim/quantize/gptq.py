@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ class GPTQ(Config):
         scale_dtype: storage dtype of the scales.
     """
 
-    needs_calibration: ClassVar[bool] = True  # quantize_ refuses it (gptq_ takes the calibration inputs)
+    stage = "quantize"
+    needs_calibration = True  # quantize_ refuses it (gptq_ takes the calibration inputs)
 
     bits: int = 4
     group_size: int | None = 128

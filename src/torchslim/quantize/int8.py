@@ -40,7 +40,7 @@ from torchslim.models.onnx_graph import OnnxGraph
 from torchslim.models.registry import factory_of
 from torchslim.quantize.observers import OBSERVERS, create_observer
 
-__all__ = ["DynamicInt8", "StaticInt8", "quantize_dynamic", "quantize_static"]
+__all__ = ["DynamicInt8", "StaticInt8", "quantize_dynamic", "quantize_static", "quantize_to_graph"]
 
 _CALIBRATION_BATCH = 64
 # top-1 agreement of the int8 graph with the fp32 model on the calibration samples
@@ -74,6 +74,10 @@ class StaticInt8(Config):
             it was faster and closer to fp32 than ``"all"``).
     """
 
+    stage = "quantize"
+    produces_graph = True
+    needs_calibration = True
+
     observer: str = "minmax"
     percentile: float = 99.99
     per_channel: bool = True
@@ -98,6 +102,9 @@ class DynamicInt8(Config):
     Args:
         per_channel: int8 weights with one scale per output channel (else one per tensor).
     """
+
+    stage = "quantize"
+    produces_graph = True
 
     per_channel: bool = True
 
@@ -356,6 +363,28 @@ def quantize_static(
         ) from exc
     graph.skipped = unquantized_nodes(int8)
     return graph
+
+
+def quantize_to_graph(model: nn.Module, config: StaticInt8 | DynamicInt8, data: Any) -> OnnxGraph:
+    """The ONNX Runtime int8 graph of ``model`` for a config that ``produces_graph``.
+
+    Args:
+        model: the fp32 model.
+        config: :class:`StaticInt8` (calibrated on ``data``'s training split) or :class:`DynamicInt8`.
+        data: ``DataSplits`` (``train`` and ``example_inputs``).
+
+    Returns:
+        The :class:`OnnxGraph`.
+
+    Raises:
+        ConfigError: another config type.
+    """
+    if isinstance(config, StaticInt8):
+        return quantize_static(model, data.train, config, example_inputs=data.example_inputs(1))
+    if isinstance(config, DynamicInt8):
+        return quantize_dynamic(model, config, example_inputs=data.example_inputs(32))
+    raise ConfigError(f"config = {type(config).__name__} is invalid for quantize_to_graph: expected StaticInt8 or "
+                      "DynamicInt8")
 
 
 def quantize_dynamic(
