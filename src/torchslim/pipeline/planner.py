@@ -484,7 +484,7 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
     config = search.config
     budget = config.max_accuracy_drop
     # distilled recovery first: it usually holds the budget further, so it gets the time budget first
-    recoveries = [True, False] if config.distill and _kd_available() else [False]
+    recoveries = [True, False] if config.distill else [False]
     # the narrowest structure first: it gives the smallest (and fastest) candidates if it holds the budget
     for amount, distilled in itertools.product(sorted(set(config.channel_amounts), reverse=True), recoveries):
         if search.out_of_time():
@@ -576,29 +576,23 @@ def _label(settings: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _kd_available() -> bool:
-    try:
-        from torchslim.distill.api import KD, distill  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def planned_recipe(point: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest record of a planner candidate: the stages it ran, in order."""
+    from torchslim.prune import ChannelPruning, MagnitudePruning
+    from torchslim.quantize import IntQuant
+
     settings = point["settings"]
     recovery = "distill" if settings.get("distill") else "finetune"
     stages: list[dict[str, Any]] = []
     if settings.get("channel_amount"):
-        stages.append({"stage": "prune", "config": {"type": "channel", "amount": settings["channel_amount"]},
+        stages.append({"stage": "prune", "config": ChannelPruning(amount=settings["channel_amount"]).to_dict(),
                        "recovery": recovery})
     if "sparsity" in settings:
-        stages.append({"stage": "prune", "config": {"type": "magnitude", "scope": "global",
-                                                    "amount": settings["sparsity"]},
+        stages.append({"stage": "prune",
+                       "config": MagnitudePruning(scope="global", amount=settings["sparsity"]).to_dict(),
                        "schedule": "gradual", "dense_layers": settings.get("dense_layers", []), "recovery": recovery})
     if "bits" in settings:
-        stages.append({"stage": "quantize", "config": {"type": "int", "bits": settings["bits"],
-                                                       "granularity": "channel"},
+        stages.append({"stage": "quantize", "config": IntQuant(bits=settings["bits"], granularity="channel").to_dict(),
                        "overrides": settings.get("wider_layers", {}), "qat": True, "recovery": recovery})
     return stages
 
