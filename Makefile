@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(VENV)/.stamp-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,15 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-run
 demo: $(VENV)/.stamp-run
 	$(VENV)/bin/torchslim demo
 
-test: $(VENV)/.stamp-dev
+# The html report's render test needs a headless browser: Debian's chromium, installed when missing and apt-get
+# can run (root); otherwise that one test skips and says why.
+chromium:
+	@[ -x /usr/bin/chromium ] || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed (needs root and apt-get): the html render test will skip"
+
+test: $(VENV)/.stamp-dev chromium
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.stamp-dev

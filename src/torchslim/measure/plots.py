@@ -62,8 +62,6 @@ def plot_accuracy_vs_size(
     kib = [s / 1024 for s in sizes]
     pct = [a * 100 for a in accuracies]
     axes.scatter(kib, pct, color="tab:blue", zorder=3)
-    for label, x, y in zip(labels, kib, pct, strict=True):
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = pareto_front(list(zip(sizes, accuracies, strict=True)))
     axes.plot([kib[i] for i in front], [pct[i] for i in front], color="tab:orange", label="Pareto front", zorder=2)
     axes.set_xscale("log")
@@ -73,10 +71,36 @@ def plot_accuracy_vs_size(
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
+    _place_labels(figure, axes, labels, kib, pct)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)
     return Path(path)
+
+
+# Offsets (points) tried in turn for a point's label; the first whose box overlaps no label placed before is used.
+_LABEL_OFFSETS = [(4, 4), (4, -11), (-4, 4), (-4, -11), (4, 15), (4, -22), (-4, 15), (-4, -22), (4, 26), (4, -33)]
+
+
+def _place_labels(figure, axes, labels: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> list:
+    """Annotate each point with its label where it overlaps no label placed before (points near each other, e.g.
+    two quantized variants of one size, would otherwise print on top of each other); returns the annotations."""
+    renderer = figure.canvas.get_renderer()
+    placed, texts = [], []
+    for label, x, y in sorted(zip(labels, xs, ys, strict=True), key=lambda item: (item[1], -item[2])):
+        text = None
+        for dx, dy in _LABEL_OFFSETS:
+            if text is not None:
+                text.remove()
+            text = axes.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                 ha="left" if dx > 0 else "right", arrowprops=None if abs(dy) < 12 else
+                                 {"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(text.get_window_extent(renderer))
+        texts.append(text)
+    return texts
 
 
 def plot_accuracy_vs_bits(
