@@ -127,6 +127,19 @@ def test_bert_dynamic_int8_fidelity(bert_dir, tmp_path, texts_file):
     assert fid["texts"] == len(TEXTS) and fid["cosine"] > 0.99
 
 
+def test_int8_graphs_of_token_models_take_any_batch_and_sequence_length(bert_dir):
+    model = ts.load_hf(bert_dir)
+    ids, mask = _batch(model)
+    graph = ts.quantize_dynamic(model, example_inputs=(ids[:1, :5], mask[:1, :5]))  # traced at 1 x 5 tokens
+    torch.manual_seed(0)
+    longer = torch.randint(5, 20, (7, 48))
+    padded = torch.ones_like(longer)
+    padded[:, 30:] = 0  # padding honoured through the attention mask
+    got, want = graph(longer, padded), model(longer, padded)
+    assert got.shape == want.shape == (7, 48, 64)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
 def test_read_texts_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_texts(tmp_path / "none.txt")

@@ -84,8 +84,23 @@ def _count_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
     )
 
 
+def _dynamic_axes(inputs, input_names, output_names, dynamic_batch) -> dict | None:
+    """Batch axes, and a ``sequence`` axis 1 for integer inputs of two or more dims (token ids, attention masks).
+
+    Token models must take any sequence length, not only the traced one; the outputs' sequence axis follows from
+    the graph.
+    """
+    if not dynamic_batch:
+        return None
+    axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    for name, tensor in zip(input_names, inputs, strict=True):
+        if not tensor.is_floating_point() and tensor.dim() >= 2:
+            axes[name][1] = "sequence"
+    return axes
+
+
 def _export_torchscript(model, inputs, input_names, output_names, opset, dynamic_batch) -> bytes:
-    axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
+    axes = _dynamic_axes(inputs, input_names, output_names, dynamic_batch)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter: deprecated (still works), tracer noise
@@ -97,7 +112,10 @@ def _export_torchscript(model, inputs, input_names, output_names, opset, dynamic
 
 
 def _export_dynamo(model, inputs, input_names, output_names, opset, dynamic_batch) -> bytes:
-    shapes = [{0: torch.export.Dim("batch")} for _ in inputs] if dynamic_batch else None
+    axes = _dynamic_axes(inputs, input_names, output_names, dynamic_batch)
+    dims = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence")}
+    shapes = None if axes is None else [{axis: dims[label] for axis, label in axes[name].items()}
+                                        for name in input_names]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -122,7 +140,8 @@ def export_onnx(
         example_inputs: a tensor (or tuple of tensors) with a leading batch dimension.
         path: if given, the graph is also written there atomically (``.onnx``).
         opset: ONNX opset (default ``DEFAULT_OPSET``); an integer in [13, 21].
-        dynamic_batch: make the batch axis of every input and output dynamic.
+        dynamic_batch: make the batch axis of every input and output dynamic, and axis 1 of integer inputs with
+            two or more dims (token ids, attention masks: any sequence length).
 
     Returns:
         The serialised ONNX model.

@@ -22,7 +22,9 @@ fp32 model is in ``graph.parity``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -182,7 +184,12 @@ def _preprocess(onnx_bytes: bytes, directory: Path) -> Any:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     path = directory / "preprocessed.onnx"
-    quant_pre_process(onnx.load_from_string(onnx_bytes), str(path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints why symbolic inference gave up
+            quant_pre_process(onnx.load_from_string(onnx_bytes), str(path))
+    except Exception:  # noqa: BLE001 - ORT's symbolic shape inference gives up on some dynamic sequence axes
+        # (e.g. "Min(256, sequence)" from a transformer's position ids); ONNX's own shape inference still runs
+        quant_pre_process(onnx.load_from_string(onnx_bytes), str(path), skip_symbolic_shape=True)
     return onnx.load(str(path))
 
 
