@@ -124,3 +124,19 @@ def test_distill_hf_errors_before_writing(bert_dir, tmp_path, texts_file, capsys
     err = _error(capsys, "distill", "--teacher", f"hf:{bert_dir}", *args, "--out", str(out), "--no-progress")
     assert message in err
     assert not out.exists()
+
+
+def test_export_takes_hf_dir_and_the_graph_takes_any_sequence_length(bert_dir, tmp_path, texts_file, capsys):
+    from torchslim.models.onnx_graph import OnnxGraph
+
+    out = tmp_path / "bert-int8.onnx"
+    summary = _run(capsys, "export", f"hf:{bert_dir}", "--quant", "int8-dynamic", "--text", str(texts_file),
+                   "--out", str(out))
+    assert summary["input"] == f"hf:{bert_dir}" and summary["parity"]["cosine"] > 0.99
+    graph, model = OnnxGraph.from_bytes(out.read_bytes()), ts.load_hf(bert_dir)
+    ids, mask = encode(model, ["a cat", "the slow dog and the fast cat ran under a big red tree " * 3])
+    assert ids.shape[1] > 30  # longer than any text the graph was traced with
+    got, want = graph(ids, mask), model(ids, mask)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    assert "for image models" in _error(capsys, "export", f"hf:{bert_dir}", "--data", "digits", "--out",
+                                        str(tmp_path / "x.onnx"))

@@ -6,14 +6,24 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, load_data_for, parse_int_list, print_json, table
+from torchslim.cli.common import (
+    console,
+    is_hf_model,
+    is_hf_source,
+    load_data_for,
+    load_model_source,
+    parse_int_list,
+    print_json,
+    table,
+    token_inputs,
+)
 from torchslim.errors import ConfigError
 
 FORMATS = ("onnx",)
 
 
 def export(
-    path: Path = typer.Argument(..., help="Input .slim file."),
+    path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
     fmt: str = typer.Option("onnx", "--format", help="Output format: onnx."),
     quant: str = typer.Option("none", "--quant", help="none, int8-static, int8-dynamic or int4-weight."),
@@ -28,8 +38,11 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+    text: Path | None = typer.Option(
+        None, "--text", help="Token models (hf:DIR or a .slim made from one): texts, one per line, to trace and check "
+        "with (default: one short sentence); the graph takes any batch and sequence length."),
 ) -> None:
-    """Export a .slim model to ONNX and check ONNX Runtime agrees with PyTorch (fails loudly if not)."""
+    """Export a .slim model (or hf:DIR) to ONNX and check ONNX Runtime agrees with PyTorch (fails loudly if not)."""
     import torch
 
     from torchslim.export import ExportConfig
@@ -45,24 +58,30 @@ def export(
     if quant == "int8-static" and calib is None:
         raise ConfigError("--quant int8-static needs --calib: expected a calibration data spec, e.g. --calib digits")
     spec = calib or data
-    from torchslim.artifact import read_manifest
+    source = str(path) if is_hf_source(path) else path
+    if is_hf_source(source):
+        path = Path(str(source)[3:])  # the directory: output checks and the summary name it
+    target = check_output_path(out, path, force=force)
+    model, _, input_bytes = load_model_source(source, trust_factory=trust_factory)
+    calib_data = example = None
+    if is_hf_model(model):
+        if spec is not None or input_shape is not None:
+            raise ConfigError("--data/--calib/--input-shape are for image models: a Hugging Face model takes token "
+                              "ids; give texts with --text FILE (or nothing: one short sentence)")
+        from torchslim.hf import read_texts
 
-    recorded = (read_manifest(path).get("input") or {}).get("shape") if path.suffix == ".slim" else None
-    if spec is None and input_shape is None and not recorded:
+        example = token_inputs(model, read_texts(text) if text is not None else None)
+    elif spec is None and input_shape is None and not (getattr(model, "_torchslim_input", None) or {}).get("shape"):
         raise ConfigError("--data, --calib or --input-shape is missing (the .slim records no input signature): "
                           "expected the model's input, e.g. --data digits")
-    target = check_output_path(out, path, force=force)
-    from torchslim.artifact import load
-
-    model = load(path, trust_factory=trust_factory)
-    calib_data = example = None
-    if spec is not None:
+    elif spec is not None:
         calib_data = load_data_for(spec, model).train
     else:
+        recorded = model._torchslim_input["shape"] if input_shape is None else None
         shape = parse_int_list("--input-shape", input_shape) if input_shape else tuple(recorded)
         example = torch.randn((8, *shape), generator=torch.Generator().manual_seed(0))
     report = run_export(model, target, config, example_inputs=example, calib_data=calib_data)
-    summary = {"input": str(path), "input_bytes": path.stat().st_size, **report.to_dict()}
+    summary = {"input": str(source), "input_bytes": input_bytes, **report.to_dict()}
     if json_output:
         print_json(summary)
         return

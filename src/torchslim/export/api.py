@@ -207,10 +207,20 @@ def _ort_version() -> tuple[int, int]:
     return (parts[0], parts[1] if len(parts) > 1 else 0)
 
 
-def _inputs(value: Any, what: str) -> Tensor:
+def _inputs(value: Any, what: str) -> Tensor | tuple[Tensor, ...]:
+    """A float32 batch, or a tuple of batches for a model with several inputs (token ids and masks keep their
+    integer dtype)."""
+    if isinstance(value, (tuple, list)) and value:
+        return tuple(_one_input(item, what) for item in value)
+    return _one_input(value, what)
+
+
+def _one_input(value: Any, what: str) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] == 0:
-        raise DataError(f"{what} = {type(value).__name__} is invalid: expected a tensor with a leading batch dimension")
-    return value.detach().to("cpu", torch.float32)
+        raise DataError(f"{what} = {type(value).__name__} is invalid: expected a tensor with a leading batch "
+                        "dimension, or a tuple of them (e.g. token ids and an attention mask)")
+    value = value.detach().to("cpu")
+    return value.to(torch.float32) if value.is_floating_point() else value
 
 
 def export(
@@ -218,9 +228,9 @@ def export(
     path: str | os.PathLike | None = None,
     config: ExportConfig | None = None,
     *,
-    example_inputs: Tensor | None = None,
+    example_inputs: Tensor | tuple[Tensor, ...] | None = None,
     calib_data: Any = None,
-    parity_inputs: Tensor | None = None,
+    parity_inputs: Tensor | tuple[Tensor, ...] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX (optionally quantized), check it against PyTorch in ONNX Runtime, write it.
 
@@ -229,7 +239,8 @@ def export(
             ``OnnxGraph``). It is not changed.
         path: where to write the ``.onnx`` (atomically); None only returns the bytes in ``report.graph``.
         config: an :class:`ExportConfig` (default: fp32).
-        example_inputs: an input batch for the export; default: the first calibration sample.
+        example_inputs: an input batch for the export (a tuple of batches for a model with several inputs, e.g.
+            ``(input_ids, attention_mask)``); default: the first calibration sample.
         calib_data: calibration data for ``int8-static`` (Tensor, Dataset, DataLoader or DataSplits).
         parity_inputs: inputs of the parity check; default: up to 64 calibration samples, else
             ``example_inputs``.
@@ -253,6 +264,9 @@ def export(
         raise ConfigError(f"config = {type(config).__name__} is invalid: expected ExportConfig")
     if config.quant == "int8-static" and calib_data is None:
         raise ConfigError("quant = 'int8-static' needs calib_data: expected calibration inputs (e.g. DataSplits)")
+    if config.quant == "int8-static" and isinstance(example_inputs, (tuple, list)):
+        raise ConfigError("quant = 'int8-static' is invalid for a model with several inputs (e.g. token ids and a "
+                          "mask): expected quant = 'int8-dynamic' or 'int4-weight'")
     calib = None
     if calib_data is not None:
         calib = calibration_inputs(calib_data, max(config.calibration_samples, _PARITY_SAMPLES))
