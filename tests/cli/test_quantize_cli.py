@@ -126,6 +126,23 @@ def test_qat_trains_and_saves_a_packed_model(trained, tmp_path, capsys):
 
     model = ts.load(out)
     assert type(model[1]).__name__ == "IntQuantLayer" and model[1].bits == 3
+    assert ts.read_manifest(out)["recipe"][-1]["teacher"] == "the input model"  # distils by default
+
+
+@pytest.mark.parametrize("kd", [True, False])
+def test_qat_distils_from_the_input_model_unless_told_not_to(trained, tmp_path, capsys, monkeypatch, kd):
+    import torchslim.quantize.qat as qat_module
+
+    seen = []
+    real = qat_module.qat
+    monkeypatch.setattr(qat_module, "qat", lambda *a, teacher=None, **k: seen.append(teacher) or real(
+        *a, teacher=teacher, **k))
+    code, _, err = run(capsys, "quantize", trained, "--qat", "--epochs", "1", "--data", "digits",
+                       "--out", tmp_path / "q.slim", *([] if kd else ["--no-kd"]))
+    assert code == 0, err
+    assert (seen[0] is not None) == kd
+    if kd:  # the frozen fp32 input model, not the model being trained
+        assert all(type(m).__name__ != "QATLayer" for m in seen[0].modules()) and not seen[0].training
 
 
 def test_int8_static_runs_in_onnxruntime(trained, tmp_path, capsys):

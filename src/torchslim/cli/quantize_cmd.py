@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import typer
@@ -37,6 +38,8 @@ def quantize(
     calib: str | None = typer.Option(None, "--calib", help="Calibration data spec for int8-static."),
     observer: str = typer.Option("minmax", "--observer", help="int8-static observer: minmax, percentile, mse."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware training (needs --data)."),
+    kd: bool = typer.Option(True, "--kd/--no-kd", help="QAT: learn from the input model's outputs too (distillation, "
+                            "default) or from the labels alone."),
     epochs: int = typer.Option(3, "--epochs", help="QAT epochs."),
     lr: float = typer.Option(2e-4, "--lr", help="QAT learning rate."),
     sweep: str | None = typer.Option(None, "--sweep", help="Try several widths, e.g. 2,3,4,6,8 (needs --data)."),
@@ -128,8 +131,11 @@ def quantize(
         from torchslim.train import TrainConfig
 
         train_config = TrainConfig(epochs=epochs, lr=lr)
-        report = run_qat(model, splits.train, int_config, train_config, eval_data=splits.test, overrides=overrides)
-        stage = {"stage": "quantize", "qat": train_config.to_dict(), "config": int_config.to_dict()}
+        teacher = copy.deepcopy(model).eval() if kd else None  # the fp32 model, frozen, before any change
+        report = run_qat(model, splits.train, int_config, train_config, eval_data=splits.test, overrides=overrides,
+                         teacher=teacher)
+        stage = {"stage": "quantize", "qat": train_config.to_dict(), "config": int_config.to_dict(),
+                 "teacher": "the input model" if kd else None}
         skipped = report.skipped
     else:
         report = quantize_(model, configs[mode], overrides=overrides)
