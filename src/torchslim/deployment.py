@@ -52,6 +52,7 @@ from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
 from torchslim.export.onnx import compare_outputs
 from torchslim.export.openvino import OpenVinoGraph, openvino_available
 from torchslim.fileio import atomic_write_bytes, atomic_write_text
+from torchslim.measure._common import call
 from torchslim.measure.bench import factory_baseline
 from torchslim.measure.latency import measure_latency
 from torchslim.models.onnx_graph import OnnxGraph
@@ -265,7 +266,7 @@ def deploy(
         results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
                                artifact_bytes=len(stored_graph))]
     else:
-        payload = Path(model).read_bytes() if isinstance(model, (str, os.PathLike)) else None  # torch routes' file
+        payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
         results = [_build(name, module, payload, data, example, parity_inputs) for name in wanted]
     for result in results:
         if result.status == "ok" and data is not None:
@@ -307,6 +308,10 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     """(module, stored graph bytes or None)."""
     if isinstance(model, nn.Module):
         module = model
+    elif isinstance(model, str) and model.startswith("hf:"):  # a local Hugging Face directory
+        from torchslim.hf import load_hf
+
+        module = load_hf(model)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
@@ -323,11 +328,11 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     return module, module.onnx_bytes() if isinstance(module, OnnxGraph) else None
 
 
-def _example(module: nn.Module, data: Any, example_inputs: Tensor | None) -> Tensor:
+def _example(module: nn.Module, data: Any, example_inputs: Any) -> Tensor | tuple[Tensor, ...]:
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:  # several inputs: token ids, attention mask
+        return tuple(_one_example(t) for t in example_inputs)
     if example_inputs is not None:
-        if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
-            raise DataError("example_inputs is invalid: expected a tensor with a leading batch dimension")
-        return example_inputs[:1].detach().float()
+        return _one_example(example_inputs)
     if data is not None and hasattr(data, "example_inputs"):
         return data.example_inputs(1)
     signature = getattr(module, "_torchslim_input", None)  # set by load from the .slim's manifest
@@ -337,7 +342,20 @@ def _example(module: nn.Module, data: Any, example_inputs: Tensor | None) -> Ten
                     "that records its input signature")
 
 
-def _parity_inputs(data: Any, example: Tensor) -> Tensor:
+def _is_file_argument(model: Any) -> bool:
+    """A ``.slim``/``.onnx`` path (not a module, not ``hf:DIR``)."""
+    return isinstance(model, (str, os.PathLike)) and not str(model).startswith("hf:")
+
+
+def _one_example(value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] == 0:
+        raise DataError("example_inputs is invalid: expected a tensor with a leading batch dimension, or a tuple of "
+                        "them (token ids and an attention mask)")
+    value = value[:1].detach()
+    return value.float() if value.is_floating_point() else value
+
+
+def _parity_inputs(data: Any, example: Any) -> Any:
     if data is not None and hasattr(data, "test"):
         return data.test.tensors[0][:_PARITY_SAMPLES]
     return example
@@ -349,7 +367,7 @@ def _baseline(model: Any, module: nn.Module, reference: Any) -> tuple[nn.Module,
             return reference.eval(), f"given ({type(reference).__name__})"
         loaded, _ = _load_model(reference)
         return loaded, f"given: {Path(reference).name}"
-    rebuilt, how = factory_baseline(model)
+    rebuilt, how = factory_baseline(model if _is_file_argument(model) else module)
     if rebuilt is not None:
         return rebuilt, how
     if not isinstance(module, OnnxGraph) and not any(hasattr(m, "weight_shape") for m in module.modules()):
@@ -403,7 +421,7 @@ def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, payload: b
     if reference is None:
         return result  # the model itself: its parity is exact by definition
     with torch.inference_mode():
-        want, got = reference(parity_inputs), module(parity_inputs)
+        want, got = call(reference, parity_inputs), call(module, parity_inputs)
     return _check_outputs(result, want, got, family)
 
 
@@ -423,6 +441,9 @@ def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity
     if name in _OPENVINO_EXPORT:
         return _openvino_route(name, module, data, example, parity_inputs)
     quant = _EXPORT_QUANT[name]
+    if quant == "int8-static" and isinstance(example, tuple):
+        return RouteResult(name, "not applicable", "static int8 calibrates one float input (token models: "
+                           "int8-dynamic)")
     if quant == "int8-static" and data is None:
         return RouteResult(name, "not applicable", "needs calibration data (--data)")
     if quant in ("int8-dynamic", "int4-weight") and not _has_linear(module):
@@ -443,6 +464,8 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
         return RouteResult(name, "not applicable", "openvino is not installed (pip install openvino)")
     config = _OPENVINO_EXPORT[name]
     quant = config.quant
+    if isinstance(example, tuple):
+        return RouteResult(name, "not applicable", "OpenVinoGraph runs models with one float input")
     if quant == "int8-static" and data is None:
         return RouteResult(name, "not applicable", "needs calibration data (--data)")
     if config.static_ops == "matmul" and not _has_linear(module):

@@ -140,3 +140,19 @@ def test_export_takes_hf_dir_and_the_graph_takes_any_sequence_length(bert_dir, t
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
     assert "for image models" in _error(capsys, "export", f"hf:{bert_dir}", "--data", "digits", "--out",
                                         str(tmp_path / "x.onnx"))
+
+
+def test_deploy_takes_hf_dir_and_a_quantized_hf_slim(bert_dir, tmp_path, texts_file, capsys):
+    q8 = tmp_path / "q8.slim"
+    _run(capsys, "quantize", f"hf:{bert_dir}", "--bits", "8", "--out", str(q8))
+    routes = "torch,torch-w8a8,onnxruntime-fp32,onnxruntime-int8-dynamic,onnxruntime-int8-static,openvino-fp32"
+    report = _run(capsys, "deploy", str(q8), "--reference", f"hf:{bert_dir}", "--text", str(texts_file),
+                  "--batch", "1,4", "--routes", routes, "--min-run-time", "0.02", "--out", str(tmp_path / "d"))
+    status = {r["name"]: r["status"] for r in report["routes"]}
+    assert status["torch"] == status["onnxruntime-fp32"] == status["onnxruntime-int8-dynamic"] == "ok"
+    assert status["onnxruntime-int8-static"] == status["openvino-fp32"] == "not applicable"
+    assert report["baseline"].startswith("given:") and report["chosen"] in status
+    assert (tmp_path / "d" / "deploy.md").is_file()
+    plain = _run(capsys, "deploy", f"hf:{bert_dir}", "--routes", "torch,onnxruntime-fp32", "--batch", "1",
+                 "--min-run-time", "0.02", "--out", str(tmp_path / "e"))  # the fp32 model is its own baseline
+    assert {r["name"]: r["status"] for r in plain["routes"]} == {"torch": "ok", "onnxruntime-fp32": "ok"}

@@ -6,23 +6,36 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, parse_int_list, print_json, table
+from torchslim.cli.common import (
+    console,
+    is_hf_model,
+    is_hf_source,
+    load_model_source,
+    parse_int_list,
+    print_json,
+    table,
+    token_inputs,
+)
 
 
 def deploy(
-    model: Path = typer.Argument(..., help="A .slim or .onnx file."),
+    model: Path = typer.Argument(..., help="A .slim or .onnx file, or hf:DIR (a local Hugging Face model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the chosen artifact and deploy.md/.json."),
     target: str = typer.Option("cpu", "--target", help="Hardware target: cpu."),
     batch: str = typer.Option("1,32", "--batch", help="Comma-separated batch sizes to time."),
     data: str | None = typer.Option(None, "--data", "-d", help="Data spec: accuracy check, int8 calibration."),
     input_shape: str | None = typer.Option(None, "--input-shape", help="One sample's shape, e.g. 1,28,28."),
-    reference: Path | None = typer.Option(None, "--reference", help="fp32 .slim/.onnx to time as the baseline."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="fp32 .slim/.onnx (or hf:DIR) to time as the baseline."),
     routes: str | None = typer.Option(None, "--routes", help="Comma-separated (default: all but torch-compile)."),
     max_accuracy_drop: float = typer.Option(0.5, "--max-accuracy-drop", help="Points a route may lose vs the model."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads for every runtime."),
     min_run_time: float = typer.Option(0.2, "--min-run-time", help="Seconds of timed runs per route and batch."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier deployment in --out."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+    text: Path | None = typer.Option(
+        None, "--text", help="Token models (hf:DIR or a .slim made from one): texts, one per line, to run the routes "
+        "on (default: one short sentence)."),
 ) -> None:
     """Try every route (PyTorch, ONNX Runtime fp32/int8/int4), check parity and accuracy, time them against
     the fp32 baseline in one run, and write the fastest valid one."""
@@ -41,8 +54,20 @@ def deploy(
         shape = parse_int_list("--input-shape", input_shape)
         example = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0))
     wanted = [item.strip() for item in routes.split(",") if item.strip()] if routes else None
+    source = str(model) if is_hf_source(model) else model
+    if reference is not None and is_hf_source(reference):
+        reference = str(reference)
+    if is_hf_source(model) or (model.suffix == ".slim" and (text is not None or (splits is None and example is None))):
+        loaded, _, _ = load_model_source(source)
+        if is_hf_model(loaded):
+            if splits is not None or example is not None:
+                raise ConfigError("--data/--input-shape are for image models: a Hugging Face model takes token ids; "
+                                  "give texts with --text FILE (or nothing: one short sentence)")
+            from torchslim.hf import read_texts
+
+            example = token_inputs(loaded, read_texts(text) if text is not None else None)
     report = run_deploy(
-        model, out, target=target, batch_sizes=sizes, data=splits, example_inputs=example, reference=reference,
+        source, out, target=target, batch_sizes=sizes, data=splits, example_inputs=example, reference=reference,
         routes=wanted, max_accuracy_drop=max_accuracy_drop, num_threads=threads, min_run_time=min_run_time,
         force=force,
     )  # fmt: skip
@@ -57,6 +82,6 @@ def deploy(
         for r in report.routes
     ]
     out_console = console()
-    out_console.print(table(f"deploy {model.name} ({report.threads} thread(s); speedup vs {report.baseline})",
-                            columns, body))
+    title = f"deploy {Path(str(source)).name} ({report.threads} thread(s); speedup vs {report.baseline})"
+    out_console.print(table(title, columns, body))
     out_console.print(f"chosen: {report.chosen} -> {report.path}")
