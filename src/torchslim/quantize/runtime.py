@@ -23,7 +23,8 @@ The policy (``runtime``) says which paths a layer may take:
 - ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere;
 - ``"w8a8"``: ``auto``, except that inputs of several rows run ``int8mm`` where it applies: the activations are
   rounded to int8, so outputs differ from the weight-only model's (cosine >= 0.9999 on random layers; opt-in,
-  like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as the ``torch-w8a8`` route).
+  like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as the ``torch-w8a8`` route). Its
+  kernel is compiled once per number of input rows (1-2 s each), so it suits fixed serving shapes best.
 
 Paths are chosen per layer and per input kind (one row / several rows) on the first call of that kind, and are
 recorded on the layer (:func:`runtime_report`). Fast paths run in eval mode on CPU when no gradient is needed for
