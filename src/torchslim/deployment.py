@@ -389,21 +389,13 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
     if name == "torch-compact":
         if not any(hasattr(m, "weight_shape") for m in module.modules()):
             return RouteResult(name, "not applicable", "no packed layers (runtime='compact' changes nothing)")
-        compact = copy.deepcopy(module)
-        set_runtime_(compact, "compact")
-        result = _torch_route(name, compact, parity_inputs, payload, reference=module)
-        result.reason = result.reason or "load with ts.load(path, runtime='compact')"
-        return result
+        return _runtime_route(name, module, payload, parity_inputs, "compact", "fp32")
     if name == "torch-w8a8":
         from torchslim.kernels.cpu_int8mm import unsupported_reason
 
         if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
             return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
-        w8a8 = copy.deepcopy(module)
-        set_runtime_(w8a8, "w8a8")
-        result = _torch_route(name, w8a8, parity_inputs, payload, reference=module, family="int8")
-        result.reason = result.reason or "load with ts.load(path, runtime='w8a8')"
-        return result
+        return _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
     if name == "torch-compile":
         try:
             compiled = torch.compile(copy.deepcopy(module))
@@ -412,6 +404,17 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
             return RouteResult(name, "rejected", f"torch.compile failed: {_summary(exc)}")
         return result
     return _onnx_route(name, module, data, example, parity_inputs)
+
+
+def _runtime_route(name: str, module: nn.Module, payload: bytes | None, parity_inputs: Any, runtime: str,
+                   family: str) -> RouteResult:
+    """The same file loaded with ``ts.load(path, runtime=runtime)``, checked against the model with ``family``'s
+    limits."""
+    other = copy.deepcopy(module)
+    set_runtime_(other, runtime)
+    result = _torch_route(name, other, parity_inputs, payload, reference=module, family=family)
+    result.reason = result.reason or f"load with ts.load(path, runtime={runtime!r})"
+    return result
 
 
 def _torch_route(name: str, module: nn.Module, parity_inputs: Tensor, payload: bytes | None,

@@ -189,8 +189,9 @@ def test_half_precision_and_codebook_layers_match_the_reference(runtime):
             torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("zeros", [0.5, 0.97])
-def test_a_sparse_layer_takes_csr_only_when_measured_faster(zeros):
+def _sparse_int4_row(zeros: float) -> dict:
+    """A pruned 800 -> 500 int4 layer run at 32 rows under ``auto``: checked against the reference path; its
+    runtime_report row."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(800, 500)).eval()
     ts.prune_(model, ts.MagnitudePruning(scope="global", amount=zeros))
@@ -204,6 +205,12 @@ def test_a_sparse_layer_takes_csr_only_when_measured_faster(zeros):
     with torch.inference_mode():
         torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
     (row,) = runtime_report(model)
+    return row
+
+
+@pytest.mark.parametrize("zeros", [0.5, 0.97])
+def test_a_sparse_layer_takes_csr_only_when_measured_faster(zeros):
+    row = _sparse_int4_row(zeros)
     if zeros < 0.8:  # never measured: CSR lost to dense below 80% zeros in every shape measured
         assert row["paths"]["rows"] == "dense" and "zeros" not in row["reasons"]["rows"]
     elif row["paths"]["rows"] == "sparse":
@@ -270,19 +277,7 @@ def test_a_sparse_layer_measured_faster_as_csr_runs_csr(monkeypatch):
 
     monkeypatch.setattr(rt, "_MEASURED", {})
     monkeypatch.setattr(rt, "_read_cache", lambda: _SparseWins())
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(800, 500)).eval()
-    ts.prune_(model, ts.MagnitudePruning(scope="global", amount=0.97))
-    ts.finalize_(model)
-    ts.quantize_(model, ts.IntQuant(bits=4))
-    x = torch.randn(32, 800)
-    set_runtime_(model, "reference")
-    with torch.inference_mode():
-        reference = model(x)
-    set_runtime_(model, "auto")
-    with torch.inference_mode():
-        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
-    (row,) = runtime_report(model)
+    row = _sparse_int4_row(0.97)
     assert row["paths"]["rows"] == "sparse" and "97.0% zeros: CSR 0.100 ms vs dense 1.000 ms" in row["reasons"]["rows"]
     assert 0 < row["derived_bytes"] < 4 * 800 * 500 * 0.1  # CSR of 3% nonzeros, no fp32 copy
 

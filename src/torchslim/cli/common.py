@@ -134,6 +134,28 @@ def no_image_data(option: str, value) -> None:
                           "expected --text FILE (one text per line) instead")
 
 
+def text_example(model, text, image_options: dict[str, object]):
+    """Example token inputs for a Hugging Face model from ``--text FILE`` (one short sentence without it).
+
+    Args:
+        model: an ``HFModel`` with a tokenizer.
+        text: the ``--text`` file, or None.
+        image_options: image-data options given on the command line (``{"--data": value, ...}``).
+
+    Returns:
+        ``(input_ids, attention_mask)``.
+
+    Raises:
+        ConfigError: an image-data option was given.
+    """
+    from torchslim.hf import read_texts
+
+    if any(value is not None for value in image_options.values()):
+        raise ConfigError(f"{'/'.join(image_options)} are for image models: a Hugging Face model takes token ids; "
+                          "give texts with --text FILE (or nothing: one short sentence)")
+    return token_inputs(model, read_texts(text) if text is not None else None)
+
+
 def token_inputs(model, texts: list[str] | None, *, max_length: int = 128):
     """Example ``(input_ids, attention_mask)`` for a Hugging Face model, made by its tokenizer.
 

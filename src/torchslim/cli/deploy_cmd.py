@@ -14,7 +14,7 @@ from torchslim.cli.common import (
     parse_int_list,
     print_json,
     table,
-    token_inputs,
+    text_example,
 )
 
 
@@ -60,12 +60,7 @@ def deploy(
     if is_hf_source(model) or (model.suffix == ".slim" and (text is not None or (splits is None and example is None))):
         loaded, _, _ = load_model_source(source)
         if is_hf_model(loaded):
-            if splits is not None or example is not None:
-                raise ConfigError("--data/--input-shape are for image models: a Hugging Face model takes token ids; "
-                                  "give texts with --text FILE (or nothing: one short sentence)")
-            from torchslim.hf import read_texts
-
-            example = token_inputs(loaded, read_texts(text) if text is not None else None)
+            example = text_example(loaded, text, {"--data": data, "--input-shape": input_shape})
     report = run_deploy(
         source, out, target=target, batch_sizes=sizes, data=splits, example_inputs=example, reference=reference,
         routes=wanted, max_accuracy_drop=max_accuracy_drop, num_threads=threads, min_run_time=min_run_time,

@@ -15,7 +15,7 @@ from torchslim.cli.common import (
     parse_int_list,
     print_json,
     table,
-    token_inputs,
+    text_example,
 )
 from torchslim.errors import ConfigError
 
@@ -65,12 +65,7 @@ def export(
     model, _, input_bytes = load_model_source(source, trust_factory=trust_factory)
     calib_data = example = None
     if is_hf_model(model):
-        if spec is not None or input_shape is not None:
-            raise ConfigError("--data/--calib/--input-shape are for image models: a Hugging Face model takes token "
-                              "ids; give texts with --text FILE (or nothing: one short sentence)")
-        from torchslim.hf import read_texts
-
-        example = token_inputs(model, read_texts(text) if text is not None else None)
+        example = text_example(model, text, {"--data": data, "--calib": calib, "--input-shape": input_shape})
     elif spec is None and input_shape is None and not (getattr(model, "_torchslim_input", None) or {}).get("shape"):
         raise ConfigError("--data, --calib or --input-shape is missing (the .slim records no input signature): "
                           "expected the model's input, e.g. --data digits")

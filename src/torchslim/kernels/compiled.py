@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
-__all__ = ["compiled"]
+__all__ = ["compiled", "kernel_bias"]
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def kernel_bias(bias: Tensor | None, zeros: Tensor) -> Tensor:
+    """The bias a compiled kernel takes: float32, or ``zeros`` for a layer without one (one graph serves both)."""
+    if bias is None:
+        return zeros
+    return bias if bias.dtype == torch.float32 else bias.to(torch.float32)
 
 
 def compiled(name: str, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Callable[..., Tensor]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchslim.kernels.compiled import compiled as compiled_fn
+from torchslim.kernels.compiled import kernel_bias
 
 __all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "unsupported_reason"]
 
@@ -149,7 +150,7 @@ def bind(pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -
     weights = (pack.codes, pack.scale, pack.scale_zero, *(pack.tail or ()))
     in_features = pack.in_features
     padded = pack.codes.shape[1] * pack.codes.shape[2] if pack.kind == "group" else in_features
-    zeros = pack.scale.new_zeros(pack.scale.shape[0]) if bias is None else None
+    zeros = pack.scale.new_zeros(pack.scale.shape[0])
     by_rows: dict[int, Callable[..., Tensor]] = {}
 
     def run(x: Tensor) -> Tensor:
@@ -161,7 +162,7 @@ def bind(pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -
             flat = F.pad(flat, (0, padded - in_features))
         elif not flat.is_contiguous():  # the compiled kernel assumes contiguous rows (it skips stride checks)
             flat = flat.contiguous()
-        b = zeros if bias is None else bias if bias.dtype == torch.float32 else bias.to(torch.float32)
+        b = kernel_bias(bias, zeros)
         fn = by_rows.get(flat.shape[0])
         if fn is None:
             fn = by_rows[flat.shape[0]] = compiled_fn(name, kernel, (flat, *weights, b)) if compiled else kernel

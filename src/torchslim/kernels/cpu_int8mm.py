@@ -15,14 +15,15 @@ batch x sequence sizes vary pays that once per new size.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from torchslim.kernels.compiled import compiled
+from torchslim.kernels.compiled import compiled, kernel_bias
 
-__all__ = ["Int8Pack", "linear", "prepack", "unsupported_reason"]
+__all__ = ["Int8Pack", "bind", "linear", "prepack", "unsupported_reason"]
 
 
 @dataclasses.dataclass
@@ -38,7 +39,6 @@ class Int8Pack:
     codes_t: Tensor
     scale: Tensor
     zero: Tensor
-    zero_bias: Tensor | None = None  # (N,) zeros, for layers without a bias (one graph for both)
 
     @property
     def nbytes(self) -> int:
@@ -83,8 +83,36 @@ def _w8a8(x: Tensor, codes_t: Tensor, scale: Tensor, zero: Tensor, bias: Tensor)
     return acc * (row_scale * scale) + bias
 
 
+def bind(pack: Int8Pack, bias: Tensor | None = None, *, compiled_kernel: bool = True) -> Callable[[Tensor], Tensor]:
+    """The function ``x -> x @ W^T + bias`` with ``x`` quantized per row to int8 (see the module docstring).
+
+    Args:
+        pack: from :func:`prepack`.
+        bias: optional ``(N,)`` bias (read at each call).
+        compiled_kernel: run the inductor-compiled kernel (False: the same formula in eager PyTorch, for tests).
+
+    Returns:
+        A function of a ``(..., K)`` float input (computed in float32, returned in its dtype) giving ``(..., N)``;
+        the compiled kernel is looked up once per number of input rows.
+    """
+    weights = (pack.codes_t, pack.scale, pack.zero)
+    zeros = pack.scale.new_zeros(pack.scale.shape[0])
+    by_rows: dict[int, Callable[..., Tensor]] = {}
+
+    def run(x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()  # the compiled kernel skips stride checks
+        b = kernel_bias(bias, zeros)
+        fn = by_rows.get(flat.shape[0])
+        if fn is None:
+            fn = by_rows[flat.shape[0]] = compiled("int8mm", _w8a8, (flat, *weights, b)) if compiled_kernel else _w8a8
+        return fn(flat, *weights, b).reshape(*lead, -1).to(x.dtype)
+
+    return run
+
+
 def linear(x: Tensor, pack: Int8Pack, bias: Tensor | None = None, *, compiled_kernel: bool = True) -> Tensor:
-    """``x @ W^T + bias`` with ``x`` quantized per row to int8 (see the module docstring).
+    """``x @ W^T + bias`` with ``x`` quantized per row to int8 (one call of :func:`bind`).
 
     Args:
         x: ``(..., K)`` float input (computed in float32, returned in ``x``'s dtype).
@@ -95,14 +123,4 @@ def linear(x: Tensor, pack: Int8Pack, bias: Tensor | None = None, *, compiled_ke
     Returns:
         ``(..., N)``.
     """
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()  # the compiled kernel skips stride checks
-    if bias is None:
-        if pack.zero_bias is None:
-            pack.zero_bias = pack.scale.new_zeros(pack.scale.shape[0])
-        bias = pack.zero_bias
-    elif bias.dtype != torch.float32:
-        bias = bias.to(torch.float32)
-    args = (flat, pack.codes_t, pack.scale, pack.zero, bias)
-    fn = compiled("int8mm", _w8a8, args) if compiled_kernel else _w8a8
-    return fn(*args).reshape(*lead, -1).to(x.dtype)
+    return bind(pack, bias, compiled_kernel=compiled_kernel)(x)

@@ -29,7 +29,7 @@ from torchslim.errors import TorchSlimError
 from torchslim.fileio import atomic_write_text
 from torchslim.pipeline.recipe import OUTPUT_KINDS, Recipe, Stage
 
-__all__ = ["CompressResult", "compress", "save_and_measure", "sparse_qat_"]
+__all__ = ["CompressResult", "compress", "deploy_args", "save_and_measure", "sparse_qat_"]
 
 STATE_FILE = "compress.json"
 
@@ -127,7 +127,7 @@ def compress(
         state["stages"] = previous["stages"]
     else:
         state["input"] = save_and_measure("input", baseline, out / "input.slim", splits, recipe=input_recipe,
-                                          latency=latency, **_deployed_to(out, "input", baseline, latency))
+                                          latency=latency, **deploy_args(out, "input", baseline, latency))
     _write_state(state_path, state)
 
     context = _Context(splits=splits, baseline=baseline, out_dir=out, progress=progress)
@@ -148,7 +148,7 @@ def compress(
         else:
             path = out / f"stage-{stage.label}.slim"
             entry = save_and_measure(stage.label, current, path, splits, recipe=records, latency=latency,
-                                     **_deployed_to(out, stage.label, baseline, latency))
+                                     **deploy_args(out, stage.label, baseline, latency))
             model_artifact = str(path)
         entry.update(index=stage.index, kind=stage.kind, description=stage.describe(), details=details,
                      seconds=round(time.perf_counter() - started, 2), model_artifact=model_artifact)
@@ -276,9 +276,10 @@ def save_and_measure(
     return entry
 
 
-def _deployed_to(out: Path, label: str, baseline: nn.Module, latency: bool) -> dict[str, Any]:
-    """``save_and_measure``'s deploy arguments for one row: ``DIR/deployed/LABEL``, timed against ``baseline``."""
-    return {"deploy_to": out / "deployed" / label, "reference": baseline} if latency else {}
+def deploy_args(out: Path, label: str, reference: nn.Module, latency: bool) -> dict[str, Any]:
+    """``save_and_measure``'s deploy arguments for one report row: ``DIR/deployed/LABEL``, timed against
+    ``reference``; none without ``latency``."""
+    return {"deploy_to": out / "deployed" / label, "reference": reference} if latency else {}
 
 
 def _measure_output(stage: Stage, details: dict[str, Any], splits: Any, *, latency: bool,

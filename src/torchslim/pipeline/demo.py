@@ -168,7 +168,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
     from torchslim.data import load_data
     from torchslim.export import export_onnx
     from torchslim.fileio import atomic_write_bytes
-    from torchslim.pipeline.compress import compress, save_and_measure
+    from torchslim.pipeline.compress import compress, deploy_args, save_and_measure
     from torchslim.pipeline.recipe import parse_recipe
     from torchslim.pipeline.report import write_report
     from torchslim.prune import MagnitudePruning, PruneSchedule, prune_with_schedule
@@ -203,9 +203,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
 
     def measured(name: str, model: nn.Module, recipe: list, since: float | None = None) -> dict:
         begun = time.perf_counter()
-        deployed = {"deploy_to": out / "deployed" / name, "reference": trained[BASELINE]} if settings.latency else {}
         entry = save_and_measure(name, model, out / f"{name}.slim", splits, recipe=recipe, latency=settings.latency,
-                                 **deployed)
+                                 **deploy_args(out, name, trained[BASELINE], settings.latency))
         if since is not None:
             entry["compress_seconds"] = round(begun - since, 2)
         step(f"measured {name}" if since is None else f"compressed and measured {name}",

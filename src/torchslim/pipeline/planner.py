@@ -639,7 +639,7 @@ def run_planner(
     Raises:
         TorchSlimError: no candidate met the budget (the report of the explored points is still written).
     """
-    from torchslim.pipeline.compress import save_and_measure
+    from torchslim.pipeline.compress import deploy_args, save_and_measure
     from torchslim.pipeline.report import write_report
 
     check_model(model)
@@ -648,11 +648,8 @@ def run_planner(
     result = plan(model, splits, config, progress=progress, teacher=teacher)
     teacher_label = "the input model" if teacher is None else (teacher_name or type(teacher).__name__)
     records = list(input_recipe or [])
-    def deployed(name: str) -> dict[str, Any]:
-        return {"deploy_to": out / "deployed" / name, "reference": model} if latency else {}
-
     results = [save_and_measure("input", model, out / "input.slim", splits, recipe=records, latency=latency,
-                                **deployed("input"))]
+                                **deploy_args(out, "input", model, latency))]
     final = None
     if result.model is not None:
         point = result.points[result.chosen]
@@ -661,7 +658,7 @@ def run_planner(
                                  recipe=records + [{"stage": "plan", "config": config.to_dict(),
                                                     "teacher": teacher_label,
                                                     "stages": planned_recipe(point)}], latency=latency,
-                                 **deployed("planned"))
+                                 **deploy_args(out, "planned", model, latency))
         results.append(entry)
     planner = result.to_dict(config)
     planner["summary"] += f" Distillation teacher: {teacher_label}."

@@ -214,8 +214,7 @@ def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor]
     if path == "int8mm":
         if state.int8 is None:
             state.int8 = _derived(lambda: cpu_int8mm.prepack(layer))
-        int8 = state.int8
-        return lambda x: cpu_int8mm.linear(x, int8, bias)
+        return cpu_int8mm.bind(state.int8, bias)
     if path == "gemv":
         if state.pack is None:
             state.pack = _derived(lambda: cpu_gemv.prepack(layer))
