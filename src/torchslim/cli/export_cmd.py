@@ -1,4 +1,5 @@
-"""``torchslim export``: a .slim model to an ONNX graph (fp32/fp16, int8 static/dynamic, 4-bit weight-only)."""
+"""``torchslim export``: a .slim model to an ONNX graph (fp32/fp16, int8 static/dynamic, 4-bit weight-only), or an
+hf model to a Hugging Face directory (compressed-tensors for its int4/int8 layers)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ from torchslim.cli.common import (
 )
 from torchslim.errors import ConfigError
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "hf")
 
 
 def export(
     path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
-    fmt: str = typer.Option("onnx", "--format", help="Output format: onnx."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file (--format hf: a directory)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, or hf: a Hugging Face directory (compressed-tensors)."),
+    dtype: str = typer.Option("float16", "--dtype", help="--format hf: float16, bfloat16 or float32."),
     quant: str = typer.Option("none", "--quant", help="none, int8-static, int8-dynamic or int4-weight."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (with --quant none)."),
     calib: str | None = typer.Option(None, "--calib", help="Calibration data spec (int8-static), e.g. digits."),
@@ -51,6 +53,12 @@ def export(
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format = {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        onnx_only = {"--quant": quant != "none", "--precision": precision != "fp32", "--calib": calib is not None,
+                     "--data": data is not None, "--input-shape": input_shape is not None}
+        _export_hf(path, out, dtype, text, [flag for flag, given in onnx_only.items() if given], force=force,
+                   trust_factory=trust_factory, json_output=json_output)
+        return
     config = ExportConfig(
         quant=quant, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
         transformer_fusion=fuse, opset=opset,
@@ -93,5 +101,47 @@ def export(
     label = quant if quant != "none" else precision
     out_console.print(table(f"export {path} -> {target} ({label}, {parity['samples']} parity samples)",
                             ["", ".slim", ".onnx"], rows))  # fmt: skip
+    for note in report.notes:
+        out_console.print(f"note: {note}")
+
+
+def _export_hf(
+    path: Path, out: Path, dtype: str, text: Path | None, onnx_flags: list[str], *, force: bool, trust_factory: bool,
+    json_output: bool,
+) -> None:
+    """``--format hf``: write the hf model (quantized layers in compressed-tensors) and check it reloads."""
+    from torchslim.export.hf import HF_DTYPES, export_hf
+
+    if onnx_flags:
+        raise ConfigError(f"{', '.join(onnx_flags)} is invalid with --format hf: the layers are written as they are "
+                          "in the model (quantize it first, e.g. torchslim quantize hf:DIR --bits 4)")
+    if dtype not in HF_DTYPES:
+        raise ConfigError(f"--dtype = {dtype!r} is invalid: expected one of {', '.join(HF_DTYPES)}")
+    from torchslim.fileio import check_output_path
+
+    source = str(path) if is_hf_source(path) else path
+    check_output_path(out, Path(str(source)[3:]) if is_hf_source(source) else path, force=force)
+    model, _, input_bytes = load_model_source(source, trust_factory=trust_factory)
+    if not is_hf_model(model):
+        raise ConfigError(f"--format hf is invalid for {str(path)!r}: it is not a Hugging Face model (hf:DIR or a "
+                          ".slim made from one); expected --format onnx")
+    example = text_example(model, text, {}) if text is not None else None  # None: export_hf's own sentence
+    report = export_hf(model, out, dtype=dtype, example_inputs=example, force=force)
+    summary = {"input": str(source), "input_bytes": input_bytes, **report.to_dict()}
+    if json_output:
+        print_json(summary)
+        return
+    parity = report.parity
+    formats = ", ".join(f"{fmt} x{n}" for fmt, n in report.formats.items()) or f"dense {dtype}"
+    rows = [
+        ["bytes", f"{input_bytes:,}", f"{report.bytes:,}"],
+        ["format", "", formats],
+        ["reload max abs error", "", f"{parity['max_abs_error']:.3g}"],
+        ["reload top-1 agreement", "", f"{parity['top1_agreement']:.2%}"],
+        ["reload cosine", "", f"{parity['cosine']:.6f}"],
+    ]
+    out_console = console()
+    out_console.print(table(f"export {path} -> {report.directory} (Hugging Face, {dtype})", ["", "input", "output"],
+                            rows))  # fmt: skip
     for note in report.notes:
         out_console.print(f"note: {note}")

@@ -85,10 +85,39 @@ class HFModel(nn.Module):
         """The ``transformers`` config of the wrapped model."""
         return self.model.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Run the model; returns logits ``(batch, tokens, vocab)`` / ``(batch, classes)`` or hidden states."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model, in torchslim's convention or in transformers' own.
+
+        Called with positional tensors only (``model(input_ids)``, ``model(input_ids, attention_mask)``: what
+        torchslim's measure, export, distillation and calibration do), returns one tensor: the logits
+        ``(batch, tokens, vocab)`` / ``(batch, classes)`` or the last hidden state. Called with any keyword
+        argument, as transformers code does (``model(**tokenizer(texts, return_tensors="pt"))``, ``labels=``,
+        ``output_hidden_states=``, ``token_type_ids=``), every argument goes to the wrapped model and its own
+        output (a ``ModelOutput``) comes back, so code written for the transformers model works unchanged.
+
+        Raises:
+            TypeError: no inputs, or more than two positional ones in torchslim's convention.
+        """
+        if kwargs:
+            return self.model(*args, **kwargs)
+        if not 1 <= len(args) <= 2:
+            raise TypeError(
+                f"HFModel takes (input_ids[, attention_mask]) positionally or the model's keyword inputs, got "
+                f"{len(args)} positional argument(s)"
+            )
+        out = self.model(input_ids=args[0], attention_mask=args[1] if len(args) > 1 else None, return_dict=True)
         return out.logits if self.output == "logits" else out.last_hidden_state
+
+    def __getattr__(self, name: str) -> Any:
+        # What the wrapper lacks comes from the transformers model: generate, generation_config, can_generate,
+        # device, dtype, save_pretrained, get_input_embeddings... so pipelines and generation work on it directly.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("model")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
 
     def head_counts(self) -> dict[str, int]:
         """Attention module name (relative to this wrapper) -> number of heads, from the q/k/v widths."""
