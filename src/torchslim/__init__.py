@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "export": "torchslim.export",
     "ExportConfig": "torchslim.export",
     "ExportReport": "torchslim.export",
+    "export_hf": "torchslim.export.hf",
+    "HFExportReport": "torchslim.export.hf",
     "bench": "torchslim.measure.bench",
     "BenchReport": "torchslim.measure.bench",
     "OnnxGraph": "torchslim.models.onnx_graph",
@@ -126,6 +128,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TorchSlimError,
     )
     from torchslim.export import ExportConfig, ExportReport, check_parity, export, export_onnx  # noqa: F401
+    from torchslim.export.hf import HFExportReport, export_hf  # noqa: F401
     from torchslim.hf import (  # noqa: F401
         drop_layers,
         hidden_pairs,
