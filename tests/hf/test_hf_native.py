@@ -74,3 +74,21 @@ def test_cli_quantizes_a_pruned_hf_slim(bert_dir, tmp_path, texts_file, capsys):
     ids, mask = encode(model, TEXTS)
     assert model(input_ids=ids, attention_mask=mask).last_hidden_state.shape == (len(TEXTS), ids.shape[1], 64)
     assert model.model.encoder.layer[0].intermediate.dense.weight_shape == [64, 64]  # pruned 128 -> 64, then int8
+
+
+def test_a_quantized_encoder_serves_inside_sentence_transformers(bert_dir):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    model = ts.load_hf(bert_dir)
+    ts.quantize_(model, ts.IntQuant(bits=8))
+    encoder = Transformer(str(bert_dir))
+    encoder.auto_model = model  # the module sentence-transformers calls with keyword inputs
+    st = sentence_transformers.SentenceTransformer(modules=[encoder, Pooling(64, "mean")], device="cpu")
+    texts = TEXTS[:3]
+    embeddings = st.encode(texts, convert_to_tensor=True)
+    ids, mask = encode(model, texts)
+    with torch.no_grad():
+        hidden = model(ids, mask)
+    expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.nn.functional.cosine_similarity(embeddings, expected).min() > 0.9999
