@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, holdout_accuracy, load_data_for, print_json, table
+from torchslim.cli.common import PROGRESS_OPT, console, holdout_accuracy, load_data_for, print_json, table
 from torchslim.errors import ConfigError
 
 
@@ -45,7 +45,7 @@ def distill(
     out: Path = typer.Option(..., "--out", "-o", help="Output .slim file of the student."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow model factories outside torchslim."),
-    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: terminal)."),
+    progress: bool | None = PROGRESS_OPT,
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
     text: Path | None = typer.Option(
         None, "--text", help="Hugging Face teacher: unlabelled training text, one text per line."
