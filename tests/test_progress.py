@@ -61,8 +61,8 @@ def test_train_prints_one_line_per_epoch_and_the_same_weights(capsys):
     train(reported, data, TrainConfig(epochs=3, batch_size=32), eval_data=data, progress=True)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
-    assert re.fullmatch(r"train: epoch 1/3: loss \d\.\d{4}, train acc [\d.]+%, eval acc [\d.]+% \(<?\d+ s; ETA <?\d+ s\)",
-                        lines[0])
+    pattern = r"train: epoch 1/3: loss \d\.\d{4}, train acc [\d.]+%, eval acc [\d.]+% \(<?\d+ s; ETA <?\d+ s\)"
+    assert re.fullmatch(pattern, lines[0])
     assert lines[2].startswith("train: epoch 3/3: ") and "ETA" not in lines[2]
 
     barred = mlp()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.measure._common import device_of
 
-__all__ = ["METHODS", "SyntheticData", "synthesize"]
+__all__ = ["METHODS", "PRESETS", "SyntheticData", "synthesize"]
 
 METHODS = ("bn-inversion", "mixup", "noise")
 
@@ -36,6 +37,10 @@ METHODS = ("bn-inversion", "mixup", "noise")
 @dataclasses.dataclass(frozen=True)
 class SyntheticData(Config):
     """How to make a synthetic transfer set.
+
+    The defaults are the quick settings ``torchslim distill --synthetic`` uses (:data:`PRESETS` ``"quick"``: minutes
+    on two CPU cores with the demo's ResNet teacher); :meth:`preset` ``("thorough")`` gives the longer ones (4x the
+    images, 2x the steps, full-resolution inversion: ~16x the inversion work).
 
     Attributes:
         method: ``"bn-inversion"``, ``"mixup"`` or ``"noise"``.
@@ -55,16 +60,16 @@ class SyntheticData(Config):
     """
 
     method: str = "bn-inversion"
-    n: int = 2048
+    n: int = 512
     seed: int = 0
-    steps: int = 200
+    steps: int = 100
     lr: float = 0.1
     batch_size: int = 256
     bn_weight: float = 1.0
     tv_weight: float = 1e-3
     l2_weight: float = 1e-4
     jitter: int = 2
-    downsample: int = 1
+    downsample: int = 2
     noise_std: float = 0.2
     max_shift: int = 2
 
@@ -83,6 +88,33 @@ class SyntheticData(Config):
         self.check_int("downsample", 1)
         self.check_float("noise_std", 0)
         self.check_int("max_shift", 0)
+
+    @classmethod
+    def preset(cls, name: str, method: str = "bn-inversion", **changes: Any) -> SyntheticData:
+        """The settings of preset ``name`` (:data:`PRESETS`) for ``method``, with ``changes`` on top.
+
+        Args:
+            name: ``"quick"`` (the field defaults) or ``"thorough"`` (the longer settings).
+            method: the synthesis method.
+            **changes: other fields.
+
+        Returns:
+            A validated :class:`SyntheticData`.
+
+        Raises:
+            ConfigError: an unknown preset, or a bad field value.
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"SyntheticData preset = {name!r} is invalid: expected one of {', '.join(PRESETS)}")
+        return cls(method=method, **{**PRESETS[name], **changes})
+
+
+# "quick" is the field defaults; "thorough" the settings they replaced. Measured on digits with the demo's resnet
+# teacher: see docs/design.md (Distillation) and BENCHMARKS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "thorough": {"n": 2048, "steps": 200, "downsample": 1},
+}
 
 
 def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[int, ...],
