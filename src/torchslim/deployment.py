@@ -39,13 +39,14 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchslim import progress as progress_lib
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
@@ -77,6 +78,7 @@ ROUTES = (
 # torch-compile is opt-in: in one scratch ts.deploy run it compiled for about 10 s on 2 cores and was slower than
 # eager on an int4 lenet5 (0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
 DEFAULT_ROUTES = tuple(r for r in ROUTES if r != "torch-compile")
+_ROUNDS = 5  # interleaved timing rounds (see _time_interleaved)
 TARGETS = ("cpu",)
 _EXPORT_QUANT = {
     "onnxruntime-fp32": "none",
@@ -221,6 +223,7 @@ def deploy(
     num_threads: int | None = None,
     min_run_time: float = 0.2,
     force: bool = False,
+    progress: bool | None = None,
 ) -> DeployReport:
     """Build every route of ``model``, check and time them against the fp32 baseline, write the fastest valid one.
 
@@ -240,6 +243,8 @@ def deploy(
         num_threads: intra-op threads for every runtime (default: ``torch.get_num_threads()``).
         min_run_time: seconds of timed runs per route and batch size.
         force: replace files in ``out_dir``.
+        progress: a bar over the routes and the timing rounds, or one line after the routes are built and one
+            after timing (:mod:`torchslim.progress`); None follows the process setting.
 
     Returns:
         A :class:`DeployReport`.
@@ -262,25 +267,35 @@ def deploy(
     baseline, how = _baseline(model, module, reference)
     model_accuracy = _accuracy(module, data)
 
-    if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
-        results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
-                               artifact_bytes=len(stored_graph))]
-    else:
-        payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
-        results = [_build(name, module, payload, data, example, parity_inputs) for name in wanted]
-    for result in results:
-        if result.status == "ok" and data is not None:
-            _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
-    valid = [r for r in results if r.status == "ok"]
-    if not valid:
-        raise TorchSlimError(f"deploy: no route is valid for {source_label}: " +
-                             "; ".join(f"{r.name}: {r.reason}" for r in results))
-    timings = _time_interleaved([baseline] + [r.module for r in valid], example, batch_sizes, threads, min_run_time)
+    building = 0 if stored_graph is not None else len(wanted)
+    with progress_lib.task(f"deploy {source_label}", building + _ROUNDS, progress=progress) as bar:
+        if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
+            results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
+                                   artifact_bytes=len(stored_graph))]
+        else:
+            payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
+            results = []
+            for name in wanted:
+                bar.update(info=name)
+                results.append(_build(name, module, payload, data, example, parity_inputs))
+                bar.advance()
+        for result in results:
+            if result.status == "ok" and data is not None:
+                _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
+        valid = [r for r in results if r.status == "ok"]
+        if not valid:
+            raise TorchSlimError(f"deploy: no route is valid for {source_label}: " +
+                                 "; ".join(f"{r.name}: {r.reason}" for r in results))
+        bar.line(f"{len(valid)} of {len(results)} routes valid ({', '.join(r.name for r in valid)}); timing them")
+        timings = _time_interleaved([baseline] + [r.module for r in valid], example, batch_sizes, threads,
+                                    min_run_time, on_round=lambda: bar.advance(info="timing"))
     baseline_ms = timings[0]
     for result, latency in zip(valid, timings[1:], strict=True):
         result.latency_ms = latency
         result.speedup = {b: baseline_ms[b] / latency[b] for b in batch_sizes}
     best = max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
+    progress_lib.say(f"deploy {source_label}: chose {best.name}, "
+                     + ", ".join(f"{s:.2f}x at batch {b}" for b, s in best.speedup.items()), progress=progress)
     report = DeployReport(source=source_label, baseline=how, batch_sizes=list(batch_sizes), threads=threads,
                           baseline_ms=baseline_ms, model_accuracy=model_accuracy, routes=results, chosen=best.name)
     if out is not None:
@@ -499,7 +514,8 @@ def _check_accuracy(result: RouteResult, data: Any, model_accuracy: float | None
 
 
 def _time_interleaved(modules: list[nn.Module], example: Tensor, batch_sizes: Sequence[int], threads: int,
-                      min_run_time: float, rounds: int = 5) -> list[dict[int, float]]:
+                      min_run_time: float, rounds: int = _ROUNDS,
+                      on_round: Callable[[], Any] | None = None) -> list[dict[int, float]]:
     """Median ms per module and batch size, timed in ``rounds`` interleaved rounds (baseline, route 1, route 2, ...).
 
     Interleaving spreads slow drifts of the machine (clock, other processes, runtimes' idle threads) over every
@@ -512,6 +528,8 @@ def _time_interleaved(modules: list[nn.Module], example: Tensor, batch_sizes: Se
                                     min_run_time=min_run_time / rounds, warmup=2)
             for b in batch_sizes:
                 samples[index][b].append(timed[b]["median_ms"])
+        if on_round is not None:
+            on_round()
     return [{b: statistics.median(values[b]) for b in batch_sizes} for values in samples]
 
 

@@ -2,7 +2,7 @@
 
 One loop, with the pieces every stage needs: validated inputs (empty data, labels outside the model's
 outputs and NaN/Inf inputs fail before any work), a ``loss_fn`` hook (distillation plugs its teacher in
-there), per-epoch evaluation, a Rich progress bar on interactive terminals, and atomic checkpoints that
+there), per-epoch evaluation, progress when asked (:mod:`torchslim.progress`), and atomic checkpoints that
 resume bit-for-bit: a run killed at any step and resumed gives the same parameters as one that was never
 interrupted (same seed, CPU).
 
@@ -24,7 +24,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
 
 from torchslim import distributed
+from torchslim import progress as progress_lib
 from torchslim._callable_module import make_module_callable
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
@@ -370,58 +370,21 @@ def _check_resume_config(saved: dict[str, Any], config: TrainConfig, path: Path)
 
 
 # --- progress ----------------------------------------------------------------------------------------
-def _want_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return bool(progress)
-    return sys.stderr.isatty() and not os.environ.get("CI")
+def _progress_task(progress: bool | None, epochs: int, steps_per_epoch: int, start_epoch: int,
+                   skip_steps: int) -> progress_lib.Task:
+    """The run's progress: one bar over every step (ETA of the whole run), or one line per epoch."""
+    done = start_epoch * steps_per_epoch + skip_steps  # a resumed run's steps count as done, not in the rate
+    return progress_lib.task(progress_lib.default_label("train"), epochs * steps_per_epoch, progress=progress,
+                             done=done)
 
 
-class _Progress:
-    """A Rich progress bar per epoch (or nothing, when disabled)."""
-
-    def __init__(self, enabled: bool, epochs: int) -> None:
-        self.enabled = enabled
-        self.epochs = epochs
-        self.bar = None
-        self.task = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[acc]}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def start_epoch(self, epoch: int, total: int, done: int) -> None:
-        if self.bar is not None:
-            self.task = self.bar.add_task(
-                f"epoch {epoch + 1}/{self.epochs}", total=total, completed=done, loss="-", acc=""
-            )
-
-    def step(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
-
-    def end_epoch(self, record: dict[str, Any]) -> None:
-        if self.bar is not None:
-            acc = record["eval_accuracy"]
-            text = "" if acc is None else f"eval acc {acc:.2%}"
-            self.bar.update(self.task, loss=f"{record['train_loss']:.4f}", acc=text)
+def _epoch_summary(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"loss {record['train_loss']:.4f}"]
+    if record["train_accuracy"] is not None:
+        parts.append(f"train acc {record['train_accuracy']:.2%}")
+    if record["eval_accuracy"] is not None:
+        parts.append(f"eval acc {record['eval_accuracy']:.2%}")
+    return f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts)
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -457,12 +420,14 @@ def train(
         resume: continue from ``checkpoint_path`` when it exists (start fresh when it does not). The
             config must match the checkpoint's, except that ``epochs`` may grow and
             ``checkpoint_every`` may change.
-        progress: show a Rich progress bar; None shows it only on an interactive stderr outside CI.
+        progress: report progress on stderr (:mod:`torchslim.progress`: a bar with ETA on a terminal, one line
+            per epoch otherwise); None follows the process setting (off unless the CLI or
+            ``torchslim.progress.configure`` turned it on), False never.
         on_epoch_end: called with each epoch's history dict after the epoch's checkpoint is written.
 
     Under torchrun (``WORLD_SIZE > 1``) every rank must call ``train`` with the same arguments; see the
     module doc. ``loss_fn`` then receives the DistributedDataParallel wrapper (call it like the model, so
-    gradients are averaged across ranks); ``progress`` shows on rank 0 only; ``on_epoch_end`` runs on every
+    gradients are averaged across ranks); progress shows on rank 0 only; ``on_epoch_end`` runs on every
     rank with the same (rank-summed) record.
 
     Returns:
@@ -602,14 +567,14 @@ def train(
     captured: list[Any] = [None]
     hook = model.register_forward_hook(lambda _module, _inputs, output: captured.__setitem__(0, output))
     try:
-        with _Progress(_want_progress(progress) and rank == 0, config.epochs) as bar:
+        with _progress_task(progress, config.epochs, steps_per_epoch, start_epoch, skip_steps) as bar:
             for epoch in range(start_epoch, config.epochs):
                 started = time.perf_counter()
                 net.train()
                 order = _shard(_epoch_order(num_samples, config.seed, epoch), rank, world)
                 done = skip_steps
                 skip_steps = 0
-                bar.start_epoch(epoch, steps_per_epoch, done)
+                bar.update(description=f"{bar.description} epoch {epoch + 1}/{config.epochs}")
                 lr = optimizer.param_groups[0]["lr"]
                 remaining = order[done * config.batch_size:used]
                 for inputs, targets, extras in _batches(train_data, remaining, config.batch_size):
@@ -651,7 +616,7 @@ def train(
                     if correct is not None:
                         running["correct"] += correct
                         running["scored"] += batch
-                    bar.step(value)
+                    bar.advance(info=f"loss {value:.4f}")
                     if config.checkpoint_every and global_step % config.checkpoint_every == 0:
                         if done < steps_per_epoch:  # the epoch end writes one anyway
                             checkpoint(epoch, done)
@@ -676,7 +641,9 @@ def train(
                 if scheduler is not None:
                     scheduler.step()
                 checkpoint(epoch + 1, 0)
-                bar.end_epoch(record)
+                if bar.enabled:
+                    # the last epoch's line also stays above a terminal's bar, which is gone when the run ends
+                    bar.line(_epoch_summary(record, config.epochs), also_bar=epoch + 1 == config.epochs)
                 if on_epoch_end is not None:
                     on_epoch_end(dict(record))
     finally:

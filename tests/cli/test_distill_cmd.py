@@ -52,6 +52,8 @@ def test_distill_errors_are_one_line_before_work(tmp_path, digits, capsys):
         (["--alpha", "1.5"], "KD.alpha = 1.5 is invalid: expected a number in [0, 1]"),
         (["--temperature", "0"], "KD.temperature = 0.0 is invalid"),
         (["--synthetic", "gan"], "SyntheticData.method = 'gan' is invalid"),
+        (["--synthetic", "bn-inversion", "--synthetic-preset", "slow"],
+         "--synthetic-preset = 'slow' is invalid: expected one of quick, thorough"),
         (["--features", "stem"], "'stem' is invalid: expected 'teacher.module.name:student.module.name'"),
         (["--features", "9:1"], "teacher has no module named '9'"),
     ]
@@ -60,3 +62,16 @@ def test_distill_errors_are_one_line_before_work(tmp_path, digits, capsys):
         err = capsys.readouterr().err
         assert code == 2 and words in err and err.startswith("error: "), (extra, err)
         assert not other.exists()
+
+
+def test_synthetic_defaults_are_the_quick_preset(tmp_path, digits, capsys):
+    teacher = _teacher_file(tmp_path, digits)
+    out = tmp_path / "s.slim"
+    args = ["distill", "--teacher", str(teacher), "--student", "student_mlp", "--synthetic", "noise", "--epochs", "1"]
+    assert main(args + ["--out", str(out), "--json"]) == 0
+    synthetic = ts.read_manifest(out)["recipe"][-1]["synthetic"]
+    assert {k: synthetic[k] for k in ("n", "steps", "downsample")} == {"n": 512, "steps": 100, "downsample": 2}
+    assert main(args + ["--synthetic-preset", "thorough", "--synthetic-n", "64", "--out", str(out), "--force"]) == 0
+    synthetic = ts.read_manifest(out)["recipe"][-1]["synthetic"]
+    assert {k: synthetic[k] for k in ("n", "steps", "downsample")} == {"n": 64, "steps": 200, "downsample": 1}
+    assert "distill: epoch 1/1" in capsys.readouterr().err  # progress lines on stderr (not a terminal)

@@ -31,6 +31,16 @@ def test_config_errors(kwargs, words):
         SyntheticData(**kwargs)
 
 
+def test_presets_quick_is_the_default_and_thorough_the_longer_settings():
+    assert SyntheticData.preset("quick") == SyntheticData()
+    thorough = SyntheticData.preset("thorough", method="mixup", n=100)
+    assert (thorough.method, thorough.n, thorough.steps, thorough.downsample) == ("mixup", 100, 200, 1)
+    with pytest.raises(ConfigError, match="SyntheticData preset = 'slow' is invalid: expected one of quick, thorough"):
+        SyntheticData.preset("slow")
+    with pytest.raises(ConfigError, match="SyntheticData.n = 0 is invalid"):
+        SyntheticData.preset("thorough", n=0)
+
+
 def test_bn_inversion_without_any_data_teaches_a_student(bn_teacher, digits):
     """No real training image is used: the student learns from inputs inverted from the teacher's BatchNorm."""
     config = SyntheticData(method="bn-inversion", n=384, steps=60, batch_size=128, lr=0.1, downsample=2, seed=0)

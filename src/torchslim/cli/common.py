@@ -6,10 +6,16 @@ import json
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from torchslim.errors import ConfigError
+
+PROGRESS_OPT = typer.Option(
+    None, "--progress/--no-progress",
+    help="Progress on stderr for this command (default: a bar with ETA on a terminal, one line per epoch or stage "
+    "otherwise; none with the global --quiet).")
 
 
 def console() -> Console:

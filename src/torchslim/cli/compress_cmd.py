@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, print_json, table
-from torchslim.cli.run_cmd import PROGRESS_OPT
+from torchslim.cli.common import PROGRESS_OPT, console, print_json, table
 from torchslim.errors import ConfigError
 
 
@@ -69,10 +68,18 @@ def compress(
     if warning:
         sys.stderr.write(f"warning: {warning}\n")
 
-    say = console().print if not json_output else (lambda _line: None)
     teacher_model = None if teacher is None else load(teacher, trust_factory=trust_factory)
-    result = run_planner(net, splits, config, out, input_recipe=read_manifest(model).get("recipe"), progress=say,
-                         latency=latency, teacher=teacher_model, teacher_name=None if teacher is None else str(teacher))
+    from torchslim import progress as progress_lib
+
+    # the planner stops within its time budget: the bar's total, so its ETA is an upper bound
+    with progress_lib.task(f"plan (budget {time_budget})", config.time_budget, progress=progress) as bar:
+        def say(line: str) -> None:
+            bar.update(completed=min(bar.elapsed(), config.time_budget))
+            bar.line(line, also_bar=True, eta=False)
+
+        result = run_planner(net, splits, config, out, input_recipe=read_manifest(model).get("recipe"),
+                             progress=say, latency=latency, teacher=teacher_model,
+                             teacher_name=None if teacher is None else str(teacher))
     if json_output:
         print_json(result)
         return

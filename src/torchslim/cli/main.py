@@ -2,6 +2,11 @@
 
 User errors (bad flags, bad values, missing or corrupted files) print one line ``error: ...`` on
 stderr and exit with code 2; ``--verbose`` adds the traceback. Bugs still show a traceback.
+
+Progress (:mod:`torchslim.progress`) goes to stderr while a command runs: a bar with ETA on a terminal, one line
+per epoch or stage otherwise; ``--quiet`` (anywhere on the line, like ``--verbose``) turns it off. It is one
+global option rather than one per command so every long-running command honours it, including those whose
+progress comes from deep inside the library (synthesis, QAT, deploy).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import traceback
 
 import typer
 
+from torchslim import progress
 from torchslim._version import __version__
 from torchslim.cli import (
     bench_cmd,
@@ -48,11 +54,16 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors (anywhere on the line)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bars or progress lines on stderr (anywhere on the line)."
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """torchslim: quantization, pruning and distillation with measured results."""
+    if quiet:  # main() strips --quiet itself; this serves callers of the Typer app
+        progress.configure("off")
 
 
 app.command("demo")(run_cmd.demo)
@@ -81,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         The process exit code (also used by ``sys.exit`` when run as a script).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    # --verbose is accepted anywhere on the line (before or after the command name).
+    # --verbose and --quiet are accepted anywhere on the line (before or after the command name).
     verbose = any(a in ("--verbose", "-v") for a in args)
-    args = [a for a in args if a not in ("--verbose", "-v")]
+    quiet = any(a in ("--quiet", "-q") for a in args)
+    args = [a for a in args if a not in ("--verbose", "-v", "--quiet", "-q")]
     try:
         # Standalone mode: Typer itself reports usage errors (exit 2) and --help/--version (exit 0)
         # through SystemExit; our own errors propagate to the handler below.
-        app(args=args, prog_name="torchslim", standalone_mode=True)
+        with progress.reporting("off" if quiet else "auto"):
+            app(args=args, prog_name="torchslim", standalone_mode=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except USER_ERRORS as exc:

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from torchslim.cli.common import (
+    PROGRESS_OPT,
     console,
     holdout_accuracy,
     is_hf_model,
@@ -53,7 +54,7 @@ def prune(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output .slim file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow a model factory outside torchslim."),
-    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: terminal)."),
+    progress: bool | None = PROGRESS_OPT,
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Prune weights by magnitude (global/layer/neuron), N:M, or whole channels; fine-tune; save finalized."""

@@ -118,7 +118,12 @@ def quantize(
                                   "(--text FILE for hf:DIR)")
             calib_inputs = splits if splits is not None and (calib or data) == splits.spec else load_data_for(
                 calib, model)
-        report = gptq_(model, gptq_config, calib_inputs, overrides=overrides)
+        from torchslim import progress
+
+        # one line when done: gptq_ has no per-layer hook (its loop is GPTQ's own), so no ETA
+        with progress.task("gptq") as bar:
+            report = gptq_(model, gptq_config, calib_inputs, overrides=overrides)
+            bar.line(f"{len(report.quantized)} layers quantized", also_bar=True)
         stage = {
             "stage": "quantize",
             "config": gptq_config.to_dict(),

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import typer
 
-from torchslim.cli.common import console, print_json, table
-
-PROGRESS_OPT = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: only on a terminal).")
+from torchslim.cli.common import PROGRESS_OPT, console, print_json, table
 
 
 def train(

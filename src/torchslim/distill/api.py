@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from torchslim import progress as progress_lib
 from torchslim.config import Config, register_config
 from torchslim.distill.features import FeatureStudent, align, capture, find_module, make_projection, parse_pairs
 from torchslim.distill.losses import FEATURE_LOSSES, distillation_loss, feature_loss
@@ -197,7 +198,7 @@ def _first_sample(data: Dataset) -> torch.Tensor:
 
 
 def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
-                  input_shape: tuple[int, ...] | None) -> tuple[Dataset, bool]:
+                  input_shape: tuple[int, ...] | None, progress: bool | None = None) -> tuple[Dataset, bool]:
     """(training dataset, synthetic?) from a Dataset, DataSplits, DataLoader or SyntheticData."""
     from torchslim.data import DataSplits
     from torchslim.distill.synthetic import SyntheticData, synthesize
@@ -208,7 +209,7 @@ def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
                 raise ConfigError("distill with SyntheticData needs the input shape: pass input_shape=(C, H, W) "
                                   "or a source tensor of unlabelled samples")
             input_shape = tuple(source.shape[1:])
-        return synthesize(teacher, data, input_shape=tuple(input_shape), source=source), True
+        return synthesize(teacher, data, input_shape=tuple(input_shape), source=source, progress=progress), True
     if source is not None:
         raise ConfigError("distill source= is only used with a SyntheticData config; got real data as well")
     if isinstance(data, DataSplits):
@@ -249,7 +250,8 @@ def distill(
         config: the :class:`KD` settings (default ``KD()``).
         train_config: the training loop settings (default ``TrainConfig()``).
         eval_data: labelled data scored after each epoch (``DataSplits`` -> its test split).
-        checkpoint_path, resume, progress: as in :func:`torchslim.train.train`.
+        checkpoint_path, resume, progress: as in :func:`torchslim.train.train` (``progress`` also covers the
+            synthesis of a ``SyntheticData`` set).
         cache_dir: keep cached teacher logits in this directory across runs (needs ``KD.cache_logits``).
         source: a few unlabelled samples ``(k, C, H, W)`` for the ``mixup``/``noise`` synthetic methods.
         input_shape: one sample's shape for synthetic data when no ``source`` is given.
@@ -293,7 +295,7 @@ def distill(
             shape = tuple(torch.as_tensor(source).shape[1:])
         if shape is not None:
             _check_outputs(student, teacher, torch.zeros(1, *shape))
-    train_data, synthetic = _resolve_data(data, teacher, source, input_shape)
+    train_data, synthetic = _resolve_data(data, teacher, source, input_shape, progress)
     if not synthetic:
         _check_outputs(student, teacher, _first_sample(train_data))
     # Synthetic inputs are fixed, so their logits are cached whenever the loop does not shift them.
@@ -308,8 +310,9 @@ def distill(
             train_data = TensorDataset(tensors[0], tensors[1], logits)
         model = _with_projections(student, teacher, train_data, pairs, config) if pairs else student
         loss_fn = _make_loss(teacher, config, pairs)
-        train(model, train_data, train_config, eval_data=eval_data, loss_fn=loss_fn,
-              checkpoint_path=checkpoint_path, resume=resume, progress=progress)
+        with progress_lib.label("distill"):
+            train(model, train_data, train_config, eval_data=eval_data, loss_fn=loss_fn,
+                  checkpoint_path=checkpoint_path, resume=resume, progress=progress)
     finally:
         teacher.train(was_training)
     return student.eval()

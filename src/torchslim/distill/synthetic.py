@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from torchslim import progress as progress_lib
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.measure._common import device_of
 
-__all__ = ["METHODS", "SyntheticData", "synthesize"]
+__all__ = ["METHODS", "PRESETS", "SyntheticData", "synthesize"]
 
 METHODS = ("bn-inversion", "mixup", "noise")
 
@@ -35,6 +37,10 @@ METHODS = ("bn-inversion", "mixup", "noise")
 @dataclasses.dataclass(frozen=True)
 class SyntheticData(Config):
     """How to make a synthetic transfer set.
+
+    The defaults are the quick settings ``torchslim distill --synthetic`` uses (:data:`PRESETS` ``"quick"``: minutes
+    on two CPU cores with the demo's ResNet teacher); :meth:`preset` ``("thorough")`` gives the longer ones (4x the
+    images, 2x the steps, full-resolution inversion: ~16x the inversion work).
 
     Attributes:
         method: ``"bn-inversion"``, ``"mixup"`` or ``"noise"``.
@@ -54,16 +60,16 @@ class SyntheticData(Config):
     """
 
     method: str = "bn-inversion"
-    n: int = 2048
+    n: int = 512
     seed: int = 0
-    steps: int = 200
+    steps: int = 100
     lr: float = 0.1
     batch_size: int = 256
     bn_weight: float = 1.0
     tv_weight: float = 1e-3
     l2_weight: float = 1e-4
     jitter: int = 2
-    downsample: int = 1
+    downsample: int = 2
     noise_std: float = 0.2
     max_shift: int = 2
 
@@ -83,9 +89,36 @@ class SyntheticData(Config):
         self.check_float("noise_std", 0)
         self.check_int("max_shift", 0)
 
+    @classmethod
+    def preset(cls, name: str, method: str = "bn-inversion", **changes: Any) -> SyntheticData:
+        """The settings of preset ``name`` (:data:`PRESETS`) for ``method``, with ``changes`` on top.
+
+        Args:
+            name: ``"quick"`` (the field defaults) or ``"thorough"`` (the longer settings).
+            method: the synthesis method.
+            **changes: other fields.
+
+        Returns:
+            A validated :class:`SyntheticData`.
+
+        Raises:
+            ConfigError: an unknown preset, or a bad field value.
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"SyntheticData preset = {name!r} is invalid: expected one of {', '.join(PRESETS)}")
+        return cls(method=method, **{**PRESETS[name], **changes})
+
+
+# "quick" is the field defaults; "thorough" the settings they replaced. Measured on digits with the demo's resnet
+# teacher: see docs/design.md (Distillation) and BENCHMARKS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "thorough": {"n": 2048, "steps": 200, "downsample": 1},
+}
+
 
 def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[int, ...],
-               source: torch.Tensor | None = None) -> TensorDataset:
+               source: torch.Tensor | None = None, progress: bool | None = None) -> TensorDataset:
     """Make ``config.n`` synthetic inputs and label them with the teacher's arg-max.
 
     Args:
@@ -94,6 +127,8 @@ def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[
         input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
         source: ``(k, *input_shape)`` unlabelled samples for ``mixup`` (required, k >= 2) and ``noise``
             (optional); ``bn-inversion`` uses none.
+        progress: bn-inversion progress (:mod:`torchslim.progress`: a bar over every step, one line per batch);
+            None follows the process setting.
 
     Returns:
         ``TensorDataset(x float32 (n, *input_shape), y int64 (n,))`` on the CPU.
@@ -124,7 +159,7 @@ def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[
     try:
         classes = _num_classes(teacher, input_shape)
         if config.method == "bn-inversion":
-            x = _bn_inversion(teacher, config, input_shape, classes, generator)
+            x = _bn_inversion(teacher, config, input_shape, classes, generator, progress)
         else:
             x = _augment(config, input_shape, source, generator)
         device = device_of(teacher)
@@ -177,7 +212,7 @@ def _augment(config: SyntheticData, input_shape: tuple[int, ...], source: torch.
 
 
 def _bn_inversion(teacher: nn.Module, config: SyntheticData, input_shape: tuple[int, ...], classes: int,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, progress: bool | None = None) -> torch.Tensor:
     norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     norms = [m for m in norms if m.track_running_stats and m.running_mean is not None]
     if not norms:
@@ -200,36 +235,51 @@ def _bn_inversion(teacher: nn.Module, config: SyntheticData, input_shape: tuple[
     if image and config.downsample > 1:
         low = (input_shape[0],) + tuple(max(1, math.ceil(d / config.downsample)) for d in input_shape[1:])
     batches = []
+    total = math.ceil(config.n / config.batch_size)
     try:
-        for start in range(0, config.n, config.batch_size):
-            count = min(config.batch_size, config.n - start)
-            count = max(count, 2)  # batch statistics need two samples; the extra one is dropped below
-            targets = (torch.arange(start, start + count) % classes).to(device)
-            param = torch.randn(count, *low, generator=generator).to(device).requires_grad_(True)
-            optimizer = torch.optim.Adam([param], lr=config.lr, betas=(0.5, 0.9))
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-            shifts = torch.randint(-config.jitter, config.jitter + 1, (config.steps, 2), generator=generator).tolist()
-            for step in range(config.steps):
-                x = _upsample(param, input_shape) if low != input_shape else param
-                if image and config.jitter:
-                    x = torch.roll(x, shifts=tuple(shifts[step]), dims=(2, 3))
-                losses.clear()
-                out = teacher(x)
-                loss = F.cross_entropy(out, targets) + config.bn_weight * torch.stack(losses).sum()
-                if image:
-                    loss = loss + config.tv_weight * _total_variation(x)
-                loss = loss + config.l2_weight * x.pow(2).mean()
-                (grad,) = torch.autograd.grad(loss, [param])  # gradients of the input only, not the weights
-                param.grad = grad
-                optimizer.step()
-                schedule.step()
-            with torch.no_grad():
-                final = _upsample(param, input_shape) if low != input_shape else param
-            batches.append(final.detach().cpu()[: min(config.batch_size, config.n - start)])
+        with progress_lib.task("bn-inversion", total * config.steps, progress=progress) as bar:
+            for index, start in enumerate(range(0, config.n, config.batch_size)):
+                count = max(min(config.batch_size, config.n - start), 2)  # batch statistics need two samples
+                targets = (torch.arange(start, start + count) % classes).to(device)
+                param = torch.randn(count, *low, generator=generator).to(device).requires_grad_(True)
+                shifts = torch.randint(-config.jitter, config.jitter + 1, (config.steps, 2),
+                                       generator=generator).tolist()
+                loss = _invert_batch(teacher, param, targets, shifts, config, input_shape, low, losses, bar)
+                with torch.no_grad():
+                    final = _upsample(param, input_shape) if low != input_shape else param
+                batches.append(final.detach().cpu()[: min(config.batch_size, config.n - start)])  # drop the extra
+                bar.line(f"batch {index + 1}/{total} ({count} images, {config.steps} steps): loss {loss:.4f}")
     finally:
         for handle in handles:
             handle.remove()
     return torch.cat(batches)[: config.n].contiguous()
+
+
+def _invert_batch(teacher: nn.Module, param: torch.Tensor, targets: torch.Tensor, shifts: list[list[int]],
+                  config: SyntheticData, input_shape: tuple[int, ...], low: tuple[int, ...],
+                  losses: list[torch.Tensor], bar: progress_lib.Task) -> float:
+    """Optimise one batch of inputs ``param`` in place for ``config.steps`` Adam steps; the last step's loss."""
+    image = len(input_shape) == 3
+    optimizer = torch.optim.Adam([param], lr=config.lr, betas=(0.5, 0.9))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    loss = torch.tensor(float("nan"))
+    for step in range(config.steps):
+        x = _upsample(param, input_shape) if low != input_shape else param
+        if image and config.jitter:
+            x = torch.roll(x, shifts=tuple(shifts[step]), dims=(2, 3))
+        losses.clear()
+        out = teacher(x)
+        loss = F.cross_entropy(out, targets) + config.bn_weight * torch.stack(losses).sum()
+        if image:
+            loss = loss + config.tv_weight * _total_variation(x)
+        loss = loss + config.l2_weight * x.pow(2).mean()
+        (grad,) = torch.autograd.grad(loss, [param])  # gradients of the input only, not the weights
+        param.grad = grad
+        optimizer.step()
+        schedule.step()
+        if bar.enabled:  # float() waits for the device; only when someone looks
+            bar.advance(info=f"loss {float(loss.detach()):.4f}")
+    return float(loss.detach())
 
 
 def _upsample(param: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from torchslim import progress as progress_lib
 from torchslim.config import Config
 from torchslim.errors import ConfigError, ModelError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, qmax_of, quantize_affine
@@ -379,7 +380,8 @@ def qat(
     if not prepared.quantized:
         raise ModelError(f"qat found no layer to quantize in {type(model).__name__}: "
                          f"skipped {dict(prepared.skipped) or 'nothing (no Linear/Conv layers)'}")
-    train(model, train_data, train_config, eval_data=eval_data, **train_kwargs)
+    with progress_lib.label("qat"):
+        train(model, train_data, train_config, eval_data=eval_data, **train_kwargs)
     report = convert_(model)
     report.skipped.update(prepared.skipped)
     return report
