@@ -102,3 +102,12 @@ def test_cli_export_format_hf(llama_dir, tmp_path, capsys):
     assert (out / "config.json").is_file()
     assert main(["export", str(slim), "--format", "hf", "--quant", "int8-dynamic", "--out", str(tmp_path / "y")]) == 2
     assert "--quant is invalid with --format hf" in capsys.readouterr().err
+
+
+def test_a_group_size_that_does_not_divide_a_width_writes_those_layers_dense_and_says_so(llama_dir, tmp_path):
+    model = ts.load_hf(llama_dir)
+    ts.quantize_(model, ts.IntQuant(bits=4, granularity="group", group_size=48, symmetric=True))  # 64 = 48 + 16
+    report = export_hf(model, tmp_path / "g48", dtype="float32")
+    assert report.formats == {} and len(report.dense_layers) == 15
+    assert any("group size [48] does not divide" in note for note in report.notes)
+    assert report.parity["cosine"] > 0.9999

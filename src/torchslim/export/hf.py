@@ -122,6 +122,12 @@ def export_hf(
     if dense:
         notes.append(f"{len(dense)} torchslim layer(s) written dense (compressed-tensors here takes 4/8-bit "
                      f"per-channel/group Linear weights): {', '.join(dense[:5])}{' ...' if len(dense) > 5 else ''}")
+    ragged = sorted({packed[n].group_size for n in dense if packed[n].granularity == "group"
+                     and packed[n].op == "linear" and packed[n].weight_shape[1] % packed[n].group_size})
+    if ragged:
+        notes.append(f"group size {ragged} does not divide some layers' input width, which compressed-tensors "
+                     "requires: those layers are written dense; choose a group size that divides every width "
+                     "(e.g. 64 for a 576-wide model) to keep them packed")
     if formats.get("naive-quantized"):
         notes.append("asymmetric layers are written naive-quantized (one int8 per code); vLLM's weight-only kernels "
                      "read pack-quantized: quantize with symmetric=True for a file vLLM serves")
@@ -129,6 +135,7 @@ def export_hf(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _save(clone, model, staging, groups)
+        del clone  # the reload check holds a second model: let the written copy go first
         parity = _reload_parity(model, staging, example_inputs, dtype)
         _replace_directory(staging, target)
     finally:
@@ -188,13 +195,12 @@ def _quantization_groups(
     groups: dict[tuple, list[str]] = defaultdict(list)
     dense = []
     for name, layer in packed.items():
-        fan_in = layer.weight_shape[1] if layer.op == "linear" else 0
         fits = (
             layer.op == "linear"
             and isinstance(clone.get_submodule(name), nn.Linear)
             and layer.bits in _PACKABLE_BITS
             and layer.granularity in ("channel", "group")
-            and (layer.granularity == "channel" or fan_in % layer.group_size == 0)
+            and (layer.granularity == "channel" or layer.weight_shape[1] % layer.group_size == 0)
         )
         if fits:
             size = layer.group_size if layer.granularity == "group" else None
