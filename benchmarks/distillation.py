@@ -39,10 +39,12 @@ FEW_CONFIG = TrainConfig(epochs=100, batch_size=25, lr=1e-3, scheduler="cosine")
 KD_CONFIG = KD(temperature=2.0, alpha=0.9, cache_logits=True)
 SEEDS = (1, 2, 3, 4, 5)
 FEW_SEEDS = (1, 2, 3)
+# shift_views=0: the live teacher labels the loop's randomly shifted batches (SYNTHETIC_CONFIG.augment_shift)
 SYNTHETIC = {
-    "bn-inversion": SyntheticData(method="bn-inversion", n=512, steps=100, batch_size=256, downsample=2, seed=0),
-    "mixup": SyntheticData(method="mixup", n=2048, seed=0),
-    "noise": SyntheticData(method="noise", n=2048, seed=0),
+    "bn-inversion": SyntheticData(method="bn-inversion", n=512, steps=100, batch_size=256, downsample=2, seed=0,
+                                  shift_views=0),
+    "mixup": SyntheticData(method="mixup", n=2048, seed=0, shift_views=0),
+    "noise": SyntheticData(method="noise", n=2048, seed=0, shift_views=0),
 }
 SYNTHETIC_STUDENT = ("lenet5", {})
 # the live teacher labels each shifted view (the synthetic set is small: shifts multiply it)

@@ -140,6 +140,16 @@ def test_the_recorded_input_signature_replaces_data(int4_file, tmp_path):
     assert "lenet5 rebuilt from its factory" in report.baseline
 
 
+def test_deploy_reports_one_line_per_phase_when_asked(int4_file, capsys):
+    ts.deploy(int4_file, routes=["torch"], batch_sizes=[1], min_run_time=0.02)
+    assert capsys.readouterr().err == ""  # the library is silent by default
+    report = ts.deploy(int4_file, routes=["torch", "onnxruntime-fp32"], batch_sizes=[1], min_run_time=0.02,
+                       progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("deploy lenet5-int4.slim: 2 of 2 routes valid (torch, onnxruntime-fp32); timing them")
+    assert lines[1].startswith(f"deploy lenet5-int4.slim: chose {report.chosen}, ") and len(lines) == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -69,9 +69,13 @@ def test_synthetic_defaults_are_the_quick_preset(tmp_path, digits, capsys):
     out = tmp_path / "s.slim"
     args = ["distill", "--teacher", str(teacher), "--student", "student_mlp", "--synthetic", "noise", "--epochs", "1"]
     assert main(args + ["--out", str(out), "--json"]) == 0
-    synthetic = ts.read_manifest(out)["recipe"][-1]["synthetic"]
-    assert {k: synthetic[k] for k in ("n", "steps", "downsample")} == {"n": 512, "steps": 100, "downsample": 2}
+    stage = ts.read_manifest(out)["recipe"][-1]
+    assert {k: stage["synthetic"][k] for k in ("n", "steps", "downsample", "shift_views")} == {
+        "n": 512, "steps": 100, "downsample": 2, "shift_views": 2}
+    assert stage["train"]["augment_shift"] == 0  # the set holds every shifted view; the loop does not shift
     assert main(args + ["--synthetic-preset", "thorough", "--synthetic-n", "64", "--out", str(out), "--force"]) == 0
-    synthetic = ts.read_manifest(out)["recipe"][-1]["synthetic"]
-    assert {k: synthetic[k] for k in ("n", "steps", "downsample")} == {"n": 64, "steps": 200, "downsample": 1}
+    stage = ts.read_manifest(out)["recipe"][-1]
+    assert {k: stage["synthetic"][k] for k in ("n", "steps", "downsample", "shift_views")} == {
+        "n": 64, "steps": 200, "downsample": 1, "shift_views": 0}
+    assert stage["train"]["augment_shift"] == 2  # the live teacher labels the loop's shifted batches
     assert "distill: epoch 1/1" in capsys.readouterr().err  # progress lines on stderr (not a terminal)

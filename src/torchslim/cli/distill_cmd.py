@@ -9,6 +9,10 @@ import typer
 from torchslim.cli.common import PROGRESS_OPT, console, holdout_accuracy, load_data_for, print_json, table
 from torchslim.errors import ConfigError
 
+# Epochs over a synthetic set of shifted views (quick preset: 512 images x 25 views = 12,800 samples, 200 steps an
+# epoch at batch 64). Measured on digits with the demo's resnet teacher (100%): lenet300 91.7% after 10 epochs.
+SYNTHETIC_VIEW_EPOCHS = 10
+
 
 def distill(
     teacher: Path = typer.Option(..., "--teacher", "-t", help="Teacher .slim file, or hf:DIR (Hugging Face)."),
@@ -37,7 +41,8 @@ def distill(
     source_samples: int = typer.Option(
         20, "--source-samples", help="--synthetic mixup/noise: unlabelled training images used as seeds."
     ),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the student's recommended)."),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Epochs (default: the student's recommended; at most 10 over a quick synthetic set)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the student's recommended)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size."),
     augment_shift: int | None = typer.Option(
@@ -111,9 +116,13 @@ def distill(
     inputs = [teacher] + ([Path(student)] if student_file else [])
     target = check_output_path(out, *inputs, force=force)
     base = TrainConfig() if student_file else recommended_config(student)
-    # synthetic sets are small: the live teacher labelling shifted views of them teaches more (the data-free
-    # student of benchmarks/distillation.py is trained that way)
-    shift = augment_shift if augment_shift is not None else (0 if cache_logits else base.augment_shift)
+    # synthetic sets are small: shifted views of them teach more. The quick preset holds every shifted view,
+    # labelled once (SyntheticData.shift_views), so the loop does not shift; otherwise the live teacher labels the
+    # loop's randomly shifted batches (how benchmarks/distillation.py trains its data-free student)
+    views = synth is not None and synth.shift_views > 0
+    shift = augment_shift if augment_shift is not None else (0 if cache_logits or views else base.augment_shift)
+    if epochs is None and views:  # 25x the samples per epoch: fewer passes (measured: see SYNTHETIC_VIEW_EPOCHS)
+        epochs = min(base.epochs, SYNTHETIC_VIEW_EPOCHS)
     changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "augment_shift": shift, "seed": seed}
     train_config = base.replace(**{k: v for k, v in changes.items() if v is not None})
 

@@ -197,11 +197,12 @@ def _first_sample(data: Dataset) -> torch.Tensor:
     return tensors[0][:1] if tensors is not None else torch.as_tensor(data[0][0]).unsqueeze(0)
 
 
-def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
-                  input_shape: tuple[int, ...] | None, progress: bool | None = None) -> tuple[Dataset, bool]:
-    """(training dataset, synthetic?) from a Dataset, DataSplits, DataLoader or SyntheticData."""
+def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None, input_shape: tuple[int, ...] | None,
+                  progress: bool | None = None) -> tuple[Dataset, torch.Tensor | None]:
+    """(training dataset, teacher logits of a synthetic set or None) from a Dataset, DataSplits, DataLoader or
+    SyntheticData."""
     from torchslim.data import DataSplits
-    from torchslim.distill.synthetic import SyntheticData, synthesize
+    from torchslim.distill.synthetic import SyntheticData, _synthesize
 
     if isinstance(data, SyntheticData):
         if input_shape is None:
@@ -209,15 +210,16 @@ def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None,
                 raise ConfigError("distill with SyntheticData needs the input shape: pass input_shape=(C, H, W) "
                                   "or a source tensor of unlabelled samples")
             input_shape = tuple(source.shape[1:])
-        return synthesize(teacher, data, input_shape=tuple(input_shape), source=source, progress=progress), True
+        x, y, logits = _synthesize(teacher, data, tuple(input_shape), source, progress)
+        return TensorDataset(x, y), logits
     if source is not None:
         raise ConfigError("distill source= is only used with a SyntheticData config; got real data as well")
     if isinstance(data, DataSplits):
-        return data.train, False
+        return data.train, None
     if isinstance(data, DataLoader):
-        return data.dataset, False
+        return data.dataset, None
     if isinstance(data, Dataset):
-        return data, False
+        return data, None
     raise DataError(f"distill data must be a Dataset of (inputs, targets), DataSplits, a DataLoader or a "
                     f"SyntheticData config, got {type(data).__name__}")
 
@@ -295,7 +297,8 @@ def distill(
             shape = tuple(torch.as_tensor(source).shape[1:])
         if shape is not None:
             _check_outputs(student, teacher, torch.zeros(1, *shape))
-    train_data, synthetic = _resolve_data(data, teacher, source, input_shape, progress)
+    train_data, synthetic_logits = _resolve_data(data, teacher, source, input_shape, progress)
+    synthetic = synthetic_logits is not None
     if not synthetic:
         _check_outputs(student, teacher, _first_sample(train_data))
     # Synthetic inputs are fixed, so their logits are cached whenever the loop does not shift them.
@@ -306,7 +309,10 @@ def distill(
     try:
         if cache:
             tensors = _as_tensors(train_data)
-            logits = teacher_logits(teacher, tensors[0], cache_dir=cache_dir)
+            if synthetic and cache_dir is None:  # synthesis already ran the teacher on every sample
+                logits = synthetic_logits
+            else:
+                logits = teacher_logits(teacher, tensors[0], cache_dir=cache_dir)
             train_data = TensorDataset(tensors[0], tensors[1], logits)
         model = _with_projections(student, teacher, train_data, pairs, config) if pairs else student
         loss_fn = _make_loss(teacher, config, pairs)

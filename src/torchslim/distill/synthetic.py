@@ -28,7 +28,7 @@ from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.measure._common import device_of
 
-__all__ = ["METHODS", "PRESETS", "SyntheticData", "synthesize"]
+__all__ = ["METHODS", "PRESETS", "SyntheticData", "shifted_views", "synthesize"]
 
 METHODS = ("bn-inversion", "mixup", "noise")
 
@@ -57,6 +57,11 @@ class SyntheticData(Config):
             (>= 1; 1 optimises every pixel).
         noise_std: mixup/noise: standard deviation of the added Gaussian noise (>= 0).
         max_shift: mixup/noise: random shifts of up to this many pixels (>= 0; images only).
+        shift_views: every method: also keep each sample shifted by every whole-pixel offset up to this many pixels
+            on both axes (edges replicated), so the set holds ``(2 * shift_views + 1) ** 2`` views per sample, each
+            labelled once by the teacher (>= 0; images only; 0 keeps the samples as made). With these views a
+            student trains on cached teacher logits instead of the live teacher scoring randomly shifted batches
+            every step: the same shifts, the teacher run once per view.
     """
 
     method: str = "bn-inversion"
@@ -72,6 +77,7 @@ class SyntheticData(Config):
     downsample: int = 2
     noise_std: float = 0.2
     max_shift: int = 2
+    shift_views: int = 2
 
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
@@ -88,6 +94,7 @@ class SyntheticData(Config):
         self.check_int("downsample", 1)
         self.check_float("noise_std", 0)
         self.check_int("max_shift", 0)
+        self.check_int("shift_views", 0)
 
     @classmethod
     def preset(cls, name: str, method: str = "bn-inversion", **changes: Any) -> SyntheticData:
@@ -113,7 +120,7 @@ class SyntheticData(Config):
 # teacher: see docs/design.md (Distillation) and BENCHMARKS.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
-    "thorough": {"n": 2048, "steps": 200, "downsample": 1},
+    "thorough": {"n": 2048, "steps": 200, "downsample": 1, "shift_views": 0},
 }
 
 
@@ -131,7 +138,8 @@ def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[
             None follows the process setting.
 
     Returns:
-        ``TensorDataset(x float32 (n, *input_shape), y int64 (n,))`` on the CPU.
+        ``TensorDataset(x float32 (n, *input_shape), y int64 (n,))`` on the CPU; with ``config.shift_views`` = k
+        and image inputs, ``(2k + 1)^2 * n`` samples (:func:`shifted_views`).
 
     Raises:
         ConfigError: not a SyntheticData config; a source with ``bn-inversion``; ``mixup`` without a source.
@@ -139,6 +147,12 @@ def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[
         ModelError: ``bn-inversion`` with a teacher that has no BatchNorm layer, or a teacher that rejects
             inputs of ``input_shape``.
     """
+    return TensorDataset(*_synthesize(teacher, config, input_shape, source, progress)[:2])
+
+
+def _synthesize(teacher: nn.Module, config: SyntheticData, input_shape: tuple[int, ...], source: Any,
+                progress: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, teacher arg-max, teacher logits)``: :func:`synthesize` with the logits (distill caches them)."""
     if not isinstance(config, SyntheticData):
         raise ConfigError(f"synthesize config = {type(config).__name__} is invalid: expected SyntheticData")
     input_shape = tuple(int(d) for d in input_shape)
@@ -162,13 +176,33 @@ def synthesize(teacher: nn.Module, config: SyntheticData, *, input_shape: tuple[
             x = _bn_inversion(teacher, config, input_shape, classes, generator, progress)
         else:
             x = _augment(config, input_shape, source, generator)
+        if config.shift_views and x.ndim == 4:
+            x = shifted_views(x, config.shift_views)
         device = device_of(teacher)
         with torch.no_grad():
-            y = torch.cat([teacher(x[i:i + 256].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), 256)])
+            logits = torch.cat([teacher(x[i:i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])
     finally:
         teacher.train(was_training)
-    return TensorDataset(x, y.long())
+    return x, logits.argmax(dim=1).long(), logits
 
+
+def shifted_views(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Every image of ``x`` shifted by every offset in ``[-k, k]`` on both axes, edges replicated.
+
+    Args:
+        x: images ``(N, C, H, W)``.
+        k: largest offset in pixels (>= 0).
+
+    Returns:
+        ``((2k + 1)^2 * N, C, H, W)``: all N images at the first offset, then all at the next (offset ``(0, 0)`` is
+        ``x`` itself).
+    """
+    if k == 0:
+        return x
+    _, _, h, w = x.shape
+    padded = F.pad(x, (k,) * 4, mode="replicate")
+    return torch.cat([padded[:, :, k - dy:k - dy + h, k - dx:k - dx + w]
+                      for dy in range(-k, k + 1) for dx in range(-k, k + 1)]).contiguous()
 
 
 def _num_classes(teacher: nn.Module, input_shape: tuple[int, ...]) -> int:
