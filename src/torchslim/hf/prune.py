@@ -62,6 +62,9 @@ def prune_transformer_(
         raise ConfigError(
             f"config = {type(config).__name__} is invalid for prune_transformer_: expected ChannelPruning"
         )
+    for module, n in attention_modules(model).values():  # a user's wrapper of an HF model, not an HFModel
+        if not isinstance(getattr(module, "num_heads", None), int):
+            module.num_heads = n  # the attribute head pruning reads and updates (HFModel sets it on load)
     ffn = ffn_layers(model)
     projections = {
         id(child)
