@@ -78,12 +78,20 @@ def prune_transformer_(
             f"ChannelPruning.amount = {config.amount} is invalid for {type(model).__name__}: it has no recognised "
             "FFN layer (intermediate.dense, mlp.c_fc, mlp.fc1, mlp.up_proj, ffn.lin1): expected amount=0"
         )
-    allowed = {id(m) for m in ffn.values()} | projections
+    # gated FFNs (Llama, Mistral, Qwen2, Gemma: act(gate_proj(x)) * up_proj(x)): the gate loses the same neurons
+    gates = {}
+    for name in ffn:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(getattr(parent, "gate_proj", None), nn.Linear):
+            gates[id(parent.gate_proj)] = (ffn[name], name)
+    allowed = {id(m) for m in ffn.values()} | set(gates) | projections
 
     def keep_only_units(module: nn.Module, name: str) -> bool:
         if id(module) not in allowed:
             return False
-        return filter_fn is None or id(module) in projections or filter_fn(module, name)
+        if filter_fn is None or id(module) in projections:
+            return True
+        return filter_fn(*gates[id(module)]) if id(module) in gates else filter_fn(module, name)
 
     if example_inputs is None:
         example_inputs = _default_inputs(model)
