@@ -239,6 +239,9 @@ def _distill(ctx: _Context) -> str:
     from torchslim.train import TrainConfig
 
     student = ctx.copy()
+    with torch.no_grad():  # a student that differs from its teacher (an identical one has nothing to learn)
+        for param in student.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
     n = 4
     inputs = example_inputs(ctx.arch, batch=n, seed=7)
     if ctx.arch.classes:
