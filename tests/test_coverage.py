@@ -29,6 +29,7 @@ def _failures(table):
     }
 
 
+@pytest.mark.slow  # about a minute of CPU: 6 architectures x 9 operations and one reload process
 def test_subset_has_no_crash_and_no_wrong_outputs(tmp_path):
     table = runner.run_table(FAST_ARCHS, FAST_OPS, workdir=tmp_path)
     assert _failures(table) == {}
