@@ -386,9 +386,9 @@ def _reload(table: dict[str, dict[str, Cell]], jobs: list[_Job], workdir: Path) 
     jobs = [j for j in jobs if j.arch in rows]
     tensors = {}
     for i, job in enumerate(jobs):
-        tensors[f"{i}.expected"] = job.expected.clone()
+        tensors[f"{i}.expected"] = job.expected.clone(memory_format=torch.contiguous_format)
         for k, t in enumerate(job.inputs):
-            tensors[f"{i}.input.{k}"] = t.clone()
+            tensors[f"{i}.input.{k}"] = t.clone(memory_format=torch.contiguous_format)
     spec = workdir / "reload.safetensors"
     safetensors.torch.save_file(tensors, spec, metadata={"paths": json.dumps([j.path for j in jobs])})
     start = time.perf_counter()

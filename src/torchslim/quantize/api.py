@@ -264,6 +264,9 @@ def plan_layers(
             continue
         if check is not None:
             check(name, chosen)
+        if nn.utils.parametrize.is_parametrized(module, "weight"):
+            report.skipped[name] = f"{type(module).__name__} weight is parametrized (e.g. weight_norm): kept as is"
+            continue
         if name in mha_out and isinstance(chosen, HalfPrecision):
             report.skipped[name] = ("nn.MultiheadAttention reads its out_proj weight directly, in fp32: a 16-bit "
                                     "weight does not match (kept as is)")
