@@ -268,6 +268,19 @@ def _type_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def _same_type(module: nn.Module, ref: nn.Module) -> bool:
+    """Same class; parametrized modules (weight_norm) get a new class per instance, so compare what they wrap."""
+    if type(module) is type(ref):
+        return True
+    parametrize = torch.nn.utils.parametrize
+    return (
+        parametrize.is_parametrized(module)
+        and parametrize.is_parametrized(ref)
+        and parametrize.type_before_parametrizations(module) is parametrize.type_before_parametrizations(ref)
+        and set(module.parametrizations) == set(ref.parametrizations)
+    )
+
+
 def _ref_spec(codec, reference: nn.Module, name: str) -> dict[str, Any] | None:
     """Spec of the factory's module, or None if the codec cannot describe it (e.g. on meta)."""
     try:
@@ -302,10 +315,10 @@ def _changed_modules(model: nn.Module, factory: dict[str, Any]) -> dict[str, dic
         codec = codec_for(module)
         if codec is not None:
             spec = _spec(codec, module, name)
-            if ref is None or type(ref) is not type(module) or _ref_spec(codec, ref, name) != spec:
+            if ref is None or not _same_type(module, ref) or _ref_spec(codec, ref, name) != spec:
                 changed[name] = {"codec": codec.name, "spec": spec}
             continue
-        if ref is None or type(ref) is not type(module):
+        if ref is None or not _same_type(module, ref):
             found = "is absent" if ref is None else f"is a {type(ref).__name__}"
             raise ArtifactError(
                 f"save: module {name or '<root>'!r} is a {_type_name(module)}, but in the model built by "

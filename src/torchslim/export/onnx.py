@@ -285,7 +285,9 @@ def compare_outputs(
     agreement = 1.0
     if expected.dim() >= 2 and expected.shape[-1] > 1:
         agreement = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
-    cosine = float(torch.nn.functional.cosine_similarity(got.reshape(1, -1).double(), expected.reshape(1, -1).double()))
+    # eps far below the default 1e-8: outputs of ~1e-20 (deep random-weight nets) must not read as cosine 0
+    cosine = float(torch.nn.functional.cosine_similarity(
+        got.reshape(1, -1).double(), expected.reshape(1, -1).double(), eps=1e-300))
     if not math.isfinite(cosine):
         cosine = -1.0
     result = {"max_abs_error": max_abs, "top1_agreement": agreement, "cosine": cosine, "samples": samples}

@@ -62,6 +62,9 @@ def prune_transformer_(
         raise ConfigError(
             f"config = {type(config).__name__} is invalid for prune_transformer_: expected ChannelPruning"
         )
+    for module, n in attention_modules(model).values():  # a user's wrapper of an HF model, not an HFModel
+        if not isinstance(getattr(module, "num_heads", None), int):
+            module.num_heads = n  # the attribute head pruning reads and updates (HFModel sets it on load)
     ffn = ffn_layers(model)
     projections = {
         id(child)
@@ -75,12 +78,20 @@ def prune_transformer_(
             f"ChannelPruning.amount = {config.amount} is invalid for {type(model).__name__}: it has no recognised "
             "FFN layer (intermediate.dense, mlp.c_fc, mlp.fc1, mlp.up_proj, ffn.lin1): expected amount=0"
         )
-    allowed = {id(m) for m in ffn.values()} | projections
+    # gated FFNs (Llama, Mistral, Qwen2, Gemma: act(gate_proj(x)) * up_proj(x)): the gate loses the same neurons
+    gates = {}
+    for name in ffn:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(getattr(parent, "gate_proj", None), nn.Linear):
+            gates[id(parent.gate_proj)] = (ffn[name], name)
+    allowed = {id(m) for m in ffn.values()} | set(gates) | projections
 
     def keep_only_units(module: nn.Module, name: str) -> bool:
         if id(module) not in allowed:
             return False
-        return filter_fn is None or id(module) in projections or filter_fn(module, name)
+        if filter_fn is None or id(module) in projections:
+            return True
+        return filter_fn(*gates[id(module)]) if id(module) in gates else filter_fn(module, name)
 
     if example_inputs is None:
         example_inputs = _default_inputs(model)

@@ -182,6 +182,9 @@ def prunable_layers(model: nn.Module, filter_fn: Callable | None = None) -> tupl
         if isinstance(module, PRUNABLE):
             if filter_fn is not None and not filter_fn(module, name):
                 skipped[name] = "filter_fn returned False"
+            elif torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+                skipped[name] = (f"{type(module).__name__} weight is parametrized (e.g. weight_norm): torch's pruning "
+                                 "masks cannot wrap it")
             else:
                 layers[name] = module
         elif hasattr(module, "slim_stats"):

@@ -34,6 +34,7 @@ the manifest and ``torchslim.load`` rebuilds them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
@@ -52,6 +53,8 @@ IMPORTANCES = ("l1", "l2", "taylor", "bn")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # TP root types (LSTM left out: no artifact codec)
 _TAYLOR_BATCHES = 4  # batches of ``data`` whose gradients feed the Taylor importance
 _TAYLOR_BATCH_SIZE = 64
+# a pruning group with more dependencies than this many per module of the model is not converging (see _bounded_groups)
+_GROUP_DEPS_PER_MODULE = 50
 # direct nn.Linear children of an attention module that project to queries / keys / values (split into heads)
 _QKV_NAMES = (
     ("q", "q_proj", "query", "to_q", "wq", "q_lin"),
@@ -246,62 +249,69 @@ def prune_channels_(
     before = _layer_shapes(model)
     attention = _attention_modules(model)
     report.heads = _head_counts(model, attention)
-    try:
-        model.eval()  # tracing and importance use the deployed function; BatchNorm statistics are not touched
-        for param in model.parameters():
-            param.requires_grad_(True)  # the dependency graph is traced through autograd
-        out_shapes = _output_shapes(model, inputs)
-        ignored = _ignored_layers(model, config, filter_fn, _output_layers(model, inputs), report)
-        gradients = False
-        if config.heads > 0:
-            head_pruner, plan = _plan_heads(tp, model, inputs, attention, ignored, names, config, report)
-            if config.importance == "taylor":
-                _accumulate_gradients(model, data, loss_fn)
-                gradients = True
-            report.details["head_groups_pruned"] = _prune_heads(head_pruner, plan, model, inputs)
-        for name, att in attention.items():  # heads are the only unit of q/k/v; ``amount`` never splits them
-            for proj in att.projections:
-                if proj not in ignored:
-                    ignored[proj] = f"projection of attention {name!r}: loses whole heads only (ChannelPruning.heads)"
-                    report.skipped.setdefault(names[proj], ignored[proj])
-        leaves = _leaf_inputs(inputs)
+    tied = _tied_parameters(model)
+    with _bounded_groups(tp, model):
         try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                leaves,
-                importance=_importance(tp, config.importance),
-                global_pruning=config.global_ranking,
-                pruning_ratio=config.amount,
-                max_pruning_ratio=config.max_per_layer,
-                ignored_layers=list(ignored),
-                round_to=config.round_to if config.round_to > 1 else None,
-                root_module_types=list(_LAYERS),
-                forward_fn=_call,
-                unwrapped_parameters=[(t, 1 if t.dim() > 1 else 0) for t in _as_list(leaves) if t.requires_grad],
-            )
-        except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
-            raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
-        candidates = _plan_groups(pruner, names, ignored, leaves, config, report)
-        if config.amount > 0 and not candidates and not report.details.get("head_groups_pruned"):
-            raise ConfigError(
-                f"ChannelPruning(amount={config.amount}, importance={config.importance!r}): nothing in the model can "
-                "be pruned: " + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
-            )
-        if config.importance == "taylor" and not gradients:
-            _accumulate_gradients(model, data, loss_fn)
-        pruned_groups = 0
-        for group in pruner.step(interactive=True):
-            group = _capped(pruner, group, config)
-            if group is not None and pruner.DG.check_pruning_group(group):
-                group.prune()
-                pruned_groups += 1
-        report.details["groups_pruned"] = pruned_groups
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        for name, param in model.named_parameters():
-            param.grad = None
-            param.requires_grad_(grad_flags.get(name, True))
+            model.eval()  # tracing and importance use the deployed function; BatchNorm statistics are not touched
+            for param in model.parameters():
+                param.requires_grad_(True)  # the dependency graph is traced through autograd
+            out_shapes = _output_shapes(model, inputs)
+            ignored = _ignored_layers(model, config, filter_fn, _output_layers(model, inputs), report)
+            gradients = False
+            if config.heads > 0:
+                head_pruner, plan = _plan_heads(tp, model, inputs, attention, ignored, names, config, report)
+                if config.importance == "taylor":
+                    _accumulate_gradients(model, data, loss_fn)
+                    gradients = True
+                report.details["head_groups_pruned"] = _prune_heads(head_pruner, plan, model, inputs)
+            # heads are the only unit of q/k/v (also of attention whose heads cannot be pruned, e.g. grouped-query
+            # attention); ``amount`` never splits them
+            for name, projections in _qkv_projections(model).items():
+                for proj in projections:
+                    if proj not in ignored:
+                        ignored[proj] = (
+                            f"projection of attention {name!r}: loses whole heads only (ChannelPruning.heads)"
+                        )
+                        report.skipped.setdefault(names[proj], ignored[proj])
+            leaves = _leaf_inputs(inputs)
+            try:
+                pruner = tp.pruner.BasePruner(
+                    model,
+                    leaves,
+                    importance=_importance(tp, config.importance),
+                    global_pruning=config.global_ranking,
+                    pruning_ratio=config.amount,
+                    max_pruning_ratio=config.max_per_layer,
+                    ignored_layers=list(ignored),
+                    round_to=config.round_to if config.round_to > 1 else None,
+                    root_module_types=list(_LAYERS),
+                    forward_fn=_call,
+                    unwrapped_parameters=[(t, 1 if t.dim() > 1 else 0) for t in _as_list(leaves) if t.requires_grad],
+                )
+            except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
+                raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
+            candidates = _plan_groups(pruner, names, ignored, leaves, config, report)
+            if config.amount > 0 and not candidates and not report.details.get("head_groups_pruned"):
+                raise ConfigError(
+                    f"ChannelPruning(amount={config.amount}, importance={config.importance!r}): nothing in the model "
+                    "can be pruned: " + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
+                )
+            if config.importance == "taylor" and not gradients:
+                _accumulate_gradients(model, data, loss_fn)
+            pruned_groups = 0
+            for group in pruner.step(interactive=True):
+                group = _capped(pruner, group, config)
+                if group is not None and pruner.DG.check_pruning_group(group):
+                    group.prune()
+                    pruned_groups += 1
+            report.details["groups_pruned"] = pruned_groups
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            for name, param in model.named_parameters():
+                param.grad = None
+                param.requires_grad_(grad_flags.get(name, True))
+    _retie_(model, tied)
     new_shapes = _output_shapes(model, inputs)
     if new_shapes != out_shapes:  # pragma: no cover - a Torch-Pruning bug would land here
         raise ModelError(f"prune_channels_: the model's output shapes changed from {out_shapes} to {new_shapes}")
@@ -336,6 +346,75 @@ def _torch_pruning():
             f"structural pruning needs Torch-Pruning: pip install torch-pruning ({exc})"
         ) from exc
     return torch_pruning
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[nn.Module, str, str]]]]:
+    """``(parameter, [(module, attribute, name), ...])`` for each Parameter held by two or more modules (tied)."""
+    owners: dict[int, tuple[nn.Parameter, dict[tuple[int, str], tuple[nn.Module, str, str]]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{attr}" if module_name else attr
+            owners.setdefault(id(param), (param, {}))[1].setdefault((id(module), attr), (module, attr, name))
+    return [(param, list(group.values())) for param, group in owners.values() if len(group) > 1]
+
+
+def _retie_(model: nn.Module, tied: list[tuple[nn.Parameter, list[tuple[nn.Module, str, str]]]]) -> None:
+    """Share one Parameter again where Torch-Pruning replaced a tied weight by one copy per module.
+
+    Its surgery gives every pruned module a new Parameter, so tied weights (an embedding and the output layer, T5's
+    shared embedding) become copies: pruned alike (one group), so equal, but no longer one tensor. Holders the
+    traced graph never reached (T5's ``shared``) keep the original: they get the pruned tensor too.
+
+    Raises:
+        ModelError: the pruned copies differ (pruned in different ways, e.g. T5's embedding shared by its encoder's
+            and decoder's residual streams, which are separate groups); the message names them. The model is left
+            pruned, with the copies untied.
+    """
+    for original, group in tied:
+        params = [getattr(module, attr) for module, attr, _ in group]
+        changed = [p for p in params if p is not original]
+        if not changed:
+            continue
+        if any(p.shape != changed[0].shape or not torch.equal(p, changed[0]) for p in changed):
+            names = ", ".join(f"{name} {tuple(p.shape)}" for (_, _, name), p in zip(group, params, strict=True))
+            raise ModelError(
+                f"structural pruning changed the tied weights {names} differently, so they cannot stay one tensor: "
+                "list one of their modules in ChannelPruning.ignore"
+            )
+        for module, attr, _ in group:
+            setattr(module, attr, changed[0])
+
+
+@contextlib.contextmanager
+def _bounded_groups(tp, model: nn.Module) -> Iterator[None]:
+    """Turn a pruning group that never stops growing into a :class:`ModelError` instead of an endless loop.
+
+    Torch-Pruning follows channel indices through every op; through rotary position embeddings (q/k channels sliced
+    in halves and concatenated again: Llama, Phi, ...) each pass maps them to new indices, so building the group of a
+    q/k projection never ends. Real groups hold a few dependencies per module, so a group past
+    ``_GROUP_DEPS_PER_MODULE`` per module of the model is stopped. Torch-Pruning has no hook for this, so its
+    ``Group.add_dep`` is wrapped while the block runs.
+    """
+    group_cls = tp.dependency.group.Group
+    original = group_cls.add_dep
+    limit = _GROUP_DEPS_PER_MODULE * max(sum(1 for _ in model.modules()), 20)
+
+    def add_dep(self, dep, idxs):
+        if len(self._group) >= limit:
+            root = getattr(self._group[0].dep.target, "name", "?")
+            raise ModelError(
+                f"structural pruning: the dependency group of {root} does not converge (more than {limit} "
+                "dependencies; channel indices are remapped on every pass, e.g. by rotary position embeddings that "
+                "slice and concatenate q/k channels): these channels or heads cannot be pruned; prune FFN neurons "
+                "only (ChannelPruning(heads=0)) or list the module in ChannelPruning.ignore"
+            )
+        return original(self, dep, idxs)
+
+    group_cls.add_dep = add_dep
+    try:
+        yield
+    finally:
+        group_cls.add_dep = original
 
 
 def _check_model(model: nn.Module) -> None:
@@ -506,7 +585,11 @@ def _plan_groups(
     graph = pruner.DG
     inputs = _as_list(leaves)
     candidates: list[str] = []
-    for group in graph.get_all_groups(ignored_layers=[], root_module_types=pruner.root_module_types):
+    # q/k/v projections (kept here: heads are their unit) are not roots: a q/k group runs through rotary position
+    # embeddings (slices + concatenation), where Torch-Pruning's index mapping never converges.
+    model = next(module for module, name in names.items() if name == "")
+    qkv = [p for projections in _qkv_projections(model).values() for p in projections if p in ignored]
+    for group in graph.get_all_groups(ignored_layers=qkv, root_module_types=pruner.root_module_types):
         owners = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         layers = [m for m in owners if isinstance(m, _LAYERS) and m in names]
         blocking = next((m for m in owners if m in ignored), None)
@@ -672,11 +755,40 @@ def _plan_heads(
             + (
                 "; ".join(f"{n}: {r}" for n, r in found.items())
                 if found
-                else "the model has no attention module with a num_heads attribute and separate q/k/v nn.Linear "
+                else _unsupported_attention(model)
+                or "the model has no attention module with a num_heads attribute and separate q/k/v nn.Linear "
                 "projections"
             )
         )
     return pruner, plan
+
+
+def _qkv_projections(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Linear, nn.Linear]]:
+    """Module name -> its q/k/v ``nn.Linear`` children, for every module that has all three (heads or not)."""
+    found = {}
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        projections = [next((children[c] for c in choices if isinstance(children.get(c), nn.Linear)), None)
+                       for choices in _QKV_NAMES]
+        if all(p is not None for p in projections):
+            found[name] = tuple(projections)
+    return found
+
+
+def _unsupported_attention(model: nn.Module) -> str:
+    """Why modules with q/k/v ``nn.Linear`` children were not taken (grouped-query attention ...), or ``""``."""
+    reasons = []
+    for name, projections in _qkv_projections(model).items():
+        module = model.get_submodule(name)
+        widths = [p.out_features for p in projections]
+        heads = getattr(module, "num_heads", None)
+        if len(set(widths)) > 1:
+            reasons.append(f"{name}: grouped-query attention (q/k/v widths {widths}) is not supported")
+        elif not isinstance(heads, int) or isinstance(heads, bool):
+            reasons.append(f"{name}: no int num_heads attribute")
+    if len(reasons) > 2:
+        reasons = [*reasons[:2], f"and {len(reasons) - 2} more"]
+    return "; ".join(reasons)
 
 
 def _check_head_groups(

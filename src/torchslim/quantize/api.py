@@ -246,6 +246,8 @@ def plan_layers(
         )
     report = QuantizeReport()
     plan: list[tuple[str, nn.Module, Config]] = []
+    # nn.MultiheadAttention reads out_proj.weight/.bias itself, in the input's dtype: a 16-bit weight would not match
+    mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not name:
             continue
@@ -262,6 +264,13 @@ def plan_layers(
             continue
         if check is not None:
             check(name, chosen)
+        if nn.utils.parametrize.is_parametrized(module, "weight"):
+            report.skipped[name] = f"{type(module).__name__} weight is parametrized (e.g. weight_norm): kept as is"
+            continue
+        if name in mha_out and isinstance(chosen, HalfPrecision):
+            report.skipped[name] = ("nn.MultiheadAttention reads its out_proj weight directly, in fp32: a 16-bit "
+                                    "weight does not match (kept as is)")
+            continue
         if filter_fn is not None and not filter_fn(module, name):
             report.skipped[name] = "filter_fn returned False"
             continue

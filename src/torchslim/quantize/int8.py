@@ -174,6 +174,8 @@ def _example_tuple(example_inputs: Any) -> Tensor | tuple[Tensor, ...]:
         isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] > 0 for t in example_inputs
     ):
         return tuple(t.detach().to("cpu") for t in example_inputs)
+    if isinstance(example_inputs, Tensor) and not example_inputs.is_floating_point() and example_inputs.dim() > 0:
+        return example_inputs.detach().to("cpu")  # token ids stay integers
     return _example(example_inputs)
 
 

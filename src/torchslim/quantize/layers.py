@@ -87,6 +87,27 @@ class _WeightOnlyLayer(nn.Module):
     def numel(self) -> int:
         return math.prod(self.weight_shape)
 
+    # The replaced conv's attributes, read by model code around it (HF MobileNetV2 pads TF-style from the conv's
+    # stride and kernel_size); a linear op has none.
+    def _conv_attr(self, name: str) -> Any:
+        if self.op == "linear":
+            raise AttributeError(f"{type(self).__name__} (op linear) has no attribute {name!r}")
+        if name in ("stride", "padding", "dilation"):
+            return tuple(self.conv[name])
+        if name == "groups":
+            return int(self.conv["groups"])
+        if name == "kernel_size":
+            return tuple(self.weight_shape[2:])
+        return self.weight_shape[0] if name == "out_channels" else self.weight_shape[1] * int(self.conv["groups"])
+
+    stride = property(lambda self: self._conv_attr("stride"))
+    padding = property(lambda self: self._conv_attr("padding"))
+    dilation = property(lambda self: self._conv_attr("dilation"))
+    groups = property(lambda self: self._conv_attr("groups"))
+    kernel_size = property(lambda self: self._conv_attr("kernel_size"))
+    in_channels = property(lambda self: self._conv_attr("in_channels"))
+    out_channels = property(lambda self: self._conv_attr("out_channels"))
+
     # Derived run-time state (fp32 copies, kernel codes; quantize.runtime) is rebuilt after whatever replaces or
     # rewrites the stored tensors: .to()/.half(), load_state_dict, and training (then back to eval).
     def _apply(self, fn, recurse=True):

@@ -1,0 +1,1 @@
+"""Architecture coverage: which architectures each torchslim operation takes (``benchmarks/coverage.py``)."""
