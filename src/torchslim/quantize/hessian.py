@@ -56,6 +56,9 @@ class Hessian:
         self.sums: list[Tensor] | None = None
         self.count = 0
         self.last: tuple[int, tuple] | None = None  # (pass, input key) of the last input added
+        # the last input itself: while it is alive no other tensor can get its address, so equal keys mean
+        # the same data (a freed o_proj input was once taken for the gate/up input at the same address)
+        self.held: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
         """Add one input batch of the layer (any leading shape)."""
@@ -106,8 +109,11 @@ class _Collector:
         self.staged = staged  # stop at a new layer reading another input than the stage's (else watch all)
         self.found: dict[nn.Module, Hessian] = {}
         self.key: tuple | None = None
+        self.held: Tensor | None = None
         self.fixed = False  # after the first pass no layer joins
         self.index = 0  # the pass running now
+        self.calls: dict[nn.Module, int] = {}  # calls of each watched layer in the current pass
+        self.first_calls: dict[nn.Module, int] = {}  # ... in the first pass
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         x = args[0]
@@ -118,7 +124,7 @@ class _Collector:
                 return  # collect_all: a layer the first pass did not reach is left out in every pass
             if self.fixed or (self.staged and self.key is not None and self.key != tag[1]):
                 raise Stop
-            self.key = tag[1]
+            self.key, self.held = tag[1], x  # held for the same reason as Hessian.held
             acc = next((a for m, a in self.found.items() if a.last == tag and _shares_columns(m, module)), None)
             acc = self.found[module] = acc or Hessian(module)
         elif acc.last is not None and acc.last[0] == self.index and acc.last != tag and acc.module is not module:
@@ -129,17 +135,22 @@ class _Collector:
             )
         if acc.last != tag:
             acc.add(x)
-            acc.last = tag
+            acc.last, acc.held = tag, x
+        self.calls[module] = self.calls.get(module, 0) + 1
+        if self.fixed and all(self.calls.get(m, 0) >= n for m, n in self.first_calls.items()):
+            raise Stop  # every input this pass can add is in: the rest of the forward would be wasted work
 
     def run(self, runs: Sequence[Callable[[], Any]], modules: Iterable[nn.Module]) -> dict[nn.Module, Hessian]:
         handles = [module.register_forward_pre_hook(self.hook) for module in modules]
         try:
             for index, run in enumerate(runs):
-                self.index = index
+                self.index, self.calls = index, {}
                 try:
                     run()
                 except Stop:
                     pass
+                if not self.fixed:
+                    self.first_calls = {m: n for m, n in self.calls.items() if m in self.found}
                 self.fixed = True
                 if not self.found:
                     break
