@@ -50,6 +50,7 @@ __all__ = ["GPTQ", "gptq_", "gptq_quantize", "layer_hessian"]
 _CALIBRATION_LIMIT = 256  # samples taken from a Dataset / DataLoader / DataSplits
 _CALIBRATION_BATCH = 32
 _DAMP_RETRIES = 4
+_ROWS = 4096  # weight rows quantized at a time
 
 
 @register_config("gptq")
@@ -125,14 +126,31 @@ def gptq_quantize(
     Raises:
         ModelError: the dampened Hessian is not positive definite even after raising the dampening.
     """
-    W = weight.detach().float().clone()
+    W = weight.detach().float()
     rows, cols = W.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ModelError(f"gptq: Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    Hinv = _inverse_cholesky(H[perm][:, perm], config.damp)
+    groups = math.ceil(cols / (config.group_size or cols))
+    Q = torch.empty(rows, cols)
+    scale = torch.empty(rows, groups, dtype=SCALE_DTYPES[config.scale_dtype])
+    zero_point = torch.empty(rows, groups, dtype=torch.int32)
+    # rows are independent given the Hessian: a slice of rows at a time keeps the column updates in cache (an
+    # lm_head has ~50k rows) and the temporaries small
+    for r in range(0, rows, _ROWS):
+        chunk = W[r : r + _ROWS].clone()
+        chunk[:, dead] = 0.0
+        Q[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = _quantize_rows(chunk, Hinv, perm, config)
+    return Q, scale, zero_point
+
+
+def _quantize_rows(W: Tensor, Hinv: Tensor, perm: Tensor, config: GPTQ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of some rows of a weight (changed in place) given the permuted inverse Hessian's Cholesky factor."""
+    rows, cols = W.shape
     size = config.group_size or cols
     groups = math.ceil(cols / size)
     dtype = SCALE_DTYPES[config.scale_dtype]
@@ -156,9 +174,8 @@ def gptq_quantize(
     if static:
         for group in range(groups):
             set_params(group, W[:, group * size : (group + 1) * size])
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, config.damp)
+    if config.act_order:
+        W = W[:, perm]
     order = perm.tolist()
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, config.blocksize):
@@ -217,9 +234,14 @@ def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) ->
     parts = [
         gptq_quantize(matrix[g * per_group : (g + 1) * per_group], h, config) for g, h in enumerate(hessians)
     ]
-    quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
-    scale = torch.cat([p[1] for p in parts])
-    zero_point = torch.cat([p[2] for p in parts])
+    if len(parts) == 1:
+        (quantized, scale, zero_point), = parts
+        quantized = quantized.reshape(weight.shape)
+    else:
+        quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
+        scale = torch.cat([p[1] for p in parts])
+        zero_point = torch.cat([p[2] for p in parts])
+    del parts
     stand_in = _with_weight(module, quantized.to(module.weight.device, module.weight.dtype))
     # from_qparams re-quantizes the GPTQ values with the same scales: they sit on the grid, so the codes are exact
     return IntQuantLayer.from_qparams(

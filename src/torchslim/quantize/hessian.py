@@ -112,6 +112,7 @@ class _Collector:
         self.held: Tensor | None = None
         self.fixed = False  # after the first pass no layer joins
         self.index = 0  # the pass running now
+        self.watched = 0  # layers watched
         self.calls: dict[nn.Module, int] = {}  # calls of each watched layer in the current pass
         self.first_calls: dict[nn.Module, int] = {}  # ... in the first pass
 
@@ -137,10 +138,16 @@ class _Collector:
             acc.add(x)
             acc.last, acc.held = tag, x
         self.calls[module] = self.calls.get(module, 0) + 1
-        if self.fixed and all(self.calls.get(m, 0) >= n for m, n in self.first_calls.items()):
+        if self.fixed:
+            done = all(self.calls.get(m, 0) >= n for m, n in self.first_calls.items())
+        else:  # the first pass: done once every watched layer is in (a layer run twice loses its second input)
+            done = len(self.found) == self.watched
+        if done:
             raise Stop  # every input this pass can add is in: the rest of the forward would be wasted work
 
     def run(self, runs: Sequence[Callable[[], Any]], modules: Iterable[nn.Module]) -> dict[nn.Module, Hessian]:
+        modules = list(modules)
+        self.watched = len(modules)
         handles = [module.register_forward_pre_hook(self.hook) for module in modules]
         try:
             for index, run in enumerate(runs):

@@ -44,6 +44,16 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError(f"values in [{low}, {high}] do not fit in {bits} bits: expected [0, {(1 << bits) - 1}]")
     if bits == 8:
         return flat.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole values per byte, no bit stream needed (as unpack)
+        per = 8 // bits
+        codes = flat.to(torch.uint8)
+        if codes.numel() % per:
+            codes = torch.cat([codes, codes.new_zeros(per - codes.numel() % per)])
+        codes = codes.reshape(-1, per)
+        out = codes[:, 0].clone()
+        for j in range(1, per):
+            out |= codes[:, j] << (bits * j)
+        return out
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
     weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
     out = torch.empty(packed_size(flat.numel(), bits), dtype=torch.uint8, device=flat.device)
