@@ -34,15 +34,15 @@ def _batches() -> list[tuple[torch.Tensor, ...]]:
 
 
 def _recording_hessians(monkeypatch) -> dict[int, list[torch.Tensor]]:
-    """Record the Hessians each layer is quantized with, by the layer's position in the quantize order."""
+    """Record the Hessians each group of layers (one input) is quantized with, in the quantize order."""
     seen: list[list[torch.Tensor]] = []
-    original = gptq_module._quantize_module
+    original = gptq_module._quantize_modules
 
-    def record(module, hessians, config):
+    def record(modules, hessians, config):
         seen.append([h.clone() for h in hessians])
-        return original(module, hessians, config)
+        return original(modules, hessians, config)
 
-    monkeypatch.setattr(gptq_module, "_quantize_module", record)
+    monkeypatch.setattr(gptq_module, "_quantize_modules", record)
     return seen
 
 
@@ -59,7 +59,7 @@ def test_blocks_match_staged_hessians_codes_and_outputs(monkeypatch):
     assert {row["loop"] for row in staged_report.quantized.values()} == {"staged"}
     assert list(report.quantized) == list(staged_report.quantized)  # same layers, same order (lm_head last)
     assert report.quantized["lm_head"]["method"] == "gptq"
-    assert len(by_blocks) == len(seen) == 3 * 7 + 1
+    assert len(by_blocks) == len(seen) == 3 * 4 + 1  # per block q/k/v, o, gate/up, down; then lm_head
     for mine, theirs in zip(by_blocks, seen, strict=True):
         torch.testing.assert_close(mine[0], theirs[0], rtol=1e-5, atol=1e-6)
     for (name, a), (_, b) in zip(blocks.named_modules(), staged.named_modules(), strict=True):

@@ -250,6 +250,26 @@ def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) ->
     )
 
 
+def _quantize_modules(modules: list[nn.Module], hessians: list[Tensor], config: GPTQ) -> list[IntQuantLayer]:
+    """GPTQ several layers that read one input (one Hessian): Linear layers' rows are stacked and quantized in one
+    column loop (rows are independent given the Hessian, so the result is each layer's own GPTQ)."""
+    if len(modules) == 1 or len(hessians) != 1 or not all(isinstance(m, nn.Linear) for m in modules):
+        return [_quantize_module(m, hessians, config) for m in modules]
+    stacked = torch.cat([m.weight.detach().float().cpu() for m in modules])
+    quantized, scale, zero_point = gptq_quantize(stacked, hessians[0], config)
+    del stacked
+    layers, start = [], 0
+    for m in modules:
+        end = start + m.out_features
+        stand_in = _with_weight(m, quantized[start:end].to(m.weight.device, m.weight.dtype))
+        layers.append(IntQuantLayer.from_qparams(
+            stand_in, scale[start:end], zero_point[start:end], config.bits, config.granularity, config.group_size,
+            config.symmetric, "nearest", config.scale_dtype,
+        ))
+        start = end
+    return layers
+
+
 def _with_weight(module: nn.Module, weight: Tensor) -> nn.Module:
     clone = type(module).__new__(type(module))
     clone.__dict__ = {**module.__dict__, "_parameters": dict(module._parameters)}
@@ -369,10 +389,16 @@ def gptq_(
             del others
 
             def quantize(stage: dict[nn.Module, Hessian]) -> None:
+                groups: dict[tuple, list[nn.Module]] = {}  # layers sharing a Hessian and a config go together
                 for module, hessian in stage.items():
-                    name, chosen = remaining.pop(module)
-                    _replace(model, name, _quantize_module(module, hessian.matrices(), chosen))
-                    report.quantized[name] = {**chosen.to_dict(), "method": "gptq", "loop": kind}
+                    groups.setdefault((id(hessian), remaining[module][1]), []).append(module)
+                for modules in groups.values():
+                    chosen = remaining[modules[0]][1]
+                    layers = _quantize_modules(modules, stage[modules[0]].matrices(), chosen)
+                    for module, layer in zip(modules, layers, strict=True):
+                        name, _ = remaining.pop(module)
+                        _replace(model, name, layer)
+                        report.quantized[name] = {**chosen.to_dict(), "method": "gptq", "loop": kind}
 
             if isinstance(route, tuple):
                 kind = "blocks"
