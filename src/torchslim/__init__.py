@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "load_hf": "torchslim.hf",
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
+    "perplexity": "torchslim.hf",
     "drop_layers": "torchslim.hf",
     "hidden_pairs": "torchslim.hf",
     "text_dataset": "torchslim.hf",
@@ -133,6 +134,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         drop_layers,
         hidden_pairs,
         load_hf,
+        perplexity,
         prune_transformer_,
         text_dataset,
         text_fidelity,  # noqa: F401

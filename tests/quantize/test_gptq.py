@@ -159,3 +159,22 @@ def test_bad_calibration_inputs_fail_before_any_change():
         gptq_(model, GPTQ(), "text")
     assert isinstance(model[0], nn.Linear)
     assert GPTQ.from_dict(GPTQ(bits=3, act_order=True).to_dict()) == GPTQ(bits=3, act_order=True)
+
+
+def test_layers_reading_one_input_are_each_their_own_gptq():
+    class Pair(nn.Module):  # like q/k/v: two layers of different widths on the same tensor, quantized together
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 48), nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.a(x).sum(-1) + self.b(x).sum(-1)
+
+    torch.manual_seed(0)
+    model, x = Pair(), _correlated_inputs(512, 64)
+    config = GPTQ(bits=3, group_size=32)
+    expected = {n: gptq_quantize(getattr(model, n).weight, layer_hessian(getattr(model, n), x), config)[0]
+                for n in ("a", "b")}
+    gptq_(model, config, x)
+    for name, weight in expected.items():
+        torch.testing.assert_close(getattr(model, name).dequantize_weight(), weight, rtol=0, atol=1e-6)

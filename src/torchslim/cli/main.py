@@ -23,6 +23,7 @@ from torchslim.cli import (
     compress_cmd,
     deploy_cmd,
     distill_cmd,
+    eval_cmd,
     export_cmd,
     fuse_cmd,
     inspect_cmd,
@@ -68,7 +69,7 @@ def _root(
 
 app.command("demo")(run_cmd.demo)
 app.command("train")(run_cmd.train)
-app.command("eval")(inspect_cmd.eval_)
+app.command("eval")(eval_cmd.eval_)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("models")(models_cmd.models)
 app.command("quantize")(quantize_cmd.quantize)

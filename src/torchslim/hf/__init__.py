@@ -7,10 +7,12 @@ from torchslim.hf.data import text_dataset
 from torchslim.hf.fidelity import read_texts, reference_model, text_fidelity
 from torchslim.hf.layers import drop_layers, hidden_pairs, kept_layers, layer_list, set_dropout_
 from torchslim.hf.loading import HFModel, attention_modules, encode, ffn_layers, load_hf, sync_config_
+from torchslim.hf.perplexity import Perplexity, perplexity
 from torchslim.hf.prune import prune_transformer_
 
 __all__ = [
     "HFModel",
+    "Perplexity",
     "attention_modules",
     "drop_layers",
     "encode",
@@ -19,6 +21,7 @@ __all__ = [
     "kept_layers",
     "layer_list",
     "load_hf",
+    "perplexity",
     "prune_transformer_",
     "read_texts",
     "reference_model",

@@ -202,9 +202,12 @@ def quantize_(
     if not plan:  # as qat does: an empty report would look like success
         raise ModelError(f"quantize_ found no layer to quantize in {type(model).__name__}: "
                          f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
-    for name, module, chosen in plan:
+    plan.reverse()
+    while plan:  # popped, so each float layer is freed once replaced (no second copy of the model builds up)
+        name, module, chosen = plan.pop()
         _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
         report.quantized[name] = chosen.to_dict()
+    del module
     # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
     set_runtime_(model, "auto")
     return report

@@ -20,13 +20,13 @@ report says so). Works for any model with Linear/Conv1d/Conv2d layers (grouped c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,6 +40,8 @@ from torchslim.quantize.api import (
     plan_layers,
     quantization_handler,
 )
+from torchslim.quantize.blockwise import Capture, capture, find_blocks, quantize_after_blocks, quantize_blocks
+from torchslim.quantize.hessian import Hessian, collect_stage, layer_hessian
 from torchslim.quantize.layers import SCALE_DTYPES, IntQuantLayer
 from torchslim.quantize.runtime import set_runtime_
 
@@ -48,6 +50,7 @@ __all__ = ["GPTQ", "gptq_", "gptq_quantize", "layer_hessian"]
 _CALIBRATION_LIMIT = 256  # samples taken from a Dataset / DataLoader / DataSplits
 _CALIBRATION_BATCH = 32
 _DAMP_RETRIES = 4
+_ROWS = 4096  # weight rows quantized at a time
 
 
 @register_config("gptq")
@@ -59,6 +62,8 @@ class GPTQ(Config):
         bits: code width, 2..8 (3 and 4 are the usual choices).
         group_size: input columns per scale/zero point (``None``: one per output channel).
         act_order: quantize columns in order of decreasing Hessian diagonal (better at 3 bits).
+        true_sequential: inside a block, quantize q/k/v, then o, then gate/up, then down, each on the outputs of
+            the layers quantized before it; False: all layers of a block on the block's float activations.
         damp: dampening added to the Hessian diagonal, as a fraction of its mean, in (0, 1].
         blocksize: columns per lazy-update block (speed only; the result is the same up to rounding).
         symmetric: fixed zero point ``2**(bits-1)`` (no zero points stored) instead of min/max.
@@ -71,6 +76,7 @@ class GPTQ(Config):
     bits: int = 4
     group_size: int | None = 128
     act_order: bool = False
+    true_sequential: bool = True
     damp: float = 0.01
     blocksize: int = 128
     symmetric: bool = False
@@ -81,6 +87,7 @@ class GPTQ(Config):
         if self.group_size is not None:
             self.check_int("group_size", 2)
         self.check_choice("act_order", (True, False))
+        self.check_choice("true_sequential", (True, False))
         self.check_float("damp", 0.0, 1.0, lo_inclusive=False)
         self.check_int("blocksize", 1)
         self.check_choice("symmetric", (True, False))
@@ -119,14 +126,31 @@ def gptq_quantize(
     Raises:
         ModelError: the dampened Hessian is not positive definite even after raising the dampening.
     """
-    W = weight.detach().float().clone()
+    W = weight.detach().float()
     rows, cols = W.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ModelError(f"gptq: Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    Hinv = _inverse_cholesky(H[perm][:, perm], config.damp)
+    groups = math.ceil(cols / (config.group_size or cols))
+    Q = torch.empty(rows, cols)
+    scale = torch.empty(rows, groups, dtype=SCALE_DTYPES[config.scale_dtype])
+    zero_point = torch.empty(rows, groups, dtype=torch.int32)
+    # rows are independent given the Hessian: a slice of rows at a time keeps the column updates in cache (an
+    # lm_head has ~50k rows) and the temporaries small
+    for r in range(0, rows, _ROWS):
+        chunk = W[r : r + _ROWS].clone()
+        chunk[:, dead] = 0.0
+        Q[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = _quantize_rows(chunk, Hinv, perm, config)
+    return Q, scale, zero_point
+
+
+def _quantize_rows(W: Tensor, Hinv: Tensor, perm: Tensor, config: GPTQ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of some rows of a weight (changed in place) given the permuted inverse Hessian's Cholesky factor."""
+    rows, cols = W.shape
     size = config.group_size or cols
     groups = math.ceil(cols / size)
     dtype = SCALE_DTYPES[config.scale_dtype]
@@ -150,9 +174,8 @@ def gptq_quantize(
     if static:
         for group in range(groups):
             set_params(group, W[:, group * size : (group + 1) * size])
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, config.damp)
+    if config.act_order:
+        W = W[:, perm]
     order = perm.tolist()
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, config.blocksize):
@@ -202,64 +225,6 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     )
 
 
-# --- Hessians from a layer's inputs -----------------------------------------------------------------------------
-def _input_columns(module: nn.Module, x: Tensor) -> list[Tensor]:
-    """The layer's inputs as ``(samples, cols)`` matrices, one per conv group (one for Linear)."""
-    x = x.detach().float()
-    if isinstance(module, nn.Linear):
-        return [x.reshape(-1, x.shape[-1])]
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2) if x.dim() == 3 else x.unsqueeze(1)
-        kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
-        padding, dilation = (0, module.padding[0]), (1, module.dilation[0])
-    else:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
-    per_group = x.shape[1] // module.groups
-    out = []
-    for g in range(module.groups):
-        part = x[:, g * per_group : (g + 1) * per_group]
-        cols = F.unfold(part, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
-        out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-    return out
-
-
-class _Hessian:
-    """Running ``2 X^T X / n`` of a layer's inputs (one per conv group)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.sums: list[Tensor] | None = None
-        self.count = 0
-
-    def add(self, x: Tensor) -> None:
-        columns = _input_columns(self.module, x)
-        if self.sums is None:
-            self.sums = [torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64, device=c.device) for c in columns]
-        for total, c in zip(self.sums, columns, strict=True):
-            total += c.double().T @ c.double()
-        self.count += columns[0].shape[0]
-
-    def matrices(self) -> list[Tensor]:
-        return [(2.0 * total / max(self.count, 1)).float().cpu() for total in self.sums or []]
-
-
-def layer_hessian(module: nn.Module, inputs: Tensor) -> Tensor:
-    """The GPTQ Hessian ``2 X^T X / n`` of a Linear/Conv layer for the given layer inputs.
-
-    Args:
-        module: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (``groups=1``).
-        inputs: what the layer receives in ``forward`` (any batch shape).
-
-    Returns:
-        ``(cols, cols)`` float32, ``cols`` = the flattened weight's input dimension.
-    """
-    acc = _Hessian(module)
-    acc.add(inputs)
-    return acc.matrices()[0]
-
-
 def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) -> IntQuantLayer:
     """GPTQ one layer (each conv group on its own Hessian) into an ``IntQuantLayer``."""
     weight = module.weight.detach().float()
@@ -269,15 +234,40 @@ def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) ->
     parts = [
         gptq_quantize(matrix[g * per_group : (g + 1) * per_group], h, config) for g, h in enumerate(hessians)
     ]
-    quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
-    scale = torch.cat([p[1] for p in parts])
-    zero_point = torch.cat([p[2] for p in parts])
+    if len(parts) == 1:
+        (quantized, scale, zero_point), = parts
+        quantized = quantized.reshape(weight.shape)
+    else:
+        quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
+        scale = torch.cat([p[1] for p in parts])
+        zero_point = torch.cat([p[2] for p in parts])
+    del parts
     stand_in = _with_weight(module, quantized.to(module.weight.device, module.weight.dtype))
     # from_qparams re-quantizes the GPTQ values with the same scales: they sit on the grid, so the codes are exact
     return IntQuantLayer.from_qparams(
         stand_in, scale, zero_point, config.bits, config.granularity, config.group_size, config.symmetric,
         "nearest", config.scale_dtype,
     )
+
+
+def _quantize_modules(modules: list[nn.Module], hessians: list[Tensor], config: GPTQ) -> list[IntQuantLayer]:
+    """GPTQ several layers that read one input (one Hessian): Linear layers' rows are stacked and quantized in one
+    column loop (rows are independent given the Hessian, so the result is each layer's own GPTQ)."""
+    if len(modules) == 1 or len(hessians) != 1 or not all(isinstance(m, nn.Linear) for m in modules):
+        return [_quantize_module(m, hessians, config) for m in modules]
+    stacked = torch.cat([m.weight.detach().float().cpu() for m in modules])
+    quantized, scale, zero_point = gptq_quantize(stacked, hessians[0], config)
+    del stacked
+    layers, start = [], 0
+    for m in modules:
+        end = start + m.out_features
+        stand_in = _with_weight(m, quantized[start:end].to(m.weight.device, m.weight.dtype))
+        layers.append(IntQuantLayer.from_qparams(
+            stand_in, scale[start:end], zero_point[start:end], config.bits, config.granularity, config.group_size,
+            config.symmetric, "nearest", config.scale_dtype,
+        ))
+        start = end
+    return layers
 
 
 def _with_weight(module: nn.Module, weight: Tensor) -> nn.Module:
@@ -327,8 +317,7 @@ def _calibration_batches(calib_inputs: Any) -> list[tuple[Tensor, ...]]:
 
 
 # --- the in-place verb ------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised from a hook to end a calibration pass early."""
+LOOPS = ("auto", "blocks", "staged")
 
 
 def gptq_(
@@ -338,6 +327,7 @@ def gptq_(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, Config | None] | None = None,
+    loop: str = "auto",
 ) -> QuantizeReport:
     """Quantize the model's Linear/Conv layers with GPTQ, in place, layer by layer in execution order.
 
@@ -351,18 +341,25 @@ def gptq_(
             ``(input_ids, attention_mask)``), a list of such batches, or a Dataset/DataLoader/DataSplits.
         filter_fn: ``filter_fn(module, name) -> bool``; false skips the layer.
         overrides: per-layer configs by module name; ``None`` skips that layer.
+        loop: ``"blocks"`` (each block of the model's block list on its cached inputs; see
+            :mod:`~torchslim.quantize.blockwise`), ``"staged"`` (every stage runs the model from its input) or
+            ``"auto"`` (blocks where the model has a block list that can be driven so, else staged).
 
     Returns:
-        A :class:`~torchslim.quantize.QuantizeReport`; layers the calibration inputs never reached are quantized
-        by round-to-nearest and marked ``"method": "round-to-nearest"``.
+        A :class:`~torchslim.quantize.QuantizeReport`; each GPTQ layer's entry has ``"method"`` (``"gptq"``, or
+        ``"round-to-nearest"`` with a ``"reason"`` for layers the calibration inputs never reached) and ``"loop"``
+        (``"blocks"``/``"staged"``).
 
     Raises:
-        ConfigError: ``config`` is not a GPTQ, or an override is invalid (nothing is changed).
+        ConfigError: ``config`` is not a GPTQ, an override is invalid, a bad ``loop``, or ``loop="blocks"`` for a
+            model without a usable block list (nothing is changed).
         DataError: unusable calibration inputs, or the model fails on them (nothing is changed).
         ModelError: a Hessian that cannot be inverted.
     """
     if not isinstance(config, GPTQ):
         raise ConfigError(f"config = {type(config).__name__} is invalid for gptq_: expected GPTQ")
+    if loop not in LOOPS:
+        raise ConfigError(f"loop = {loop!r} is invalid: expected one of {', '.join(LOOPS)}")
     batches = _calibration_batches(calib_inputs)
 
     def check(name: str, chosen: Config) -> None:
@@ -375,34 +372,57 @@ def gptq_(
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [tuple(t.to(device) for t in batch) for batch in batches]
+    runs = [(lambda b=batch: model(*b)) for batch in batches]
+    others = [(name, module, chosen) for name, module, chosen in plan if not isinstance(chosen, GPTQ)]
+    # no list of the original layers is kept: each float layer is freed once it is quantized
+    remaining = {module: (name, chosen) for name, module, chosen in plan if isinstance(chosen, GPTQ)}
+    del plan
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
-            try:
-                model(*batches[0])
-            except Exception as exc:
-                shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
-                raise DataError(f"gptq_: the model fails on the calibration inputs ({shapes}): {exc}") from exc
-            for name, module, chosen in plan:
-                if not isinstance(chosen, GPTQ):
-                    _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
-                    report.quantized[name] = chosen.to_dict()
-            remaining = {module: (name, chosen) for name, module, chosen in plan if isinstance(chosen, GPTQ)}
-            while remaining:
-                stage = _next_stage(model, batches, remaining)
-                if not stage:  # the rest is never reached by the calibration inputs
-                    for module, (name, chosen) in remaining.items():
-                        _replace(model, name, _round_to_nearest(module, chosen))
-                        report.quantized[name] = {
-                            **chosen.to_dict(), "method": "round-to-nearest",
-                            "reason": "not reached by the calibration inputs",
-                        }
-                    break
+        with torch.no_grad(), _without_kv_cache(model):
+            shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
+            route = _choose_loop(model, runs, remaining, loop, shapes)  # runs the model: a failure here changes nothing
+            for name, module, chosen in others:
+                _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+                report.quantized[name] = chosen.to_dict()
+            del others
+
+            def quantize(stage: dict[nn.Module, Hessian]) -> None:
+                groups: dict[tuple, list[nn.Module]] = {}  # layers sharing a Hessian and a config go together
                 for module, hessian in stage.items():
-                    name, chosen = remaining.pop(module)
-                    _replace(model, name, _quantize_module(module, hessian.matrices(), chosen))
-                    report.quantized[name] = {**chosen.to_dict(), "method": "gptq"}
+                    groups.setdefault((id(hessian), remaining[module][1]), []).append(module)
+                for modules in groups.values():
+                    chosen = remaining[modules[0]][1]
+                    layers = _quantize_modules(modules, stage[modules[0]].matrices(), chosen)
+                    for module, layer in zip(modules, layers, strict=True):
+                        name, _ = remaining.pop(module)
+                        _replace(model, name, layer)
+                        report.quantized[name] = {**chosen.to_dict(), "method": "gptq", "loop": kind}
+
+            if isinstance(route, tuple):
+                kind = "blocks"
+                (_, blocks), captured = route
+                outputs = quantize_blocks(blocks, captured, remaining, quantize,
+                                          true_sequential=config.true_sequential)
+                inside = {id(m) for m in blocks.modules()}
+                outside = [m for m in remaining if id(m) not in inside]
+                quantize_after_blocks(blocks, captured, outputs, runs, outside, quantize)
+                del outputs, captured
+            else:
+                kind = "staged"
+                while remaining:
+                    stage = collect_stage(runs, remaining)
+                    if not stage:
+                        break
+                    quantize(stage)
+            for module, (name, chosen) in list(remaining.items()):  # never reached by the calibration inputs
+                _replace(model, name, _round_to_nearest(module, chosen))
+                report.quantized[name] = {
+                    **chosen.to_dict(), "method": "round-to-nearest", "loop": kind,
+                    "reason": "not reached by the calibration inputs",
+                }
+            remaining.clear()
     finally:
         for m, training in modes.items():
             m.training = training
@@ -410,44 +430,51 @@ def gptq_(
     return report
 
 
+def _choose_loop(
+    model: nn.Module, runs: list[Callable[[], Any]], remaining: dict[nn.Module, Any], loop: str, shapes: str
+) -> tuple[tuple[str, nn.ModuleList], Capture] | str:
+    """The block list and its captured inputs, or ``"staged"``; runs the float model on the calibration inputs.
+
+    Raises:
+        ConfigError: ``loop="blocks"`` and the blocks cannot be used (the message says why).
+        DataError: the model fails on the calibration inputs.
+    """
+    found = find_blocks(model, remaining) if loop != "staged" else None
+    reason = "loop = 'staged'" if loop == "staged" else "no single list of same-class blocks holding the layers"
+    try:
+        if found is not None:
+            inside = {id(m) for m in found[1].modules()}
+            captured = capture(model, found[1], runs, [m for m in remaining if id(m) not in inside])
+            if isinstance(captured, Capture):
+                return found, captured
+            reason = captured
+        runs[0]()  # the staged loop's first pass would fail the same way: fail before any change
+    except Exception as exc:
+        raise DataError(f"gptq_: the model fails on the calibration inputs ({shapes}): {exc}") from exc
+    if loop == "blocks":
+        raise ConfigError(f"loop = 'blocks' is invalid for {type(model).__name__}: {reason}; expected 'auto' or "
+                          "'staged'")
+    return "staged"
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module):
+    """Turn ``config.use_cache`` of Hugging Face modules off meanwhile (repeated passes must not grow a cache)."""
+    configs = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(getattr(cfg, "use_cache", None), bool):
+            configs[id(cfg)] = (cfg, cfg.use_cache)
+    for cfg, _ in configs.values():
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg, value in configs.values():
+            cfg.use_cache = value
+
+
 def _round_to_nearest(module: nn.Module, config: GPTQ) -> IntQuantLayer:
     return IntQuantLayer.from_float(
         module, config.bits, config.granularity, config.group_size, config.symmetric, "nearest", config.scale_dtype
     )
-
-
-def _next_stage(
-    model: nn.Module, batches: Iterable[tuple[Tensor, ...]], remaining: dict[nn.Module, Any]
-) -> dict[nn.Module, _Hessian]:
-    """Run the calibration batches up to the first layer still to quantize; collect the Hessians of that layer and
-    of the layers fed the same input tensor. Returns {} when no remaining layer runs."""
-    stage: dict[nn.Module, _Hessian] = {}
-    state: dict[str, Any] = {"key": None, "fixed": False}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-        if module in stage:
-            stage[module].add(x)
-            return
-        if not state["fixed"] and (state["key"] is None or state["key"] == key):
-            state["key"] = key
-            stage[module] = _Hessian(module)
-            stage[module].add(x)
-            return
-        raise _Stop
-
-    handles = [module.register_forward_pre_hook(hook) for module in remaining]
-    try:
-        for batch in batches:
-            try:
-                model(*batch)
-            except _Stop:
-                pass
-            state["fixed"] = True
-            if not stage:
-                break
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stage

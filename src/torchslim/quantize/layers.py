@@ -24,6 +24,7 @@ from torchslim.quantize.runtime import fast_forward, rebind_, set_runtime_
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_ROW_CHUNK = 1 << 22  # weights quantized per step in from_qparams (bounds the float temporaries)
 
 
 def describe_layer(module: nn.Module) -> dict[str, Any]:
@@ -206,8 +207,11 @@ class IntQuantLayer(_DequantizingLayer):
         scale_dtype: str = "float16",
     ) -> IntQuantLayer:
         """Quantize a Linear/Conv module's weight with min/max scales; the bias stays float32."""
-        grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
-        scale, zero_point = compute_qparams(grouped, bits, symmetric, SCALE_DTYPES[scale_dtype])
+        # no reference kept to the (possibly padded) grouped copy: from_qparams makes its own
+        scale, zero_point = compute_qparams(
+            grouped_view(module.weight.detach().float(), granularity, group_size, pad=True), bits, symmetric,
+            SCALE_DTYPES[scale_dtype],
+        )
         return cls.from_qparams(
             module, scale, zero_point, bits, granularity, group_size, symmetric, rounding, scale_dtype
         )
@@ -254,10 +258,14 @@ class IntQuantLayer(_DequantizingLayer):
         if symmetric:
             zero_point = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
         zero_point = zero_point.detach().round().clamp(0, (1 << bits) - 1).to(torch.int32)
-        codes = quantize_affine(grouped, scale, zero_point, bits, rounding)
         # Stored relative to the zero point (mod 2**bits): a zero weight is stored as code 0, so
         # pruned weights give zero bytes that the .slim file's sparse encodings compress.
-        stored = (codes.to(torch.int32) - zero_point.unsqueeze(-1)) % (1 << bits)
+        stored = torch.empty(grouped.shape, dtype=torch.uint8, device=grouped.device)
+        step = max(1, _ROW_CHUNK // max(1, grouped[0].numel()))  # rows at a time: temporaries stay small
+        for r in range(0, grouped.shape[0], step):
+            codes = quantize_affine(grouped[r : r + step], scale[r : r + step], zero_point[r : r + step], bits,
+                                    rounding)
+            stored[r : r + step] = (codes.to(torch.int32) - zero_point[r : r + step].unsqueeze(-1)) % (1 << bits)
         layer.packed.copy_(pack(stored, bits))
         layer.scale.copy_(scale)
         if not symmetric:

@@ -11,6 +11,8 @@ import torch
 
 from torchslim.errors import ConfigError
 
+_PACK_CHUNK = 1 << 20  # values per step of pack (a multiple of 8)
+
 
 def packed_size(numel: int, bits: int) -> int:
     """Number of bytes that ``numel`` values of ``bits`` bits occupy when packed."""
@@ -36,19 +38,35 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
         ConfigError: if ``bits`` is outside 1..8 or a value does not fit in ``bits`` bits.
     """
     _check_bits(bits)
-    flat = values.reshape(-1).to(torch.int32)
+    flat = values.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         low, high = int(flat.min()), int(flat.max())
         raise ConfigError(f"values in [{low}, {high}] do not fit in {bits} bits: expected [0, {(1 << bits) - 1}]")
     if bits == 8:
         return flat.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole values per byte, no bit stream needed (as unpack)
+        per = 8 // bits
+        codes = flat.to(torch.uint8)
+        if codes.numel() % per:
+            codes = torch.cat([codes, codes.new_zeros(per - codes.numel() % per)])
+        codes = codes.reshape(-1, per)
+        out = codes[:, 0].clone()
+        for j in range(1, per):
+            out |= codes[:, j] << (bits * j)
+        return out
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
-    stream = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)
-    padding = (-stream.numel()) % 8
-    if padding:
-        stream = torch.cat([stream, stream.new_zeros(padding)])
     weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
-    return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    out = torch.empty(packed_size(flat.numel(), bits), dtype=torch.uint8, device=flat.device)
+    # in chunks of whole bytes (a multiple of 8 values): the bit stream is 4 * bits bytes per value, which for an
+    # lm_head of 28M weights would be gigabytes at once
+    for start in range(0, flat.numel(), _PACK_CHUNK):
+        stream = ((flat[start : start + _PACK_CHUNK].to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(-1)
+        padding = (-stream.numel()) % 8
+        if padding:
+            stream = torch.cat([stream, stream.new_zeros(padding)])
+        first = start * bits // 8
+        out[first : first + stream.numel() // 8] = (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
