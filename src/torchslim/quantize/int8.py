@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import io
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -180,14 +181,27 @@ def _example_tuple(example_inputs: Any) -> Tensor | tuple[Tensor, ...]:
 
 
 # --- ONNX helpers -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _working_directory(directory: Path):
+    """Run the block with ``directory`` as the working directory (process-wide), then restore it."""
+    previous = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _preprocess(onnx_bytes: bytes, directory: Path) -> Any:
     """ORT's recommended pre-processing (shape inference, graph optimization); returns a ModelProto."""
     onnx = require_onnx()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    path = directory / "preprocessed.onnx"
+    path = (directory / "preprocessed.onnx").resolve()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints why symbolic inference gave up
+        # ORT prints why symbolic inference gave up and saves the half-inferred graph as
+        # sym_shape_infer_temp.onnx + <uuid>.data in the working directory: keep both inside ``directory``
+        with contextlib.redirect_stdout(io.StringIO()), _working_directory(directory):
             quant_pre_process(onnx.load_from_string(onnx_bytes), str(path))
     except Exception:  # noqa: BLE001 - ORT's symbolic shape inference gives up on some dynamic sequence axes
         # (e.g. "Min(256, sequence)" from a transformer's position ids); ONNX's own shape inference still runs
