@@ -28,7 +28,7 @@ def test_int4_group_writes_pack_quantized_that_transformers_reloads_with_the_sam
     report = export_hf(model, tmp_path / "int4")
     config = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and report.formats == {"pack-quantized": 15}
-    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4}
+    assert [(g["targets"], g["weights"]["num_bits"]) for g in config["config_groups"].values()] == [(["Linear"], 4)]
     assert (tmp_path / "int4" / "tokenizer.json").is_file() and not report.dense_layers
     dense = sum(p.numel() * 2 for p in ts.load_hf(llama_dir).parameters())  # the model in fp16
     assert report.bytes < 0.5 * dense
@@ -45,14 +45,20 @@ def test_int4_group_writes_pack_quantized_that_transformers_reloads_with_the_sam
 
 def test_asymmetric_int8_channel_is_naive_quantized_and_says_why(llama_dir, tmp_path):
     model = ts.load_hf(llama_dir)
-    ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel", symmetric=False))
+    ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel", symmetric=False), filter_fn=_not_lm_head)
     report = export_hf(model, tmp_path / "int8", dtype="float32")
-    assert report.formats == {"naive-quantized": 15} and "symmetric=True" in report.notes[0]
+    assert report.formats == {"naive-quantized": 14} and "symmetric=True" in report.notes[0]
+    ignored = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignored == ["lm_head"]  # the float Linear layer
     assert report.parity["cosine"] > 0.9999
     layer = model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         _reload(tmp_path / "int8")(IDS)
     assert torch.equal(_reload_weight(tmp_path / "int8"), layer.dequantize_weight())
+
+
+def _not_lm_head(module, name: str) -> bool:
+    return name != "model.lm_head"
 
 
 def _reload_weight(directory):

@@ -231,12 +231,18 @@ def _apply_compressed_tensors(
         apply_quantization_config,
     )
 
-    schemes = {}
+    schemes, ignore = {}, []
+    if len(groups) == 1:  # the usual file: targets "Linear", float Linear layers in ignore (llm-compressor's way)
+        quantized = next(iter(groups.values()))
+        ignore = [n for n, m in clone.named_modules() if isinstance(m, nn.Linear) and n not in set(quantized)]
     for index, ((bits, strategy, size, symmetric), names) in enumerate(groups.items()):
         fmt = "pack-quantized" if symmetric else "naive-quantized"
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, group_size=size)
-        schemes[f"group_{index}"] = QuantizationScheme(targets=list(names), weights=args, format=fmt)
-    config = QuantizationConfig(config_groups=schemes, quantization_status=QuantizationStatus.INITIALIZED)
+        targets = ["Linear"] if len(groups) == 1 else list(names)
+        schemes[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=fmt)
+    config = QuantizationConfig(
+        config_groups=schemes, ignore=ignore, quantization_status=QuantizationStatus.INITIALIZED
+    )
     apply_quantization_config(clone, config, show_progress=False)
     formats: dict[str, int] = defaultdict(int)
     with torch.no_grad():
