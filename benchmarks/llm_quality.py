@@ -188,7 +188,6 @@ def render(rows: list[dict], args: argparse.Namespace, setup: dict) -> str:
         "safetensors), so fp32 here is that model",
         f"- peak RSS includes the interpreter with torch and transformers imported: "
         f"{setup['baseline_rss'] / 2**20:.0f} MiB before the model is loaded",
-        "",
         "- peak RSS (`ru_maxrss`) also counts the pages of the memory-mapped `model.safetensors` the weights are read "
         "from; peak anon is the process's own memory (`RssAnon`, sampled every 20 ms): "
         f"{setup['baseline_anon'] / 2**20:.0f} MiB before the model is loaded",
