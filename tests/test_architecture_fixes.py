@@ -72,3 +72,11 @@ def test_fp16_keeps_multihead_attention_out_proj_and_runs():
     assert "MultiheadAttention" in report.skipped["attn.out_proj"]
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-2)
+
+
+def test_int4_skips_a_weight_norm_layer_with_a_reason():
+    torch.manual_seed(0)
+    model = _WeightNorm().eval()
+    report = ts.quantize_(model, ts.IntQuant(bits=4))
+    assert "parametrized" in report.skipped["conv"]
+    assert model(torch.randn(2, 4, 10)).shape == (2, 2)
