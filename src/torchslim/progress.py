@@ -229,6 +229,7 @@ class Task:
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
+            self._bar.refresh()  # draw the final state: a short task may end before the refresh thread's first tick
             self._bar.remove_task(self._id)
             self._bar = None
             _Live.release()
