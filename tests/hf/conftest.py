@@ -35,17 +35,23 @@ def bert_dir(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    directory = tmp_path_factory.mktemp("gpt2")
+def _word_tokenizer(transformers, tokenizers):
+    """A word-level tokenizer over WORDS whose end-of-text token (id 0) also pads: ``(vocab, tokenizer)``."""
     vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"
     )
+    return vocab, tokenizer
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    directory = tmp_path_factory.mktemp("gpt2")
+    vocab, tokenizer = _word_tokenizer(transformers, tokenizers)
     config = transformers.GPT2Config(
         vocab_size=len(vocab), n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
     )
@@ -68,12 +74,7 @@ def llama_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     directory = tmp_path_factory.mktemp("llama")
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"
-    )
+    vocab, tokenizer = _word_tokenizer(transformers, tokenizers)
     config = transformers.LlamaConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
