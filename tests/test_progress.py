@@ -51,7 +51,8 @@ def test_modes_resolve(monkeypatch):
         progress.configure("loud")
 
 
-def test_train_prints_one_line_per_epoch_and_the_same_weights(capsys):
+def test_train_prints_one_line_per_epoch_and_the_same_weights(capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)  # CI runners set $CI, which turns "auto" bars into lines
     data = blobs(n=96, features=16)
     silent = mlp()
     train(silent, data, TrainConfig(epochs=3, batch_size=32), eval_data=data)
