@@ -177,8 +177,10 @@ def sync_config_(model: nn.Module) -> dict[str, Any]:
     After structural pruning the q/k/v projections of an attention module are narrower: its
     ``num_attention_heads``/``num_heads`` and ``all_head_size`` are set from them. When every FFN of the model
     has the same (new) width, the config's ``intermediate_size`` (``n_inner`` for GPT-2) is set to it, so
-    ``model.model.save_pretrained`` writes a config that builds the same FFN shapes. The config's
-    ``num_attention_heads`` stays: Hugging Face derives the head size from it (``hidden_size /
+    ``model.model.save_pretrained`` writes a config that builds the same FFN shapes. A grouped-query config
+    (``num_key_value_heads``: Llama, Mistral, Qwen2, Gemma, Phi) gets the new ``num_attention_heads`` and
+    ``num_key_value_heads`` when every attention module has the same counts (``head_dim`` pinned). Other configs
+    keep ``num_attention_heads``: Hugging Face derives the head size from it (``hidden_size /
     num_attention_heads``), so fewer heads of the same size cannot be written there; torchslim records per-module
     head counts in the ``.slim`` manifest instead.
 
@@ -197,6 +199,7 @@ def sync_config_(model: nn.Module) -> dict[str, Any]:
         if isinstance(getattr(module, "all_head_size", None), int):
             module.all_head_size = n * size
         heads[name] = n
+    _sync_head_config(model)
     ffn = None
     config = getattr(model, "config", None)
     widths = {layer.out_features for layer in ffn_layers(model).values()}
@@ -207,6 +210,32 @@ def sync_config_(model: nn.Module) -> dict[str, Any]:
                 setattr(config, attr, ffn)
                 break
     return {"heads": heads, "ffn": ffn}
+
+
+def _sync_head_config(model: nn.Module) -> None:
+    """Write the attention modules' head counts into a grouped-query config when every module has the same.
+
+    Configs with ``num_key_value_heads`` (Llama, Mistral, Qwen2, Gemma, Phi) read the head size from ``head_dim``,
+    which is pinned first, so ``num_attention_heads``/``num_key_value_heads`` can hold the pruned counts. A module's
+    key/value heads are ``num_heads // num_key_value_groups`` (head pruning removes whole groups).
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(getattr(config, "num_key_value_heads", None), int):
+        return
+    counts = {
+        (module.num_heads, module.num_heads // module.num_key_value_groups, size)
+        for module, _ in attention_modules(model).values()
+        for size in [next(getattr(module, a) for a in _HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int))]
+        if isinstance(getattr(module, "num_heads", None), int)
+        and isinstance(getattr(module, "num_key_value_groups", None), int)
+        and module.num_key_value_groups > 0
+    }
+    if len(counts) != 1:
+        return
+    heads, kv_heads, size = counts.pop()
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = size
+    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
 
 
 def ffn_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -350,6 +379,7 @@ def load_hf(
     model = HFModel(hf.eval(), tokenizer, str(directory))
     if heads:
         _set_heads(model, {str(k): int(v) for k, v in heads.items()})
+        _sync_head_config(model)
     from torchslim.models.registry import FACTORY_ATTR
 
     kwargs: dict[str, Any] = {"weights": False}

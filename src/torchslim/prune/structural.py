@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, MissingDependencyError, ModelError
+from torchslim.prune.grouped_heads import GroupedAttention, grouped_attention, remove_groups_
 
 __all__ = ["IMPORTANCES", "ChannelPruning", "StructuralReport", "prune_channels_"]
 
@@ -263,7 +264,9 @@ def prune_channels_(
                 if config.importance == "taylor":
                     _accumulate_gradients(model, data, loss_fn)
                     gradients = True
-                report.details["head_groups_pruned"] = _prune_heads(head_pruner, plan, model, inputs)
+                report.details["head_groups_pruned"] = _prune_heads(
+                    head_pruner, plan, model, inputs, config.importance
+                )
             # heads are the only unit of q/k/v (also of attention whose heads cannot be pruned, e.g. grouped-query
             # attention); ``amount`` never splits them
             for name, projections in _qkv_projections(model).items():
@@ -643,19 +646,33 @@ def _accumulate_gradients(model: nn.Module, data: Any, loss_fn: Callable | None)
 # --- attention heads ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Attention:
-    """An attention module whose heads can be removed: separate q/k/v ``nn.Linear`` projections split into heads."""
+    """An attention module whose heads can be removed: separate q/k/v ``nn.Linear`` projections split into heads.
+
+    ``grouped`` is set where the module also holds its output projection (see :mod:`torchslim.prune.grouped_heads`):
+    its heads can then be removed without the traced graph, which grouped-query attention always needs (a key/value
+    group is the unit) and multi-head attention needs where the graph does not converge (rotary embeddings).
+    ``use_graph`` says which way this run removes them.
+    """
 
     module: nn.Module
     projections: tuple[nn.Linear, nn.Linear, nn.Linear]
     num_heads: int
     head_dim: int
+    grouped: GroupedAttention | None = None
+    use_graph: bool = True
+
+    @property
+    def units(self) -> int:
+        """What ``ChannelPruning.heads`` counts: heads, or key/value groups of grouped-query attention."""
+        return self.grouped.kv_heads if self.grouped is not None and not self.use_graph else self.num_heads
 
 
 def _attention_modules(model: nn.Module) -> dict[str, _Attention]:
     """Module name -> :class:`_Attention` for every module with an int ``num_heads`` and q/k/v Linear children.
 
-    Projections must have the same output width (grouped-query attention is not supported), divisible by
-    ``num_heads``; a fused ``qkv`` projection is not recognised.
+    Multi-head attention (q/k/v of one width, divisible by ``num_heads``) is taken; grouped-query attention (k/v
+    narrower than q) only with its output projection as a child (``grouped_heads.grouped_attention``). A fused
+    ``qkv`` projection is not recognised.
     """
     found = {}
     for name, module in model.named_modules():
@@ -668,11 +685,16 @@ def _attention_modules(model: nn.Module) -> dict[str, _Attention]:
             hits = [children[c] for c in choices if isinstance(children.get(c), nn.Linear)]
             if len(hits) == 1:
                 projections.append(hits[0])
-        widths = {proj.out_features for proj in projections}
-        if heads < 1 or len(projections) != 3 or len(widths) != 1 or widths.pop() % heads:
+        if heads < 1 or len(projections) != 3:
             continue
         q, k, v = projections
-        found[name] = _Attention(module, (q, k, v), heads, q.out_features // heads)
+        grouped = grouped_attention(module, (q, k, v), heads)
+        grouped = grouped if isinstance(grouped, GroupedAttention) else None
+        widths = {proj.out_features for proj in projections}
+        if len(widths) == 1 and q.out_features % heads == 0:
+            found[name] = _Attention(module, (q, k, v), heads, q.out_features // heads, grouped)
+        elif grouped is not None:
+            found[name] = _Attention(module, (q, k, v), heads, grouped.head_dim, grouped, use_graph=False)
     return found
 
 
@@ -695,11 +717,12 @@ def _plan_heads(
     config: ChannelPruning,
     report: StructuralReport,
 ):
-    """Trace the graph for head pruning and decide how many heads each attention module loses.
+    """Decide how many heads (key/value groups) each attention module loses; trace the graph for those that need it.
 
     Returns:
-        ``(pruner, plan)``: a Torch-Pruning ``BasePruner`` that only removes whole heads of the planned modules, and
-        attention module name -> (:class:`_Attention`, heads to remove).
+        ``(pruner, plan)``: a Torch-Pruning ``BasePruner`` that only removes whole heads of the planned modules whose
+        heads go through the graph (None when none does), and attention module name -> (:class:`_Attention`, units
+        to remove: heads, or key/value groups where ``use_graph`` is false).
 
     Raises:
         ConfigError: no attention module can lose a head (the reasons are listed).
@@ -707,47 +730,12 @@ def _plan_heads(
     """
     plan: dict[str, tuple[_Attention, int]] = {}
     for name, att in attention.items():
-        blocking = next((m for m in (att.module, *att.projections) if m in ignored), None)
-        removable = min(
-            math.ceil(config.heads * att.num_heads - 1e-9), max_removable(att.num_heads, config.max_per_layer, 1)
-        )
-        if blocking is not None:
-            report.skipped.setdefault(name, f"heads kept: {names[blocking]!r} is kept ({ignored[blocking]})")
-        elif removable < 1:
-            report.skipped.setdefault(
-                name,
-                f"heads kept: heads {config.heads} and max_per_layer {config.max_per_layer} remove none of its "
-                f"{att.num_heads} head(s) (at least one stays)",
-            )
+        reason = _heads_kept_reason(att, ignored, names, config)
+        if reason is not None:
+            report.skipped.setdefault(name, reason)
         else:
-            plan[name] = (att, removable)
-    pruner = None
-    if plan:
-        leaves = _leaf_inputs(inputs)
-        heads = {proj: att.num_heads for att, _ in plan.values() for proj in att.projections}
-        try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                leaves,
-                importance=_importance(tp, config.importance),
-                global_pruning=False,  # heads are ranked within each attention module
-                # any ratio > 0 opens the attention groups; prune_head_dims=False removes whole heads only, and every
-                # other layer is ignored in this pass
-                pruning_ratio=0.5,
-                ignored_layers=[m for m in model.modules() if isinstance(m, _LAYERS) and m not in heads],
-                root_module_types=list(_LAYERS),
-                forward_fn=_call,
-                unwrapped_parameters=[(t, 1 if t.dim() > 1 else 0) for t in _as_list(leaves) if t.requires_grad],
-                num_heads=heads,
-                prune_num_heads=True,
-                prune_head_dims=False,
-                head_pruning_ratio=config.heads,
-                # Torch-Pruning removes ceil(ratio * num_heads) heads: this ratio gives exactly ``removable``
-                head_pruning_ratio_dict={att.module: (n - 0.5) / att.num_heads for att, n in plan.values()},
-            )
-        except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
-            raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
-        _check_head_groups(pruner, plan, names, leaves, config, report)
+            plan[name] = (att, _removable_units(att, config))
+    pruner = _graph_head_pruner(tp, model, inputs, plan, names, config, report) if plan else None
     if not plan:
         found = {n: r for n, r in report.skipped.items() if n in report.heads}
         raise ConfigError(
@@ -761,6 +749,83 @@ def _plan_heads(
             )
         )
     return pruner, plan
+
+
+def _removable_units(att: _Attention, config: ChannelPruning) -> int:
+    units = att.units
+    return min(math.ceil(config.heads * units - 1e-9), max_removable(units, config.max_per_layer, 1))
+
+
+def _heads_kept_reason(
+    att: _Attention, ignored: dict[nn.Module, str], names: dict[nn.Module, str], config: ChannelPruning
+) -> str | None:
+    """Why ``att`` keeps all its heads before any tracing, or None."""
+    blocking = next((m for m in (att.module, *att.projections) if m in ignored), None)
+    if blocking is not None:
+        return f"heads kept: {names[blocking]!r} is kept ({ignored[blocking]})"
+    if not att.use_graph and config.importance == "bn":
+        return "heads kept: importance 'bn' needs a BatchNorm on its q/k/v outputs; there is none"
+    if _removable_units(att, config) >= 1:
+        return None
+    if att.units == 1 and att.num_heads > 1:
+        return (
+            f"heads kept: grouped-query attention with one key/value head for its {att.num_heads} query heads: "
+            "heads go a whole key/value group at a time and the last group stays"
+        )
+    unit = "head(s)" if att.use_graph else "key/value group(s)"
+    return (
+        f"heads kept: heads {config.heads} and max_per_layer {config.max_per_layer} remove none of its "
+        f"{att.units} {unit} (at least one stays)"
+    )
+
+
+def _graph_head_pruner(tp, model, inputs, plan, names, config, report):
+    """The Torch-Pruning pruner of the planned modules with ``use_graph``, or None when there are none.
+
+    Where the traced groups do not converge (rotary position embeddings), modules that hold their output projection
+    switch to removal without the graph (``use_graph = False``) and the rest is traced again.
+
+    Raises:
+        ModelError: the graph cannot be traced (and no module can do without it).
+    """
+    graph_plan = {name: entry for name, entry in plan.items() if entry[0].use_graph}
+    if not graph_plan:
+        return None
+    leaves = _leaf_inputs(inputs)
+    heads = {proj: att.num_heads for att, _ in graph_plan.values() for proj in att.projections}
+    try:
+        pruner = tp.pruner.BasePruner(
+            model,
+            leaves,
+            importance=_importance(tp, config.importance),
+            global_pruning=False,  # heads are ranked within each attention module
+            # any ratio > 0 opens the attention groups; prune_head_dims=False removes whole heads only, and every
+            # other layer is ignored in this pass
+            pruning_ratio=0.5,
+            ignored_layers=[m for m in model.modules() if isinstance(m, _LAYERS) and m not in heads],
+            root_module_types=list(_LAYERS),
+            forward_fn=_call,
+            unwrapped_parameters=[(t, 1 if t.dim() > 1 else 0) for t in _as_list(leaves) if t.requires_grad],
+            num_heads=heads,
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=config.heads,
+            # Torch-Pruning removes ceil(ratio * num_heads) heads: this ratio gives exactly ``removable``
+            head_pruning_ratio_dict={att.module: (n - 0.5) / att.num_heads for att, n in graph_plan.values()},
+        )
+        _check_head_groups(pruner, graph_plan, names, leaves, config, report)
+    except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
+        movable = [att for att, _ in graph_plan.values() if att.grouped is not None]
+        if "does not converge" in str(exc) and movable:
+            for att in movable:
+                att.use_graph = False
+            return _graph_head_pruner(tp, model, inputs, plan, names, config, report)
+        if isinstance(exc, ModelError) and "does not converge" not in str(exc):
+            raise
+        raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
+    for name in [n for n, (att, _) in plan.items() if att.use_graph and n not in graph_plan]:
+        del plan[name]
+    return pruner if graph_plan else None
 
 
 def _qkv_projections(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Linear, nn.Linear]]:
@@ -782,10 +847,12 @@ def _unsupported_attention(model: nn.Module) -> str:
         module = model.get_submodule(name)
         widths = [p.out_features for p in projections]
         heads = getattr(module, "num_heads", None)
-        if len(set(widths)) > 1:
-            reasons.append(f"{name}: grouped-query attention (q/k/v widths {widths}) is not supported")
-        elif not isinstance(heads, int) or isinstance(heads, bool):
+        if not isinstance(heads, int) or isinstance(heads, bool):
             reasons.append(f"{name}: no int num_heads attribute")
+        elif len(set(widths)) > 1:
+            why = grouped_attention(module, projections, heads)
+            if isinstance(why, str):
+                reasons.append(f"{name}: grouped-query attention is not supported here: {why}")
     if len(reasons) > 2:
         reasons = [*reasons[:2], f"and {len(reasons) - 2} more"]
     return "; ".join(reasons)
@@ -835,7 +902,9 @@ def _check_head_groups(
             del plan[name]
 
 
-def _prune_heads(pruner, plan: dict[str, tuple[_Attention, int]], model: nn.Module, inputs: Any) -> int:
+def _prune_heads(
+    pruner, plan: dict[str, tuple[_Attention, int]], model: nn.Module, inputs: Any, importance: str
+) -> int:
     """Run the head pass; set each module's ``num_heads``; returns the number of groups pruned.
 
     Raises:
@@ -843,17 +912,22 @@ def _prune_heads(pruner, plan: dict[str, tuple[_Attention, int]], model: nn.Modu
     """
     pruned = 0
     with torch.no_grad():
-        for group in pruner.step(interactive=True):
+        for group in pruner.step(interactive=True) if pruner is not None else ():
             if pruner.DG.check_pruning_group(group):
                 group.prune()
                 pruned += 1
-    for name, (att, _) in plan.items():
-        heads = pruner.num_heads[att.projections[0]]
+    for name, (att, count) in plan.items():
+        if att.use_graph:
+            heads, kv_heads = pruner.num_heads[att.projections[0]], pruner.num_heads[att.projections[0]]
+        else:
+            remove_groups_(att.grouped, count, importance)
+            heads, kv_heads = att.grouped.num_heads, att.grouped.kv_heads
+            pruned += 1
         widths = [proj.out_features for proj in att.projections]
-        if widths != [heads * att.head_dim] * 3:  # pragma: no cover - a Torch-Pruning bug would land here
+        if widths != [heads * att.head_dim] + [kv_heads * att.head_dim] * 2:  # pragma: no cover - a bug lands here
             raise ModelError(
                 f"prune_channels_: attention {name!r} has q/k/v widths {widths} after head pruning, expected "
-                f"{heads} heads of {att.head_dim}"
+                f"{heads} query and {kv_heads} key/value heads of {att.head_dim}"
             )
         att.module.num_heads = heads
     try:
@@ -928,15 +1002,6 @@ def _codec_notes(model: nn.Module, report: StructuralReport) -> list[str]:
 
     modules = dict(model.named_modules())
     notes = []
-    for name, row in report.heads.items():
-        module = modules.get(name)
-        if row["before"] != row["after"] and module is not None and codec_for(module) is None:
-            notes.append(
-                f"{name} ({row['type']}) now has num_heads={row['after']}: torchslim.save records its projections' "
-                f"new shapes but not num_heads, so torchslim.load rebuilds it with {row['before']} heads; register a "
-                "codec for it (torchslim.artifact.register_module_codec) unless its forward infers the head count "
-                "(e.g. view(batch, tokens, -1, head_dim))"
-            )
     for name in report.changed:
         module = modules.get(name)
         if module is not None and codec_for(module) is None:
