@@ -618,10 +618,17 @@ def test_heads_without_prunable_attention_is_a_config_error_and_leaves_the_model
         prune_channels_(heads_transformer(), ChannelPruning(heads=0.5, importance="bn"), tokens())
 
 
-def test_head_pruned_attention_without_codec_is_noted():
-    model = heads_transformer(uncoded=True)
+def test_head_pruned_attention_without_codec_reloads_with_its_new_head_count(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchslim_test_heads", sys.modules[__name__])  # an importable factory
+    model = ts.create_model("torchslim_test_heads:heads_transformer", uncoded=True).eval()
     report = prune_channels_(model, ChannelPruning(amount=0.0, heads=0.5), tokens())
     assert [block.attn.num_heads for block in model.blocks] == [4, 4]
-    notes = report.details["notes"]
-    assert len(notes) == 2 and "blocks.0.attn (UncodedAttention) now has num_heads=4" in notes[0]
+    assert not report.details["notes"]
     assert json.loads(json.dumps(report.to_dict()))["heads"]["blocks.1.attn"]["after"] == 4
+    path = ts.save(model, tmp_path / "uncoded.slim")
+    # no codec describes UncodedAttention: the manifest records the head counts its tensors do not show
+    assert ts.read_manifest(path)["attributes"] == {f"blocks.{i}.attn": {"num_heads": 4} for i in range(2)}
+    loaded = ts.load(path, trust_factory=True)
+    assert [block.attn.num_heads for block in loaded.blocks] == [4, 4]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()), model(tokens()))

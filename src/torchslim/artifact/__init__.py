@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from torchslim._version import __version__
+from torchslim.artifact.attributes import changed_attributes, restore_attributes_
 from torchslim.artifact.codecs import codec_for, codec_named, register_module_codec, registered_codecs
 from torchslim.artifact.encodings import (
     DENSE,
@@ -146,7 +147,7 @@ def save(
         key: _plain(value, key)
         for key, value in (("recipe", recipe), ("measurements", measurements), ("extra", extra))
     }
-    modules = _changed_modules(model, factory)
+    modules, attributes = _changed_modules(model, factory)
     tensors, entries = _encode_state(model.state_dict())
     manifest = {
         "format": FORMAT,
@@ -157,6 +158,8 @@ def save(
         "tensors": entries,
         **sections,
     }
+    if attributes:
+        manifest["attributes"] = attributes
     signature = input_signature if input_signature is not None else getattr(model, "_torchslim_input", None)
     if signature is not None:
         manifest["input"] = _checked_signature(signature, "save: input_signature")
@@ -289,11 +292,14 @@ def _ref_spec(codec, reference: nn.Module, name: str) -> dict[str, Any] | None:
         return None
 
 
-def _changed_modules(model: nn.Module, factory: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _changed_modules(
+    model: nn.Module, factory: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
     """Find the modules that differ from what the factory builds; check the file will load.
 
     Returns:
-        module path -> ``{"codec": name, "spec": {...}}``.
+        module path -> ``{"codec": name, "spec": {...}}``, and the changed module attributes
+        (:mod:`torchslim.artifact.attributes`).
 
     Raises:
         ArtifactError: a module differs and has no codec, a factory module is missing, or the
@@ -336,7 +342,7 @@ def _changed_modules(model: nn.Module, factory: dict[str, Any]) -> dict[str, dic
     # Rebuild as load will and compare the tensors, so a file that cannot load is never written.
     rebuilt = _replace_modules(reference, changed, "save", meta=on_meta, trust=False)
     _check_state_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, rebuilt, "save", factory)
-    return changed
+    return changed, changed_attributes(model, rebuilt)
 
 
 def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -442,6 +448,7 @@ def load(
     del data
     factory = manifest["factory"]
     model = _rebuild(manifest, where, trust_factory)
+    restore_attributes_(model, manifest.get("attributes", {}), where)
     state = _decode_all(manifest["tensors"], stored.__getitem__, set(stored), where)
     _check_state_shapes({k: tuple(v.shape) for k, v in state.items()}, model, where, factory)
     current = model.state_dict(keep_vars=True)
