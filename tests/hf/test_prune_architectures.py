@@ -140,3 +140,24 @@ def test_head_pruned_attention_in_a_user_wrapper_reloads_in_a_new_process(tmp_pa
     path = ts.save(model, tmp_path / "whisper.slim")
     assert ts.read_manifest(path)["attributes"]["model.layers.0.self_attn"] == {"num_heads": 1}
     assert _reload_in_new_process([(path, inputs, want)], tmp_path) == [{"status": "ok", "message": ""}]
+
+
+def test_swin_heads_are_a_model_error_naming_the_modules_and_leave_the_model_alone(tmp_path):
+    model, inputs = _model("swin", tmp_path)  # a per-head relative position bias table: no head group passes
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ModelError, match="removed no head of attention 'model.swin.encoder.layers.0.blocks.0"):
+        ts.prune_transformer_(model, ChannelPruning(amount=0.3, heads=0.3), inputs)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+@pytest.mark.slow  # EfficientNet's dependency graph takes ~15 s to trace on 2 shared cores
+def test_pruned_convnext_and_efficientnet_reload_in_a_new_process(tmp_path):
+    saved = []
+    for name in ("convnext", "efficientnet"):  # ConvNextLayerNorm, EfficientNetDepthwiseConv2d: no codec of their own
+        model, inputs = _model(name, tmp_path)
+        ts.prune_(model, ChannelPruning(amount=0.3), example_inputs=inputs[0])
+        with torch.no_grad():
+            want = model(*inputs)
+        saved.append((ts.save(model, tmp_path / f"{name}.slim"), inputs, want))
+    assert "shapes" in ts.read_manifest(saved[0][0]) and "shapes" in ts.read_manifest(saved[1][0])
+    assert _reload_in_new_process(saved, tmp_path) == [{"status": "ok", "message": ""}] * 2

@@ -632,3 +632,69 @@ def test_head_pruned_attention_without_codec_reloads_with_its_new_head_count(tmp
     assert [block.attn.num_heads for block in loaded.blocks] == [4, 4]
     with torch.no_grad():
         assert torch.equal(loaded(tokens()), model(tokens()))
+
+
+# --- subclasses of built-in layers without a codec (ConvNeXt's LayerNorm, EfficientNet's depthwise conv) --------
+class ChannelsFirstNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (as ``transformers``' ``ConvNextLayerNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DepthwiseConv(nn.Conv2d):
+    """A depthwise 3x3 convolution (as ``transformers``' ``EfficientNetDepthwiseConv2d``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.norm = ChannelsFirstNorm(16)
+        self.dw = DepthwiseConv(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dw(self.norm(self.stem(x))).mean(dim=(2, 3)))
+
+
+def subclass_net() -> SubclassNet:
+    torch.manual_seed(0)
+    return SubclassNet().eval()
+
+
+def test_pruned_subclasses_of_built_in_layers_save_their_shapes_and_reload(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchslim_test_heads", sys.modules[__name__])  # an importable factory
+    model = ts.create_model("torchslim_test_heads:subclass_net").eval()
+    prune_channels_(model, ChannelPruning(amount=0.5), images(2)[:, :1])
+    assert (model.norm.normalized_shape, model.dw.groups, tuple(model.dw.weight.shape)) == ((8,), 8, (8, 1, 3, 3))
+    path = ts.save(model, tmp_path / "subclass.slim")
+    manifest = ts.read_manifest(path)
+    assert manifest["shapes"]["norm"] == {"weight": [8], "bias": [8]}
+    assert manifest["attributes"]["dw"] == {"in_channels": 8, "out_channels": 8, "groups": 8}
+    loaded = ts.load(path, trust_factory=True)
+    assert type(loaded.norm) is ChannelsFirstNorm and loaded.norm.normalized_shape == (8,)
+    with torch.no_grad():
+        assert torch.equal(loaded(images(2)[:, :1]), model(images(2)[:, :1]))
+
+
+@pytest.mark.parametrize(
+    ("section", "record", "message"),
+    [
+        ("attributes", {"nope": {"num_heads": 2}}, "attributes name module 'nope'"),
+        ("attributes", {"dw": {"groups": "8"}}, r"attributes\['dw'\]\['groups'\] = '8' is invalid"),
+        ("attributes", {"dw": {"forward": 3}}, r"attributes\['dw'\]\['forward'\] = 3 is invalid"),
+        ("shapes", {"norm": {"weight": [-1]}}, r"shapes\['norm'\]\['weight'\] = \[-1\] is invalid"),
+        ("shapes", {"norm": {"running": [8]}}, r"shapes\['norm'\]\['running'\] = \[8\] is invalid"),
+    ],
+)
+def test_malformed_attribute_records_are_artifact_errors(section, record, message):
+    from torchslim.artifact.attributes import apply_changes_
+    from torchslim.errors import ArtifactError
+
+    records = {"attributes": {}, "shapes": {}, section: record}
+    with pytest.raises(ArtifactError, match=f"f.slim: manifest {message}"):
+        apply_changes_(subclass_net(), records["attributes"], records["shapes"], "f.slim")

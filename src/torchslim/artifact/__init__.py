@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from torchslim._version import __version__
-from torchslim.artifact.attributes import changed_attributes, restore_attributes_
+from torchslim.artifact.attributes import apply_changes_, module_changes
 from torchslim.artifact.codecs import codec_for, codec_named, register_module_codec, registered_codecs
 from torchslim.artifact.encodings import (
     DENSE,
@@ -147,7 +147,7 @@ def save(
         key: _plain(value, key)
         for key, value in (("recipe", recipe), ("measurements", measurements), ("extra", extra))
     }
-    modules, attributes = _changed_modules(model, factory)
+    modules, (attributes, shapes) = _changed_modules(model, factory)
     tensors, entries = _encode_state(model.state_dict())
     manifest = {
         "format": FORMAT,
@@ -160,6 +160,8 @@ def save(
     }
     if attributes:
         manifest["attributes"] = attributes
+    if shapes:
+        manifest["shapes"] = shapes
     signature = input_signature if input_signature is not None else getattr(model, "_torchslim_input", None)
     if signature is not None:
         manifest["input"] = _checked_signature(signature, "save: input_signature")
@@ -294,12 +296,12 @@ def _ref_spec(codec, reference: nn.Module, name: str) -> dict[str, Any] | None:
 
 def _changed_modules(
     model: nn.Module, factory: dict[str, Any]
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
+) -> tuple[dict[str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]:
     """Find the modules that differ from what the factory builds; check the file will load.
 
     Returns:
-        module path -> ``{"codec": name, "spec": {...}}``, and the changed module attributes
-        (:mod:`torchslim.artifact.attributes`).
+        module path -> ``{"codec": name, "spec": {...}}``, and the changed module attributes and resized
+        tensors of modules without a codec (:mod:`torchslim.artifact.attributes`).
 
     Raises:
         ArtifactError: a module differs and has no codec, a factory module is missing, or the
@@ -341,8 +343,10 @@ def _changed_modules(
             )
     # Rebuild as load will and compare the tensors, so a file that cannot load is never written.
     rebuilt = _replace_modules(reference, changed, "save", meta=on_meta, trust=False)
+    changes = module_changes(model, rebuilt)
+    apply_changes_(rebuilt, *changes, "save")
     _check_state_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, rebuilt, "save", factory)
-    return changed, changed_attributes(model, rebuilt)
+    return changed, changes
 
 
 def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -448,7 +452,7 @@ def load(
     del data
     factory = manifest["factory"]
     model = _rebuild(manifest, where, trust_factory)
-    restore_attributes_(model, manifest.get("attributes", {}), where)
+    apply_changes_(model, manifest.get("attributes", {}), manifest.get("shapes", {}), where)
     state = _decode_all(manifest["tensors"], stored.__getitem__, set(stored), where)
     _check_state_shapes({k: tuple(v.shape) for k, v in state.items()}, model, where, factory)
     current = model.state_dict(keep_vars=True)

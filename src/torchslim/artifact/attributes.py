@@ -1,21 +1,28 @@
-"""Int attributes of modules that their tensors do not show (attention head counts): recorded by save, set by load.
+"""Module state that tensors and codecs do not show: head counts, and the shapes of resized modules without a codec.
 
-Structural head pruning changes an attention module's ``num_heads`` along with its projections' shapes. The
-projections are rebuilt from their codecs, but a module without a codec of its own (any ``transformers`` attention
-inside a user's wrapper) is rebuilt by the factory with its original head count. ``save`` records, under the
-manifest's ``"attributes"``, each listed attribute whose value differs from the factory model's
-(``{"encoder.layers.0.self_attn": {"num_heads": 1}}``), and ``load`` sets them on the rebuilt model.
+Structural pruning changes an attention module's ``num_heads`` along with its projections, and shrinks modules of
+any class (a ``transformers`` ``ConvNextLayerNorm``, an ``EfficientNetDepthwiseConv2d``: subclasses of built-in
+layers with no codec of their own). Modules with a codec are rebuilt from its spec; for the others ``save`` records,
+against the model the factory builds:
+
+- ``"attributes"``: ``{module: {name: value}}``, the head counts in :data:`ATTRIBUTES` that differ and, for a module
+  whose own tensors changed shape, every int or int-tuple attribute that differs (``normalized_shape``,
+  ``in_channels``, ``groups``...);
+- ``"shapes"``: ``{module: {tensor: shape}}``, its own parameters and buffers whose shape differs.
+
+``load`` sets them on the rebuilt model before loading the tensors (which then fill the resized ones).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.errors import ArtifactError
 
-__all__ = ["ATTRIBUTES", "changed_attributes", "register_module_attribute", "restore_attributes_"]
+__all__ = ["ATTRIBUTES", "apply_changes_", "module_changes", "register_module_attribute"]
 
 # head counts and widths that head pruning changes (torchslim.prune, torchslim.hf.loading.sync_config_)
 ATTRIBUTES: list[str] = ["num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size"]
@@ -33,52 +40,101 @@ def register_module_attribute(name: str) -> None:
         ATTRIBUTES.append(name)
 
 
-def _int_attribute(module: nn.Module, name: str) -> int | None:
-    value = module.__dict__.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def changed_attributes(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, int]]:
-    """Module name -> ``{attribute: value}`` where ``model`` differs from ``reference`` (the factory's model).
+def _plain(value: Any) -> int | list[int] | None:
+    """``value`` as an int or a list of ints, or None if it is neither."""
+    if _is_int(value):
+        return value
+    if isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+        return list(value)
+    return None
 
-    Args:
-        model: the model being saved.
-        reference: the model its factory builds (after codec replacements or not: codec specs hold their own).
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+
+
+def module_changes(
+    model: nn.Module, reference: nn.Module
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[int]]]]:
+    """What ``model`` holds that the factory's model (``reference``, codec replacements done) does not show.
 
     Returns:
-        Only modules present in both, only int attributes from :data:`ATTRIBUTES`.
+        ``(attributes, shapes)`` as described in the module docstring (only modules present in both).
     """
     references = dict(reference.named_modules())
-    changed: dict[str, dict[str, int]] = {}
+    attributes: dict[str, dict[str, Any]] = {}
+    shapes: dict[str, dict[str, list[int]]] = {}
     for name, module in model.named_modules():
         ref = references.get(name)
         if ref is None:
             continue
-        for attr in ATTRIBUTES:
-            value = _int_attribute(module, attr)
-            if value is not None and value != _int_attribute(ref, attr):
-                changed.setdefault(name, {})[attr] = value
-    return changed
+        ref_tensors = _own_tensors(ref)
+        resized = {
+            n: list(t.shape)
+            for n, t in _own_tensors(module).items()
+            if n in ref_tensors and t.shape != ref_tensors[n].shape
+        }
+        for attr, value in module.__dict__.items():
+            plain = _plain(value)
+            if plain is None or plain == _plain(ref.__dict__.get(attr)):
+                continue
+            if (attr in ATTRIBUTES and _is_int(value)) or (resized and attr in ref.__dict__ and attr[0] != "_"):
+                attributes.setdefault(name, {})[attr] = plain
+        if resized:
+            shapes[name] = resized
+    return attributes, shapes
 
 
-def restore_attributes_(model: nn.Module, recorded: Any, where: str) -> None:
-    """Set the attributes a manifest recorded on the rebuilt ``model``.
+def apply_changes_(model: nn.Module, attributes: Any, shapes: Any, where: str) -> None:
+    """Set the recorded attributes on the rebuilt ``model`` and give its resized tensors their recorded shapes.
 
     Raises:
-        ArtifactError: ``recorded`` is not ``{module: {attribute: int}}`` of known attributes and modules.
+        ArtifactError: a malformed record, or one naming a module, attribute or tensor the model lacks.
     """
-    if not isinstance(recorded, dict):
-        raise ArtifactError(f"{where}: manifest attributes = {recorded!r} is invalid: expected a dict")
     modules = dict(model.named_modules())
-    for name, attrs in recorded.items():
-        if name not in modules:
-            raise ArtifactError(f"{where}: manifest attributes name module {name!r}, which the rebuilt model lacks")
-        if not isinstance(attrs, dict):
-            raise ArtifactError(f"{where}: manifest attributes[{name!r}] = {attrs!r} is invalid: expected a dict")
+    for section, records in (("attributes", attributes), ("shapes", shapes)):
+        if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
+            raise ArtifactError(f"{where}: manifest {section} = {records!r} is invalid: expected {{module: {{...}}}}")
+        missing = [name for name in records if name not in modules]
+        if missing:
+            raise ArtifactError(
+                f"{where}: manifest {section} name module {missing[0]!r}, which the rebuilt model lacks"
+            )
+    for name, attrs in attributes.items():
         for attr, value in attrs.items():
-            if attr not in ATTRIBUTES or not isinstance(value, int) or isinstance(value, bool):
+            _set_attribute(modules[name], name, attr, value, where)
+    for name, tensors in shapes.items():
+        own = _own_tensors(modules[name])
+        for tensor, shape in tensors.items():
+            if tensor not in own or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
                 raise ArtifactError(
-                    f"{where}: manifest attributes[{name!r}][{attr!r}] = {value!r} is invalid: expected an int "
-                    f"of one of {', '.join(ATTRIBUTES)}"
+                    f"{where}: manifest shapes[{name!r}][{tensor!r}] = {shape!r} is invalid: expected a list of "
+                    f"sizes of one of its tensors ({', '.join(own) or 'none'})"
                 )
-            setattr(modules[name], attr, value)
+            _resize_(modules[name], tensor, shape)
+
+
+def _set_attribute(module: nn.Module, name: str, attr: str, value: Any, where: str) -> None:
+    current = module.__dict__.get(attr)
+    if attr in ATTRIBUTES and current is None and _is_int(value):
+        setattr(module, attr, value)
+        return
+    if _plain(current) is None or _is_int(current) != _is_int(value) or _plain(value) is None:
+        raise ArtifactError(
+            f"{where}: manifest attributes[{name!r}][{attr!r}] = {value!r} is invalid: expected an int or a list of "
+            f"ints replacing an attribute of that kind (the rebuilt module holds {current!r})"
+        )
+    setattr(module, attr, value if _is_int(value) else type(current)(value))
+
+
+def _resize_(module: nn.Module, tensor: str, shape: list[int]) -> None:
+    old = _own_tensors(module)[tensor]
+    new = torch.empty(shape, dtype=old.dtype, device=old.device)
+    if tensor in module._parameters:
+        module._parameters[tensor] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        module._buffers[tensor] = new

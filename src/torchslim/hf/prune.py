@@ -102,7 +102,6 @@ def prune_transformer_(
         if report.skipped[name] == "filter_fn returned False" and name not in {n for n in ffn}:
             report.skipped[name] = "transformer pruning removes only attention heads and FFN neurons"
     synced = sync_config_(model)
-    report.details["notes"] = [n for n in report.details.get("notes", []) if "now has num_heads" not in n]
     report.details["hf"] = synced
     return report
 

@@ -129,8 +129,7 @@ class StructuralReport:
         params_after: parameters after pruning.
         macs_before: MACs of one sample before pruning (``torchslim.measure.count_macs``).
         macs_after: MACs of one sample after pruning.
-        details: the config, the number of dependency groups pruned, and notes (e.g. a changed module type that
-            ``torchslim.save`` has no codec for).
+        details: the config, the number of dependency groups pruned, and ``notes`` (remarks for the user).
     """
 
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -265,7 +264,7 @@ def prune_channels_(
                     _accumulate_gradients(model, data, loss_fn)
                     gradients = True
                 report.details["head_groups_pruned"] = _prune_heads(
-                    head_pruner, plan, model, inputs, config.importance
+                    head_pruner, plan, model, inputs, config.importance, report
                 )
             # heads are the only unit of q/k/v (also of attention whose heads cannot be pruned, e.g. grouped-query
             # attention); ``amount`` never splits them
@@ -336,7 +335,6 @@ def prune_channels_(
             )
     report.params_after = parameter_stats(model)["parameters"]
     report.macs_after = count_macs(model, inputs)
-    report.details["notes"] += _codec_notes(model, report)
     return report
 
 
@@ -903,12 +901,20 @@ def _check_head_groups(
 
 
 def _prune_heads(
-    pruner, plan: dict[str, tuple[_Attention, int]], model: nn.Module, inputs: Any, importance: str
+    pruner,
+    plan: dict[str, tuple[_Attention, int]],
+    model: nn.Module,
+    inputs: Any,
+    importance: str,
+    report: StructuralReport,
 ) -> int:
     """Run the head pass; set each module's ``num_heads``; returns the number of groups pruned.
 
+    Modules whose heads the graph left whole are dropped from ``plan`` (the reason is in ``report.skipped``).
+
     Raises:
-        ModelError: the projections disagree with the new head count, or the forward fails afterwards.
+        ModelError: the graph removed no head at all, the projections disagree with the new head count, or the
+            forward fails afterwards.
     """
     pruned = 0
     with torch.no_grad():
@@ -916,6 +922,21 @@ def _prune_heads(
             if pruner.DG.check_pruning_group(group):
                 group.prune()
                 pruned += 1
+    untouched = [
+        name
+        for name, (att, _) in plan.items()
+        if att.use_graph and att.projections[0].out_features == att.num_heads * att.head_dim
+    ]
+    if untouched and len(untouched) == len(plan):
+        raise ModelError(
+            f"prune_channels_: Torch-Pruning removed no head of attention {', '.join(map(repr, untouched))}: its "
+            "traced head groups did not pass its checks (e.g. a per-head tensor such as Swin's relative position "
+            "bias table is added to the attention scores); prune FFN neurons only (ChannelPruning(heads=0)) or list "
+            "these modules in ChannelPruning.ignore"
+        )
+    for name in untouched:
+        report.skipped.setdefault(name, "heads kept: Torch-Pruning's traced head groups removed none of its heads")
+        del plan[name]
     for name, (att, count) in plan.items():
         if att.use_graph:
             heads, kv_heads = pruner.num_heads[att.projections[0]], pruner.num_heads[att.projections[0]]
@@ -995,21 +1016,6 @@ def _layer_shapes(model: nn.Module) -> dict[str, tuple[str, list[int]]]:
         elif isinstance(module, nn.MultiheadAttention):
             rows[name] = (type(module).__name__, [module.embed_dim])
     return rows
-
-
-def _codec_notes(model: nn.Module, report: StructuralReport) -> list[str]:
-    from torchslim.artifact.codecs import codec_for
-
-    modules = dict(model.named_modules())
-    notes = []
-    for name in report.changed:
-        module = modules.get(name)
-        if module is not None and codec_for(module) is None:
-            notes.append(
-                f"{name} ({type(module).__name__}) changed shape but has no artifact codec: torchslim.save will "
-                "refuse the model until one is registered (torchslim.artifact.register_module_codec)"
-            )
-    return notes
 
 
 def _register_handler() -> None:
