@@ -81,6 +81,16 @@ def test_grouped_query_heads_go_by_key_value_group_and_the_config_follows(tmp_pa
         assert torch.equal(loaded(*inputs), want)
 
 
+def test_head_pruned_grouped_query_model_exports_as_a_hugging_face_directory(tmp_path):
+    from torchslim.export.hf import export_hf
+
+    model, inputs, _ = _prune_heads_and_check("llama", tmp_path)
+    report = export_hf(model, tmp_path / "out", example_inputs=inputs)  # reloaded by transformers, compared
+    assert report.parity["cosine"] > 0.999
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 8)
+
+
 @pytest.mark.slow  # five models pruned and one reload process: about a minute on 2 shared cores
 def test_grouped_query_and_rotary_models_reload_in_a_new_process(tmp_path):
     saved = []
@@ -124,10 +134,20 @@ def test_tied_weights_stay_one_tensor_after_structural_pruning(tmp_path):
     assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
 
 
-def test_tied_weights_pruned_differently_are_a_model_error(tmp_path):
+def test_tied_weights_reached_by_two_groups_keep_those_groups_and_the_rest_is_pruned(tmp_path):
     model, inputs = _model("t5", tmp_path)  # one embedding, two residual streams (encoder, decoder)
-    with pytest.raises(ModelError, match="tied weights model.shared.weight .*cannot stay one tensor"):
-        ts.prune_(model, ChannelPruning(amount=0.3), example_inputs=inputs)
+    t5 = model.model
+    report = ts.prune_(model, ChannelPruning(amount=0.3), example_inputs=inputs)
+    assert t5.shared.weight.shape == (128, 32)  # the residual streams stay whole, the embedding stays one tensor
+    assert t5.encoder.embed_tokens.weight is t5.shared.weight is t5.decoder.embed_tokens.weight is t5.lm_head.weight
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wi.out_features < 64  # FFN neurons still go
+    kept = [r for r in report.skipped.values() if "tied weight model.shared.weight" in r]
+    assert kept and "other dependency groups prune too" in kept[0]
+    with torch.no_grad():
+        want = model(*inputs)
+    loaded = ts.load(ts.save(model, tmp_path / "t5.slim"), trust_factory=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), want)
 
 
 def test_head_pruned_attention_in_a_user_wrapper_reloads_in_a_new_process(tmp_path):

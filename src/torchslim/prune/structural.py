@@ -292,7 +292,7 @@ def prune_channels_(
                 )
             except Exception as exc:  # tracing runs user code; Torch-Pruning raises assorted types
                 raise ModelError(f"prune_channels_: cannot trace the model's dependency graph: {exc}") from exc
-            candidates = _plan_groups(pruner, names, ignored, leaves, config, report)
+            candidates = _plan_groups(pruner, names, ignored, leaves, config, report, tied)
             if config.amount > 0 and not candidates and not report.details.get("head_groups_pruned"):
                 raise ConfigError(
                     f"ChannelPruning(amount={config.amount}, importance={config.importance!r}): nothing in the model "
@@ -577,11 +577,13 @@ def _plan_groups(
     leaves: Tensor | tuple[Tensor, ...],
     config: ChannelPruning,
     report: StructuralReport,
+    tied: list,
 ) -> list[str]:
     """Sort the dependency groups into prunable ones and kept ones (with reasons); returns prunable layer names.
 
-    Groups tied to a model input, or without BatchNorm under ``importance="bn"``, are added to the pruner's
-    ignored layers here, so a global ranking only counts channels that can really go.
+    Groups tied to a model input, without BatchNorm under ``importance="bn"``, or reaching a tied weight (see
+    :func:`_tied_parameters`) that another group reaches too, are added to the pruner's ignored layers here, so a
+    global ranking only counts channels that can really go.
     """
     graph = pruner.DG
     inputs = _as_list(leaves)
@@ -590,19 +592,19 @@ def _plan_groups(
     # embeddings (slices + concatenation), where Torch-Pruning's index mapping never converges.
     model = next(module for module, name in names.items() if name == "")
     qkv = [p for projections in _qkv_projections(model).values() for p in projections if p in ignored]
-    for group in graph.get_all_groups(ignored_layers=qkv, root_module_types=pruner.root_module_types):
+    groups = list(graph.get_all_groups(ignored_layers=qkv, root_module_types=pruner.root_module_types))
+    reasons = [_group_kept_reason(graph, group, names, ignored, inputs, config) for group in groups]
+    shared = _shared_across_groups([g for g, r in zip(groups, reasons, strict=True) if r is None], tied)
+    for group, reason in zip(groups, reasons, strict=True):
         owners = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
         layers = [m for m in owners if isinstance(m, _LAYERS) and m in names]
-        blocking = next((m for m in owners if m in ignored), None)
-        reason = None
-        if blocking is not None:
-            reason = f"its output channels are tied to kept layer {names.get(blocking, '?')!r}"
-        elif any(any(dep.target.module is t for t in inputs) for dep, _ in group):
-            reason = "its output channels are tied to a model input (e.g. a residual add with the input)"
-        elif config.importance == "bn" and not any(
-            isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group
-        ):
-            reason = "importance 'bn' needs a BatchNorm on its output channels; there is none"
+        tied_name = next((shared[id(dep.target.module)] for dep, _ in group if id(dep.target.module) in shared), None)
+        if reason is None and tied_name is not None:
+            reason = (
+                f"its channels run through the tied weight {tied_name}, which other dependency groups prune too "
+                "(e.g. one embedding shared by an encoder and a decoder): pruned differently it could not stay one "
+                "tensor"
+            )
         if reason is None:
             candidates += [names[m] for m in layers]
             continue
@@ -611,6 +613,36 @@ def _plan_groups(
                 report.skipped.setdefault(names[module], reason)
                 pruner.ignored_layers.append(module)
     return candidates
+
+
+def _group_kept_reason(graph, group, names, ignored, inputs, config: ChannelPruning) -> str | None:
+    """Why a dependency group must keep its channels (a kept layer, a model input, no BatchNorm), or None."""
+    owners = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+    blocking = next((m for m in owners if m in ignored), None)
+    if blocking is not None:
+        return f"its output channels are tied to kept layer {names.get(blocking, '?')!r}"
+    if any(any(dep.target.module is t for t in inputs) for dep, _ in group):
+        return "its output channels are tied to a model input (e.g. a residual add with the input)"
+    if config.importance == "bn" and not any(
+        isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group
+    ):
+        return "importance 'bn' needs a BatchNorm on its output channels; there is none"
+    return None
+
+
+def _shared_across_groups(groups: list, tied: list) -> dict[int, str]:
+    """``id(module)`` -> tied parameter name, for the holders of each tied parameter reached by several groups."""
+    holders = {id(module): index for index, (_, group) in enumerate(tied) for module, _, _ in group}
+    reached: dict[int, int] = {}
+    for group in groups:
+        for index in {holders[id(dep.target.module)] for dep, _ in group if id(dep.target.module) in holders}:
+            reached[index] = reached.get(index, 0) + 1
+    return {
+        id(module): tied[index][1][0][2]
+        for index, count in reached.items()
+        if count > 1
+        for module, _, _ in tied[index][1]
+    }
 
 
 def _accumulate_gradients(model: nn.Module, data: Any, loss_fn: Callable | None) -> None:
