@@ -131,3 +131,16 @@ def test_blocks_refused_with_the_reason_and_nothing_changed():
     assert isinstance(model[0], nn.Linear)
     with pytest.raises(ConfigError, match=r"loop = 'fast' is invalid: expected one of auto, blocks, staged"):
         gptq_(model, GPTQ(), torch.randn(4, 8), loop="fast")
+
+
+def test_blocks_report_one_line_per_block_and_the_same_codes(capsys):
+    silent, reported = _llama(2), _llama(2)
+    gptq_(silent, GPTQ(bits=4, group_size=32), _batches(), loop="blocks")
+    assert capsys.readouterr().err == ""  # the library is silent by default
+    gptq_(reported, GPTQ(bits=4, group_size=32), _batches(), loop="blocks", progress="lines")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "gptq blocks: block 1/2: 7 layers quantized", "gptq blocks: block 2/2: 7 layers quantized"]
+    assert "ETA" in lines[0] and "ETA" not in lines[1]
+    for a, b in zip(silent.state_dict().values(), reported.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

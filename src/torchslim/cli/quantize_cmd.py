@@ -120,7 +120,7 @@ def quantize(
                 calib, model)
         from torchslim import progress
 
-        # one line when done: gptq_ has no per-layer hook (its loop is GPTQ's own), so no ETA
+        # gptq_ reports each block of a block-list model itself (with ETA); this adds the line when done
         with progress.task("gptq") as bar:
             report = gptq_(model, gptq_config, calib_inputs, overrides=overrides)
             bar.line(f"{len(report.quantized)} layers quantized", also_bar=True)

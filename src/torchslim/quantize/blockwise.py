@@ -161,6 +161,7 @@ def quantize_blocks(
     quantize: StageQuantizer,
     *,
     true_sequential: bool = True,
+    on_block: Callable[[int, int], Any] | None = None,
 ) -> list[Tensor]:
     """Quantize the layers of each block in turn on the block's cached inputs.
 
@@ -172,17 +173,20 @@ def quantize_blocks(
         quantize: quantizes one stage (replacing its layers in the model).
         true_sequential: stage by stage inside a block (each stage on the outputs of the already quantized ones);
             False collects every layer of the block at once.
+        on_block: called as ``on_block(index, layers)`` after each block (progress), with the number of its layers
+            quantized.
 
     Returns:
         The last block's outputs (the stream input of what follows the blocks), one per batch.
     """
     xs, captured.inputs = captured.inputs, []  # each block's inputs are dropped once its outputs exist
-    for block, extra in zip(blocks, captured.extra, strict=True):
+    for index, (block, extra) in enumerate(zip(blocks, captured.extra, strict=True)):
         runs = [
             (lambda b=block, x=x, a=a, k=k: _call(b, x, a, k, captured.keyword))
             for x, (a, k) in zip(xs, extra, strict=True)
         ]
         inside = [m for m in block.modules() if m in remaining]
+        count = len(inside)
         while inside:
             stage = collect_stage(runs, inside) if true_sequential else collect_all(runs, inside)
             if not stage:
@@ -192,6 +196,8 @@ def quantize_blocks(
             if not true_sequential:
                 break
         xs = [_stream(run()) for run in runs]
+        if on_block is not None:
+            on_block(index, count - len(inside))
     return xs
 
 

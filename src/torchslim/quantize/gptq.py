@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.progress import task as progress_task
 from torchslim.quantize.affine import compute_qparams
 from torchslim.quantize.api import (
     _HANDLERS,
@@ -328,6 +329,7 @@ def gptq_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, Config | None] | None = None,
     loop: str = "auto",
+    progress: bool | str | None = None,
 ) -> QuantizeReport:
     """Quantize the model's Linear/Conv layers with GPTQ, in place, layer by layer in execution order.
 
@@ -344,6 +346,9 @@ def gptq_(
         loop: ``"blocks"`` (each block of the model's block list on its cached inputs; see
             :mod:`~torchslim.quantize.blockwise`), ``"staged"`` (every stage runs the model from its input) or
             ``"auto"`` (blocks where the model has a block list that can be driven so, else staged).
+        progress: the blocks loop reports each block (a bar with ETA on a terminal, one line per block
+            otherwise); as in :func:`torchslim.progress.resolve` (None follows the process setting: silent unless a
+            command turned it on).
 
     Returns:
         A :class:`~torchslim.quantize.QuantizeReport`; each GPTQ layer's entry has ``"method"`` (``"gptq"``, or
@@ -403,8 +408,14 @@ def gptq_(
             if isinstance(route, tuple):
                 kind = "blocks"
                 (_, blocks), captured = route
-                outputs = quantize_blocks(blocks, captured, remaining, quantize,
-                                          true_sequential=config.true_sequential)
+                with progress_task("gptq blocks", total=len(blocks), progress=progress) as bar:
+
+                    def on_block(index: int, layers: int) -> None:
+                        bar.advance()
+                        bar.line(f"block {index + 1}/{len(blocks)}: {layers} layers quantized")
+
+                    outputs = quantize_blocks(blocks, captured, remaining, quantize,
+                                              true_sequential=config.true_sequential, on_block=on_block)
                 inside = {id(m) for m in blocks.modules()}
                 outside = [m for m in remaining if id(m) not in inside]
                 quantize_after_blocks(blocks, captured, outputs, runs, outside, quantize)
