@@ -698,3 +698,45 @@ def test_malformed_attribute_records_are_artifact_errors(section, record, messag
     records = {"attributes": {}, "shapes": {}, section: record}
     with pytest.raises(ArtifactError, match=f"f.slim: manifest {message}"):
         apply_changes_(subclass_net(), records["attributes"], records["shapes"], "f.slim")
+
+
+# --- grouped-query attention (k/v heads shared by groups of query heads) ---------------------------------------------
+class GQAttention(nn.Module):
+    """8 query heads of 8 over 2 key/value heads; ``o`` is its output projection (``named`` ``out`` when ``bare``)."""
+
+    def __init__(self, bare: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = 8, 2, 8
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 16), nn.Linear(64, 16)
+        setattr(self, "out" if bare else "o", nn.Linear(64, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.k, self.v))
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return (self.out if hasattr(self, "out") else self.o)(y)
+
+
+def test_grouped_query_attention_loses_whole_key_value_groups_and_errors_without_its_output_projection():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 64), GQAttention(), nn.Linear(64, 10))
+    model = copy.deepcopy(dense)
+    x = tokens()
+    report = prune_channels_(model, ChannelPruning(amount=0.0, heads=0.5), x)
+    attn = model[1]
+    assert (attn.num_heads, attn.q.out_features, attn.k.out_features, attn.o.in_features) == (4, 32, 8, 32)
+    assert report.heads["1"] == {"type": "GQAttention", "before": 8, "after": 4}
+    kept = [g for g in range(2) if torch.equal(dense[1].k.weight[g * 8:(g + 1) * 8], attn.k.weight)]
+    assert len(kept) == 1  # one whole group: its key/value head and its 4 query heads
+    silenced = copy.deepcopy(dense)
+    with torch.no_grad():
+        gone = 1 - kept[0]
+        silenced[1].v.weight[gone * 8:(gone + 1) * 8] = 0
+        silenced[1].v.bias[gone * 8:(gone + 1) * 8] = 0
+        torch.testing.assert_close(model(x), silenced(x))
+    bare = nn.Sequential(nn.Linear(16, 64), GQAttention(bare=True), nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match=r"1: grouped-query attention is not supported here: .*no output projection"):
+        prune_channels_(bare, ChannelPruning(amount=0.0, heads=0.5), x)
