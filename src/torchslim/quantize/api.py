@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -47,6 +48,7 @@ class IntQuant(Config):
 
     stage = "quantize"
     stage_default = True
+    trains = True  # prepare_qat_ / qat take it
 
     bits: int = 4
     granularity: str = "channel"
@@ -96,6 +98,7 @@ class HalfPrecision(Config):
     """
 
     stage = "quantize"
+    cli_modes = {"fp16": {"dtype": "fp16"}, "bf16": {"dtype": "bf16"}}
 
     dtype: str = "fp16"
 
@@ -103,7 +106,28 @@ class HalfPrecision(Config):
         self.check_choice("dtype", tuple(HALF_DTYPES))
 
 
+@dataclasses.dataclass
+class QuantizeReport:
+    """Which layers were quantized (with their config) and which were skipped (with the reason)."""
+
+    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layer(s)"]
+        lines += [
+            f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()
+        ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} layer(s)")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
 _HANDLERS: dict[type[Config], Callable[[nn.Module, Config], nn.Module]] = {}
+# model-level handlers of methods that need calibration inputs: fn(model, config, calib_inputs, *, filter_fn,
+# overrides) -> QuantizeReport (GPTQ: each layer depends on the layers quantized before it)
+_CALIBRATED: dict[type[Config], Callable[..., QuantizeReport]] = {}
 
 
 def quantization_handler(config_type: type[Config]) -> Callable:
@@ -114,6 +138,47 @@ def quantization_handler(config_type: type[Config]) -> Callable:
         return fn
 
     return decorate
+
+
+def calibrated_handler(config_type: type[Config]) -> Callable:
+    """Decorator: register ``fn(model, config, calib_inputs, *, filter_fn, overrides) -> QuantizeReport``.
+
+    For a method that quantizes the whole model from calibration inputs (its config sets
+    ``needs_calibration``); :func:`quantize_` calls it when given ``calib_inputs``.
+    """
+
+    def decorate(fn: Callable[..., QuantizeReport]) -> Callable[..., QuantizeReport]:
+        _CALIBRATED[config_type] = fn
+        return fn
+
+    return decorate
+
+
+def check_layer_config(name: str, chosen: Config, *, calibrated: type[Config] | None = None) -> None:
+    """Refuse a layer's config that has no handler (``calibrated``: the one model-level method also accepted).
+
+    Raises:
+        ConfigError: naming the layer, the config and the configs allowed.
+    """
+    if type(chosen) in _HANDLERS or type(chosen) is calibrated:
+        return
+    if type(chosen) in _CALIBRATED:
+        raise ConfigError(
+            f"config for layer {name!r} = {type(chosen).__name__} needs calibration inputs, which a per-layer "
+            f"override cannot take: expected it as the model's config, quantize_(model, {type(chosen).__name__}"
+            "(...), calib_inputs=...), or one of " + ", ".join(c.__name__ for c in _HANDLERS)
+        )
+    raise ConfigError(
+        f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+        f"{', '.join(c.__name__ for c in [*_HANDLERS, *_CALIBRATED])}"
+    )
+
+
+def nothing_to_quantize(model: nn.Module, report: QuantizeReport, verb: str) -> ModelError:
+    """The error for a plan with no layer (an empty report would look like success); the caller raises it."""
+    return ModelError(f"{verb} found no layer to quantize in {type(model).__name__}: looked for "
+                      f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)} layers; "
+                      f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
 
 
 @quantization_handler(IntQuant)
@@ -139,30 +204,13 @@ def _half(module: nn.Module, config: HalfPrecision) -> nn.Module:
     return HalfLayer.from_float(module, config.dtype)
 
 
-@dataclasses.dataclass
-class QuantizeReport:
-    """Which layers were quantized (with their config) and which were skipped (with the reason)."""
-
-    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"quantized {len(self.quantized)} layer(s)"]
-        lines += [
-            f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()
-        ]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} layer(s)")
-            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
-        return "\n".join(lines)
-
-
 def quantize_(
     model: nn.Module,
     config: Config,
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, Config | None] | None = None,
+    calib_inputs: Any = None,
 ) -> QuantizeReport:
     """Replace the model's Linear/Conv layers by quantized layers, in place.
 
@@ -170,38 +218,37 @@ def quantize_(
 
     Args:
         model: the model to quantize.
-        config: ``IntQuant``, ``CodebookQuant`` or ``HalfPrecision`` (default for every layer).
+        config: the default config for every layer: ``IntQuant``, ``CodebookQuant``, ``HalfPrecision`` or any
+            config with a :func:`quantization_handler`; or a config with a :func:`calibrated_handler` (``GPTQ``),
+            which needs ``calib_inputs``.
         filter_fn: ``filter_fn(module, name) -> bool``; layers for which it is false are skipped.
         overrides: per-layer configs by module name; ``None`` skips that layer (mixed precision:
             ``{"0": IntQuant(bits=8), "7": None}``).
+        calib_inputs: calibration inputs for a method that needs them (see :func:`~torchslim.quantize.gptq_`);
+            refused for the others.
 
     Returns:
         A :class:`QuantizeReport`; every layer with weights that was not quantized is listed in
         ``skipped`` with the reason.
 
     Raises:
-        ConfigError: an unsupported config type, an override naming no layer, or a group size that
-            does not divide a layer's input dimension while ``pad`` is off.
+        ConfigError: an unsupported config type (the default or an override's), calibration inputs missing or
+            not wanted, an override naming no layer, or a group size that does not divide a layer's input
+            dimension while ``pad`` is off.
         ModelError: a selected layer's weights hold NaN/Inf, or no layer is left to quantize (all skipped).
     """
-
-    def check(name: str, chosen: Config) -> None:
-        if type(chosen) not in _HANDLERS:
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
-                f"{', '.join(c.__name__ for c in _HANDLERS)}"
-            )
-        if getattr(chosen, "needs_calibration", False):  # refused here, before any layer changes
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} needs calibration inputs, which quantize_ "
-                "does not take: use torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs) (or IntQuant for "
-                "round-to-nearest)"
-            )
-
-    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    calibrated = _CALIBRATED.get(type(config))
+    if calibrated is not None:
+        if calib_inputs is None:
+            raise ConfigError(f"{type(config).__name__} needs calibration inputs: expected quantize_(model, "
+                              f"{type(config).__name__}(...), calib_inputs=...) (a batch of inputs, or DataSplits)")
+        return calibrated(model, config, calib_inputs, filter_fn=filter_fn, overrides=overrides)
+    if calib_inputs is not None:
+        raise ConfigError(f"calib_inputs is invalid with {type(config).__name__}: expected None (it quantizes each "
+                          "layer from its weights alone)")
+    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check_layer_config)
     if not plan:  # as qat does: an empty report would look like success
-        raise ModelError(f"quantize_ found no layer to quantize in {type(model).__name__}: "
-                         f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
+        raise nothing_to_quantize(model, report, "quantize_")
     plan.reverse()
     while plan:  # popped, so each float layer is freed once replaced (no second copy of the model builds up)
         name, module, chosen = plan.pop()
