@@ -13,8 +13,6 @@ from torchslim.hf import encode
 
 from .conftest import TEXTS
 
-pytest.importorskip("transformers")
-
 
 def _run(capsys, *args: str) -> dict:
     assert main([*args, "--json"]) == 0, capsys.readouterr().err

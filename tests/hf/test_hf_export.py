@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import torchslim as ts
 from torchslim.cli.main import main
 from torchslim.errors import ConfigError, ModelError, TorchSlimError
 from torchslim.export.hf import export_hf
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("compressed_tensors")
 
 IDS = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2]])
 

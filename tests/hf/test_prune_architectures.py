@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-import torchslim as ts  # noqa: E402
-from torchslim.coverage.zoo import ARCHITECTURES, TiedLM, example_inputs, make  # noqa: E402
-from torchslim.errors import ConfigError, ModelError  # noqa: E402
-from torchslim.prune import ChannelPruning  # noqa: E402
+import torchslim as ts
+from torchslim.coverage.zoo import ARCHITECTURES, TiedLM, example_inputs, make
+from torchslim.errors import ConfigError, ModelError
+from torchslim.prune import ChannelPruning
 
 
 def _model(name, tmp_path):

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, MissingDependencyError, ModelError
+from torchslim.prune.api import PruneReport
 
 __all__ = ["IMPORTANCES", "ChannelPruning", "StructuralReport", "prune_channels_"]
 
@@ -116,8 +117,8 @@ class ChannelPruning(Config):
 
 
 @dataclasses.dataclass
-class StructuralReport:
-    """What :func:`prune_channels_` did.
+class StructuralReport(PruneReport):
+    """What :func:`prune_channels_` did: a :class:`~torchslim.prune.PruneReport` with the structural details.
 
     Attributes:
         layers: module name -> ``{"type", "before", "after"}`` weight shapes of every Conv/Linear/norm/embedding
@@ -131,6 +132,7 @@ class StructuralReport:
         macs_after: MACs of one sample after pruning.
         details: the config, the number of dependency groups pruned, and notes (e.g. a changed module type that
             ``torchslim.save`` has no codec for).
+        threshold: always None (no magnitude threshold).
     """
 
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -141,6 +143,11 @@ class StructuralReport:
     macs_before: int = 0
     macs_after: int = 0
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the parameters removed (``1 - params_ratio``): structural pruning leaves no zeros."""
+        return 1.0 - self.params_ratio
 
     @property
     def params_ratio(self) -> float:
@@ -158,8 +165,9 @@ class StructuralReport:
         return {name: row for name, row in self.layers.items() if row["before"] != row["after"]}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict, with the two ratios."""
-        return {**dataclasses.asdict(self), "params_ratio": self.params_ratio, "macs_ratio": self.macs_ratio}
+        """JSON-safe dict, with the two ratios and the sparsity."""
+        return {**dataclasses.asdict(self), "sparsity": self.sparsity, "params_ratio": self.params_ratio,
+                "macs_ratio": self.macs_ratio}
 
     def __str__(self) -> str:
         config = self.details.get("config", {})
