@@ -149,7 +149,7 @@ def quantize(
         raise ConfigError("--text is for Hugging Face models (hf:DIR or a .slim made from one): expected --data")
     splits = load_data_for(data, model) if data else None
     accuracy_before = holdout_accuracy(model, splits)
-    inputs = _Inputs(request, splits, texts if hf else None, None if text is None else str(text))
+    inputs = _Inputs(request, splits, hf, texts, None if text is None else str(text))
     model, stage, skipped = _apply(model, method, overrides, request, inputs)
     accuracy_after = holdout_accuracy(model, splits)
     measurements = {"accuracy": accuracy_after, "data": data} if splits else None
@@ -198,10 +198,11 @@ def _print_summary(summary: dict[str, Any], path: Path, target: Path, mode: str)
 
 @dataclasses.dataclass
 class _Inputs:
-    """The data a method may need: the request's specs, the loaded splits, the hf texts and the --text path."""
+    """The data a method may need: the request's specs, the loaded splits, the --text texts and path (hf models)."""
 
     request: QuantizeRequest
     splits: Any
+    hf: bool
     texts: list[str] | None
     text_path: str | None
 
@@ -224,7 +225,7 @@ def _apply(model, method: Config, overrides: dict, request: QuantizeRequest, inp
     if method.needs_calibration:
         from torchslim import progress
 
-        hf = inputs.texts is not None
+        hf = inputs.hf
         calib_inputs = token_inputs(model, inputs.texts) if hf else inputs.calibration(model, "calibration inputs")
         # one line when done: a calibrated method has no per-layer hook (GPTQ's loop is its own), so no ETA
         with progress.task(method.config_name) as bar:
@@ -253,7 +254,7 @@ def _to_graph(model, method: Config, inputs: _Inputs):
     from torchslim.quantize import quantize_to_graph
     from torchslim.quantize.int8 import quantize_dynamic
 
-    if inputs.texts is not None:  # a token model: activations quantized per batch (_check_hf refused calibration)
+    if inputs.hf:  # a token model: activations quantized per batch (_check_hf refused calibration)
         graph = quantize_dynamic(model, method, example_inputs=token_inputs(model, inputs.texts))
     elif method.needs_calibration:
         graph = quantize_to_graph(model, method, inputs.calibration(model, "calibration data"))
