@@ -55,6 +55,11 @@ VARIANTS = {
     "rtn-int3-g128": ("rtn", {"bits": 3, "granularity": "group", "group_size": 128}),
     "gptq-int3-g128": ("gptq", {"bits": 3, "group_size": 128}),
     "gptq-int4-g128-act-order": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
+    # embeddings quantized too: the tied embedding shares lm_head's codes (RTN), or is quantized on its own after
+    # GPTQ has quantized lm_head (GPTQ takes Linear layers only)
+    "rtn-int4-g128-emb": ("rtn", {"bits": 4, "granularity": "group", "group_size": 128, "embeddings": True}),
+    "gptq-int4-g128-emb": ("gptq", {"bits": 4, "group_size": 128}),
+    "gptq-int4-g128-act-order-emb": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
 }
 DEFAULT_VARIANTS = "fp32,int8,rtn-int4-g128,gptq-int4-g128,rtn-int3-g128,gptq-int3-g128"
 
@@ -154,6 +159,10 @@ def worker(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             report = ts.gptq_(model, ts.GPTQ(**settings), batches)
             row["loop"] = sorted({r.get("loop") for r in report.quantized.values()})
+            if args.worker.endswith("-emb"):
+                embeddings = ts.IntQuant(bits=settings["bits"], granularity="group",
+                                         group_size=settings["group_size"], embeddings=True)
+                ts.quantize_(model, embeddings, filter_fn=lambda module, name: isinstance(module, torch.nn.Embedding))
         else:
             start = time.perf_counter()
             report = ts.quantize_(model, ts.IntQuant(**settings))

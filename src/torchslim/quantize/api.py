@@ -44,6 +44,9 @@ class IntQuant(Config):
             literal ``floor(W*K + B)`` with ``B = zero_point``; biased low by half a step).
         scale_dtype: storage dtype of the scales.
         pad: pad rows whose input dimension is not a multiple of ``group_size`` (else an error).
+        embeddings: also quantize ``nn.Embedding`` tables (one row per token, groups along the width; a lookup
+            decodes only the rows it reads). An embedding and a Linear that share one weight (a tied ``lm_head``)
+            then share one set of codes, stored once in the ``.slim`` file.
     """
 
     stage = "quantize"
@@ -57,6 +60,7 @@ class IntQuant(Config):
     rounding: str = "nearest"
     scale_dtype: str = "float16"
     pad: bool = True
+    embeddings: bool = False
 
     def validate(self) -> None:
         self.check_int("bits", 2, 8)
@@ -66,6 +70,7 @@ class IntQuant(Config):
         self.check_choice("rounding", ROUNDINGS)
         self.check_choice("scale_dtype", tuple(SCALE_DTYPES))
         self.check_choice("pad", (True, False))
+        self.check_choice("embeddings", (True, False))
 
 
 @register_config("codebook")
@@ -249,10 +254,21 @@ def quantize_(
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check_layer_config)
     if not plan:  # as qat does: an empty report would look like success
         raise nothing_to_quantize(model, report, "quantize_")
+    tied = _tied_weights(plan)
     plan.reverse()
+    first_of: dict[int, nn.Module] = {}
     while plan:  # popped, so each float layer is freed once replaced (no second copy of the model builds up)
         name, module, chosen = plan.pop()
-        _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+        new = _HANDLERS[type(chosen)](module, chosen)
+        key = tied.get(name)
+        if key is not None and key in first_of:  # the same weight as a layer done before: share its codes
+            try:
+                new.share_codes_(first_of[key])
+            except (AttributeError, ConfigError):  # different configs (overrides) or layer types: kept apart
+                pass
+        elif key is not None:
+            first_of[key] = new
+        _replace(model, name, new)
         report.quantized[name] = chosen.to_dict()
     del module
     # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
@@ -304,11 +320,15 @@ def plan_layers(
         if isinstance(module, _WeightOnlyLayer):
             report.skipped[name] = f"already a {type(module).__name__} (quantized or prepared before)"
             continue
-        if not isinstance(module, SUPPORTED_TYPES):
+        chosen = overrides.get(name, config)
+        if isinstance(module, nn.Embedding) and chosen is not None and not getattr(chosen, "embeddings", False):
+            report.skipped[name] = (f"{type(module).__name__} kept as is (IntQuant(embeddings=True) quantizes "
+                                    "embeddings)")
+            continue
+        if not isinstance(module, (*SUPPORTED_TYPES, nn.Embedding)):
             if _owns_parameters(module):
                 report.skipped[name] = f"{type(module).__name__} is not supported (kept as is)"
             continue
-        chosen = overrides.get(name, config)
         if chosen is None:
             report.skipped[name] = "override is None"
             continue
@@ -333,6 +353,14 @@ def plan_layers(
         check_finite_weights(module, f"quantize: layer {name!r}", recurse=False, prefix=name)
         plan.append((name, module, chosen))
     return plan, report
+
+
+def _tied_weights(plan: list[tuple[str, nn.Module, Config]]) -> dict[str, int]:
+    """Layer name -> a key shared by the planned layers whose weights are one tensor (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, module, _ in plan:
+        names.setdefault(module.weight.data_ptr(), []).append(name)
+    return {name: key for key, group in names.items() if len(group) > 1 for name in group}
 
 
 def _owns_parameters(module: nn.Module) -> bool:
