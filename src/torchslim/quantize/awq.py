@@ -65,7 +65,7 @@ class AWQ(Config):
     symmetric: bool = False
     grid: int = 20
     then: str = "rtn"
-    max_rows: int = 4096
+    max_rows: int = 2048
     scale_dtype: str = "float16"
 
     def validate(self) -> None:
