@@ -66,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "OnnxGraph": "torchslim.models.onnx_graph",
     "GPTQ": "torchslim.quantize.gptq",
     "gptq_": "torchslim.quantize.gptq",
+    "AWQ": "torchslim.quantize.awq",
+    "awq_": "torchslim.quantize.awq",
     "load_hf": "torchslim.hf",
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
@@ -171,6 +173,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sensitivity,
         sweep_bits,
     )
+    from torchslim.quantize.awq import AWQ, awq_  # noqa: F401
     from torchslim.quantize.gptq import GPTQ, gptq_  # noqa: F401
     from torchslim.quantize.qat import qat  # noqa: F401
     from torchslim.quantize.runtime import runtime_report, set_runtime_  # noqa: F401
