@@ -3,12 +3,11 @@ round-to-nearest where a few input channels dominate, and save/load like IntQuan
 
 import pytest
 import torch
+import transformers  # noqa: F401  (the tiny Llama fixture)
 
 import torchslim as ts
 from torchslim.errors import ConfigError
 from torchslim.quantize.awq import AWQ, awq_, awq_scale_
-
-pytest.importorskip("transformers")
 
 
 def _salient(llama_dir):
@@ -71,3 +70,19 @@ def test_awq_then_gptq_runs_and_the_config_is_checked(llama_dir):
         AWQ(then="fast")
     with pytest.raises(ConfigError, match="needs one list of same-class blocks"):
         awq_scale_(torch.nn.Sequential(torch.nn.Linear(4, 4)), AWQ(), torch.randn(2, 4))
+
+
+def test_awq_runs_through_quantize_and_in_a_recipe_method_list(llama_dir):
+    from torchslim.pipeline.recipe import methods
+
+    assert "awq" in methods()["quantize"]
+    model, calib = _salient(llama_dir)
+    reference, _ = _salient(llama_dir)
+    awq_(reference, AWQ(bits=4, group_size=32), calib)
+    report = ts.quantize_(model, AWQ(bits=4, group_size=32), calib_inputs=calib)  # AWQ's calibrated handler
+    assert all(entry["type"] == "awq" for entry in report.quantized.values())
+    ids = torch.cat(calib)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference(ids))
+    with pytest.raises(ConfigError, match="overrides = .* is invalid with AWQ"):
+        ts.quantize_(_salient(llama_dir)[0], AWQ(), calib_inputs=calib, overrides={"model.model.norm": None})

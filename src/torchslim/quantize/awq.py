@@ -22,7 +22,7 @@ load, export and run like ``IntQuant``'s.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, quantize_affine
-from torchslim.quantize.api import IntQuant, QuantizeReport, plan_layers, quantize_
+from torchslim.quantize.api import IntQuant, QuantizeReport, calibrated_handler, plan_layers, quantize_
 from torchslim.quantize.blockwise import Capture, capture, find_blocks
 from torchslim.quantize.gptq import GPTQ, _calibration_batches, _without_kv_cache, gptq_
 from torchslim.quantize.layers import SCALE_DTYPES
@@ -58,7 +58,7 @@ class AWQ(Config):
     """
 
     stage = "quantize"
-    needs_calibration = True  # quantize_ refuses it (awq_ takes the calibration inputs)
+    needs_calibration = True  # quantize_(model, AWQ(), calib_inputs=...) calls awq_
 
     bits: int = 4
     group_size: int | None = 128
@@ -325,3 +325,14 @@ def awq_(
     for name, entry in report.quantized.items():
         entry.update(type="awq", awq=exponent.get(name, 0.0), method=entry.get("method", config.then))
     return report
+
+
+@calibrated_handler(AWQ)
+def _awq_handler(model: nn.Module, config: AWQ, calib_inputs: Any, *,
+                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                 overrides: Mapping[str, Config | None] | None = None) -> QuantizeReport:
+    """``quantize_(model, AWQ(...), calib_inputs=...)``: :func:`awq_` (which takes no per-layer overrides)."""
+    if overrides:
+        raise ConfigError(f"overrides = {dict(overrides)!r} is invalid with AWQ: expected none (layers that read one "
+                          "input are scaled together; use filter_fn to leave layers out)")
+    return awq_(model, config, calib_inputs, filter_fn=filter_fn)
