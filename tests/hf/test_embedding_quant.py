@@ -106,3 +106,20 @@ def test_a_tied_fp32_pair_is_stored_once_and_tied_again(tmp_path):
     loaded = ts.load(path, trust_factory=True)
     assert loaded.head.weight is loaded.embed.weight
     torch.testing.assert_close(loaded.embed.weight, model.embed.weight)
+
+
+def test_the_cli_quantizes_embeddings_when_asked(tied_llama_dir, tmp_path, capsys):
+    import json
+
+    from torchslim.cli.main import main
+
+    sizes = {}
+    for flag in ([], ["--embeddings"]):
+        out = tmp_path / f"q{len(flag)}.slim"
+        args = ["quantize", f"hf:{tied_llama_dir}", "--granularity", "group", "--group-size", "32", *flag,
+                "--out", str(out), "--json"]
+        assert main(args) == 0, capsys.readouterr().err
+        sizes[bool(flag)] = json.loads(capsys.readouterr().out)["output_bytes"]
+    assert sizes[True] < sizes[False] - 0.8 * VOCAB * HIDDEN * 4  # the fp32 table became 4-bit codes
+    loaded = ts.load(tmp_path / "q1.slim")
+    assert loaded.model.model.embed_tokens.packed is loaded.model.lm_head.packed

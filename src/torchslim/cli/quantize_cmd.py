@@ -121,12 +121,15 @@ def quantize(
         None, "--text", help="hf:DIR models: texts, one per line, for calibration (gptq, int8) and fidelity."
     ),
     act_order: bool = typer.Option(False, "--act-order", help="gptq: columns in order of decreasing activation."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="int: quantize nn.Embedding tables too (a tied "
+                                    "lm_head shares the embedding's codes, stored once)."),
 ) -> None:
     """Quantize weights (k-bit integer, GPTQ, codebook, fp16/bf16) or convert to int8 for ONNX Runtime."""
     from torchslim.fileio import check_output_path
 
     given = {"bits": bits, "granularity": granularity, "group_size": group_size, "symmetric": symmetric,
-             "rounding": rounding, "observer": observer, "act_order": act_order or None}
+             "rounding": rounding, "observer": observer, "act_order": act_order or None,
+             "embeddings": embeddings or None}
     request = QuantizeRequest(mode=mode, options={k: v for k, v in given.items() if v is not None},
                               overrides=tuple(override), data=data, calib=calib, qat=qat, kd=kd, epochs=epochs, lr=lr,
                               sweep=sweep, out=out, hf_source=is_hf_source(path))
