@@ -324,16 +324,7 @@ def deploy(
 
     building = 0 if stored_graph is not None else len(wanted)
     with progress_lib.task(f"deploy {source_label}", building + _ROUNDS, progress=progress) as bar:
-        if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
-            results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
-                                   artifact_bytes=len(stored_graph))]
-        else:
-            payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
-            results = []
-            for name in wanted:
-                bar.update(info=name)
-                results.append(_build(name, module, payload, data, example, parity_inputs))
-                bar.advance()
+        results = _build_routes(wanted, model, module, stored_graph, data, example, parity_inputs, bar)
         for result in results:
             if result.status == "ok" and data is not None:
                 _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
@@ -345,10 +336,7 @@ def deploy(
         timings = _time_interleaved([baseline] + [r.module for r in valid], example, batch_sizes, threads,
                                     config.min_run_time, on_round=lambda: bar.advance(info="timing"))
     baseline_ms = timings[0]
-    for result, latency in zip(valid, timings[1:], strict=True):
-        result.latency_ms = latency
-        result.speedup = {b: baseline_ms[b] / latency[b] for b in batch_sizes}
-    best = max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
+    best = _fastest(valid, timings, batch_sizes)
     progress_lib.say(f"deploy {source_label}: chose {best.name}, "
                      + ", ".join(f"{s:.2f}x at batch {b}" for b, s in best.speedup.items()), progress=progress)
     report = DeployReport(source=source_label, baseline=how, batch_sizes=list(batch_sizes), threads=threads,
@@ -356,6 +344,30 @@ def deploy(
     if out is not None:
         report.path = str(_write(out, best, report))
     return report
+
+
+def _build_routes(names: list[str], model: Any, module: nn.Module, stored_graph: bytes | None, data: Any,
+                  example: Tensor, parity_inputs: Any, bar: progress_lib.Task) -> list[RouteResult]:
+    """Build and parity-check each route of ``names`` (advancing ``bar``); an ONNX graph is its one route, as stored."""
+    if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
+        return [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
+                            artifact_bytes=len(stored_graph))]
+    payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
+    results = []
+    for name in names:
+        bar.update(info=name)
+        results.append(_build(name, module, payload, data, example, parity_inputs))
+        bar.advance()
+    return results
+
+
+def _fastest(valid: list[RouteResult], timings: list[dict[int, float]], batch_sizes: Sequence[int]) -> RouteResult:
+    """Record each valid route's latency and speedup (``timings[0]`` is the baseline's); the best geometric mean."""
+    baseline_ms = timings[0]
+    for result, latency in zip(valid, timings[1:], strict=True):
+        result.latency_ms = latency
+        result.speedup = {b: baseline_ms[b] / latency[b] for b in batch_sizes}
+    return max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
 
 
 def _deploy_config(config: DeployConfig | None, options: dict[str, Any]) -> DeployConfig:
