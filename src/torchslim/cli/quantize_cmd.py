@@ -91,7 +91,7 @@ class QuantizeRequest(Config):
         return _parse_overrides(list(self.overrides), method)
 
 
-def quantize(
+def quantize(  # noqa: PLR0913 - Typer: each parameter is one command-line option
     path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     mode: str = typer.Option("int", "--mode", help="Method: int, codebook, fp16, bf16, gptq, int8-static, "
                              "int8-dynamic, or any other registered quantize config."),
