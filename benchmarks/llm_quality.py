@@ -55,6 +55,14 @@ VARIANTS = {
     "rtn-int3-g128": ("rtn", {"bits": 3, "granularity": "group", "group_size": 128}),
     "gptq-int3-g128": ("gptq", {"bits": 3, "group_size": 128}),
     "gptq-int4-g128-act-order": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
+    # embeddings quantized too: the tied embedding shares lm_head's codes (RTN), or is quantized on its own after
+    # GPTQ has quantized lm_head (GPTQ takes Linear layers only)
+    "rtn-int4-g128-emb": ("rtn", {"bits": 4, "granularity": "group", "group_size": 128, "embeddings": True}),
+    "gptq-int4-g128-emb": ("gptq", {"bits": 4, "group_size": 128}),
+    "gptq-int4-g128-act-order-emb": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
+    "awq-int4-g128": ("awq", {"bits": 4, "group_size": 128}),
+    "awq-gptq-int4-g128": ("awq", {"bits": 4, "group_size": 128, "then": "gptq"}),
+    "awq-gptq-int4-g128-emb": ("awq", {"bits": 4, "group_size": 128, "then": "gptq"}),
 }
 DEFAULT_VARIANTS = "fp32,int8,rtn-int4-g128,gptq-int4-g128,rtn-int3-g128,gptq-int3-g128"
 
@@ -146,14 +154,21 @@ def worker(args: argparse.Namespace) -> dict:
         evaluated = model
     else:
         method, settings = spec
-        if method == "gptq":
+        if method in ("gptq", "awq"):
             windows = text_dataset(model, calibration, seq_len=args.calib_seq_len,
                                    max_windows=args.calib_samples).tensors[0]
             batches = [(w,) for w in windows.split(args.calib_batch)]
             row["calib_tokens"] = int(windows.numel())
             start = time.perf_counter()
-            report = ts.gptq_(model, ts.GPTQ(**settings), batches)
-            row["loop"] = sorted({r.get("loop") for r in report.quantized.values()})
+            if method == "awq":
+                report = ts.awq_(model, ts.AWQ(**settings), batches)
+            else:
+                report = ts.gptq_(model, ts.GPTQ(**settings), batches)
+            row["loop"] = sorted({str(r.get("loop")) for r in report.quantized.values()})
+            if args.worker.endswith("-emb"):
+                embeddings = ts.IntQuant(bits=settings["bits"], granularity="group",
+                                         group_size=settings["group_size"], embeddings=True)
+                ts.quantize_(model, embeddings, filter_fn=lambda module, name: isinstance(module, torch.nn.Embedding))
         else:
             start = time.perf_counter()
             report = ts.quantize_(model, ts.IntQuant(**settings))

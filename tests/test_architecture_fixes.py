@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -40,7 +39,6 @@ class _Attention(nn.Module):
 
 
 def test_quantize_dynamic_keeps_a_single_token_id_input_integer():
-    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = _Ids().eval()
     ids = torch.randint(0, 50, (2, 6))

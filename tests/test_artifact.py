@@ -105,7 +105,8 @@ def test_every_registered_model_round_trips_bit_exactly(tmp_path, name):
     assert torch.equal(_outputs(loaded, x), expected)
     _assert_same_state(model, loaded)
     manifest = read_manifest(path)
-    assert manifest["format"] == "torchslim.slim" and manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format"] == "torchslim.slim" and manifest["format_version"] == 1  # 1 unless tensors are shared
+    assert FORMAT_VERSION == 2
     assert manifest["torchslim_version"] == "0.1.0"
     assert manifest["factory"] == {"name": f"torchslim.models:{name}", "kwargs": {}}
     assert manifest["modules"] == {}
@@ -578,7 +579,7 @@ def test_safetensors_file_without_manifest(slim):
 def test_newer_format_version_asks_to_upgrade(slim):
     _rewrite(slim, manifest=lambda m: m.update(format_version=FORMAT_VERSION + 1, torchslim_version="9.0"))
     for reader in (load, read_manifest):
-        with pytest.raises(ArtifactError, match=r"format_version 2 was written by a newer torchslim.*up"):
+        with pytest.raises(ArtifactError, match=r"format_version 3 was written by a newer torchslim.*up"):
             reader(slim)
 
 

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("onnxruntime")
-
-from torchslim.coverage import runner  # noqa: E402
-from torchslim.coverage.zoo import ARCHITECTURES, build  # noqa: E402
-from torchslim.errors import ModelError, TorchSlimError  # noqa: E402
+from torchslim.coverage import runner
+from torchslim.coverage.zoo import ARCHITECTURES, build
+from torchslim.errors import ModelError, TorchSlimError
 
 # one of each way a model reaches torchslim: ts.load_hf (encoder, decoder), a user wrapper, user modules
 FAST_ARCHS = ("bert", "llama", "vit", "grouped-conv", "two-inputs", "tied-weights")

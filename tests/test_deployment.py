@@ -158,12 +158,23 @@ def test_deploy_reports_one_line_per_phase_when_asked(int4_file, capsys):
          "routes contains 'tensorrt': expected some of torch, torch-compact, torch-w8a8, torch-compile"),
         ({"batch_sizes": [0]}, r"batch_sizes = \[0\] is invalid: expected integers >= 1"),
         ({"max_accuracy_drop": -1}, r"max_accuracy_drop = -1 is invalid: expected points in \[0, 100\]"),
+        ({"num_threads": 0}, "DeployConfig.num_threads = 0 is invalid: expected an integer >= 1"),
+        ({"min_run_time": 0}, "DeployConfig.min_run_time = 0 is invalid: expected a number > 0"),
+        ({"batch_size": 1}, "unknown option 'batch_size': expected DeployConfig fields .*batch_sizes"),
+        ({"config": {"routes": ["torch"]}}, "config must be a DeployConfig, got dict"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(int4_file, tmp_path, kwargs, message):
     with pytest.raises(ts.ConfigError, match=message):
         ts.deploy(int4_file, tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_deploy_config_and_keyword_options_combine(int4_file):
+    config = ts.DeployConfig(routes=["torch", "onnxruntime-fp32"], batch_sizes=[1], min_run_time=0.02)
+    assert config.routes == ("torch", "onnxruntime-fp32") and ts.DeployConfig.from_dict(config.to_dict()) == config
+    report = ts.deploy(int4_file, None, config, routes=["torch"])  # keywords apply on top of the config
+    assert [r.name for r in report.routes] == ["torch"] and report.batch_sizes == [1]
 
 
 def test_deploy_cli_writes_the_artifact(int4_file, tmp_path):

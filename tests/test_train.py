@@ -286,6 +286,32 @@ def test_same_seed_same_parameters_and_different_seed_differs():
     assert not same_params(a, c)
 
 
+def test_seeded_runs_give_pinned_results():
+    """Pinned values of two seeded runs (computed before train() was split into small functions): a change in the
+    order of RNG draws, shuffles, clipping, the schedule or the records shows here. The tolerance allows only
+    float rounding differences between CPUs."""
+    x, y = blobs(n=96, num_classes=4, features=16, seed=0).tensors
+    model = dropout_mlp()
+    config = TrainConfig(epochs=3, batch_size=20, lr=0.05, optimizer="sgd", scheduler="cosine", max_grad_norm=1.0,
+                         seed=3)
+    result = train(model, TensorDataset(x[:72], y[:72]), config, eval_data=TensorDataset(x[72:], y[72:]),
+                   progress=False)
+    assert [r["train_loss"] for r in result.history] == pytest.approx([1.74423638, 0.55867955, 0.17323932], rel=1e-5)
+    assert [r["train_accuracy"] for r in result.history] == pytest.approx([14 / 72, 68 / 72, 1.0])
+    assert [r["eval_accuracy"] for r in result.history] == pytest.approx([22 / 24, 1.0, 1.0])
+    sums = [float(p.detach().double().abs().sum()) for p in model.parameters()]
+    assert sums == pytest.approx([66.16004962, 3.62306313, 13.08947301, 0.26667626], rel=1e-5)
+
+    torch.manual_seed(0)
+    cnn = create_model("student_cnn", image_size=8, width=4)
+    images = tiny_images(n=49, num_classes=10, size=8, seed=3)
+    result = train(cnn, images, TrainConfig(epochs=2, batch_size=16, augment_shift=1, seed=5), progress=False)
+    assert result.steps == 8
+    assert [r["train_loss"] for r in result.history] == pytest.approx([2.30113021, 2.28481375], rel=1e-5)
+    sums = [float(p.detach().double().abs().sum()) for p in cnn.parameters()]
+    assert sums == pytest.approx([5.90351119, 0.78474015, 22.9925645, 0.88483218, 30.64957625, 0.86004115], rel=1e-5)
+
+
 def test_shuffle_order_is_a_function_of_seed_and_epoch():
     n, seed = 50, 7
     data = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n, dtype=torch.long))

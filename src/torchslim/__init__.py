@@ -66,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "OnnxGraph": "torchslim.models.onnx_graph",
     "GPTQ": "torchslim.quantize.gptq",
     "gptq_": "torchslim.quantize.gptq",
+    "AWQ": "torchslim.quantize.awq",
+    "awq_": "torchslim.quantize.awq",
     "load_hf": "torchslim.hf",
     "prune_transformer_": "torchslim.hf",
     "text_fidelity": "torchslim.hf",
@@ -95,6 +97,7 @@ _EXPORTS: dict[str, str] = {
     "set_runtime_": "torchslim.quantize.runtime",
     "runtime_report": "torchslim.quantize.runtime",
     "DeployReport": "torchslim.deployment",
+    "DeployConfig": "torchslim.deployment",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -117,7 +120,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.artifact import load, read_manifest, save  # noqa: F401
     from torchslim.config import Config, register_config  # noqa: F401
     from torchslim.data import DataSplits, load_data  # noqa: F401
-    from torchslim.deployment import DeployReport, deploy  # noqa: F401
+    from torchslim.deployment import DeployConfig, DeployReport, deploy  # noqa: F401
     from torchslim.distill import KD, SyntheticData, distill, distillation_loss, synthesize  # noqa: F401
     from torchslim.distill.fusion import FusionResult, ParameterFusion, fuse_parameters  # noqa: F401
     from torchslim.errors import (  # noqa: F401
@@ -171,6 +174,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sensitivity,
         sweep_bits,
     )
+    from torchslim.quantize.awq import AWQ, awq_  # noqa: F401
     from torchslim.quantize.gptq import GPTQ, gptq_  # noqa: F401
     from torchslim.quantize.qat import qat  # noqa: F401
     from torchslim.quantize.runtime import runtime_report, set_runtime_  # noqa: F401

@@ -52,6 +52,19 @@ def stage_methods(kind: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda name: not _CONFIGS[name].stage_default))
 
 
+def stage_modes(kind: str) -> dict[str, type[Config]]:
+    """CLI mode name -> config class for the registered methods of the recipe stage ``kind``, the default first.
+
+    Each class offers the names of its ``cli_modes`` (default: its config name), e.g. ``torchslim quantize --mode``.
+    """
+    modes: dict[str, type[Config]] = {}
+    for name in stage_methods(kind):
+        cls = _CONFIGS[name]
+        for mode in cls.mode_presets():
+            modes.setdefault(mode, cls)
+    return modes
+
+
 def registered_configs() -> dict[str, type[Config]]:
     """Return a copy of the name -> config class registry."""
     return dict(_CONFIGS)
@@ -67,6 +80,10 @@ class Config:
     stage_default: ClassVar[bool] = False  # the stage's method when a recipe names none
     needs_calibration: ClassVar[bool] = False  # needs calibration inputs (quantize_ refuses it; recipes pass data)
     produces_graph: ClassVar[bool] = False  # replaces the torch model by an ONNX Runtime graph
+    trains: ClassVar[bool] = False  # a quantize stage of it may train (quantization-aware training)
+    structural: ClassVar[bool] = False  # a prune method that changes layer shapes (runs once, no schedule)
+    # CLI ``--mode`` names -> the fields each presets (None: the config name, no preset), e.g. fp16/bf16
+    cli_modes: ClassVar[dict[str, dict[str, Any]] | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +181,37 @@ class Config:
                 value = tuple(value)
             kwargs[key] = value
         return target(**kwargs)
+
+    @classmethod
+    def mode_presets(cls) -> dict[str, dict[str, Any]]:
+        """CLI mode name -> the field values that mode sets (``{config_name: {}}`` unless ``cli_modes`` says)."""
+        return dict(cls.cli_modes) if cls.cli_modes is not None else {cls.config_name: {}}
+
+    @classmethod
+    def from_options(cls, mode: str, options: dict[str, Any]) -> Config:
+        """Build the config of CLI mode ``mode`` from the options a user gave (named like this class's fields).
+
+        Args:
+            mode: one of :meth:`mode_presets` (its preset fields are applied first).
+            options: field name -> value, only for the options given (the rest keep the field defaults).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: an unknown mode, an option that is not a field (named as the ``--flag``), or a bad value.
+        """
+        presets = cls.mode_presets()
+        if mode not in presets:
+            raise ConfigError(f"--mode = {mode!r} is invalid for {cls.__name__}: expected one of {', '.join(presets)}")
+        fields = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in presets[mode])
+        unused = sorted(set(options) - set(fields))
+        if unused:
+            flag = "--" + unused[0].replace("_", "-")
+            allowed = ", ".join("--" + name.replace("_", "-") for name in fields) or "none"
+            raise ConfigError(f"{flag} is invalid with --mode {mode}: expected only options of {cls.__name__} "
+                              f"({allowed})")
+        return cls(**presets[mode], **options)
 
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with some fields changed."""

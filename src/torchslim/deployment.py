@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim import progress as progress_lib
+from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
@@ -60,7 +61,7 @@ from torchslim.models.onnx_graph import OnnxGraph
 from torchslim.quantize.runtime import set_runtime_
 from torchslim.train import evaluate
 
-__all__ = ["DEFAULT_ROUTES", "ROUTES", "DeployReport", "RouteResult", "deploy"]
+__all__ = ["DEFAULT_ROUTES", "ROUTES", "DeployConfig", "DeployReport", "RouteResult", "deploy"]
 
 ROUTES = (
     "torch",
@@ -78,6 +79,64 @@ ROUTES = (
 # torch-compile is opt-in: in one scratch ts.deploy run it compiled for about 10 s on 2 cores and was slower than
 # eager on an int4 lenet5 (0.39x fp32 at batch 1), because the compiled graph dequantizes on every call.
 DEFAULT_ROUTES = tuple(r for r in ROUTES if r != "torch-compile")
+
+
+@register_config("deploy")
+@dataclasses.dataclass(frozen=True)
+class DeployConfig(Config):
+    """What :func:`deploy` tries and how it times: validated on construction.
+
+    Attributes:
+        target: the hardware target; ``"cpu"``.
+        batch_sizes: batch sizes to time (the choice maximises the geometric-mean speedup over them); integers >= 1.
+        routes: the routes to try (default: :data:`DEFAULT_ROUTES`, every route but ``torch-compile``).
+        max_accuracy_drop: largest allowed accuracy loss of a route vs the model, in percentage points [0, 100].
+        num_threads: intra-op threads for every runtime (>= 1; default: ``torch.get_num_threads()``).
+        min_run_time: seconds of timed runs per route and batch size (> 0).
+    """
+
+    target: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 32)
+    routes: tuple[str, ...] | None = None
+    max_accuracy_drop: float = 0.5
+    num_threads: int | None = None
+    min_run_time: float = 0.2
+
+    def __post_init__(self) -> None:
+        # sequences given as lists (keywords, YAML) are stored as tuples, so the config stays hashable and frozen
+        for name in ("batch_sizes", "routes"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        if self.target not in TARGETS:
+            raise self.fail("target", self.target, "one of " + ", ".join(map(repr, TARGETS)))
+        if self.routes is not None and not isinstance(self.routes, tuple):
+            raise self.fail("routes", self.routes, "a list of route names, or None for the default routes")
+        for name in self.wanted:
+            if name not in ROUTES:
+                raise ConfigError(f"{type(self).__name__}.routes contains {name!r}: expected some of "
+                                  f"{', '.join(ROUTES)}")
+        if not self.wanted:
+            raise ConfigError(f"{type(self).__name__}.routes is empty: expected at least one of {', '.join(ROUTES)}")
+        sizes = self.batch_sizes
+        if not isinstance(sizes, tuple) or not sizes or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+            raise self.fail("batch_sizes", list(sizes) if isinstance(sizes, tuple) else sizes, "integers >= 1")
+        value = self.max_accuracy_drop
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise self.fail("max_accuracy_drop", value, "points in [0, 100]")
+        if self.num_threads is not None:
+            self.check_int("num_threads", 1)
+        self.check_float("min_run_time", 0, lo_inclusive=False)
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The routes to try (``routes``, or :data:`DEFAULT_ROUTES`)."""
+        return DEFAULT_ROUTES if self.routes is None else self.routes
 _ROUNDS = 5  # interleaved timing rounds (see _time_interleaved)
 TARGETS = ("cpu",)
 _EXPORT_QUANT = {
@@ -212,18 +271,14 @@ class DeployReport:
 def deploy(
     model: nn.Module | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
+    config: DeployConfig | None = None,
     *,
-    target: str = "cpu",
-    batch_sizes: Sequence[int] = (1, 32),
     data: Any = None,
     example_inputs: Tensor | None = None,
     reference: nn.Module | str | os.PathLike | None = None,
-    routes: Sequence[str] | None = None,
-    max_accuracy_drop: float = 0.5,
-    num_threads: int | None = None,
-    min_run_time: float = 0.2,
     force: bool = False,
     progress: bool | None = None,
+    **options: Any,
 ) -> DeployReport:
     """Build every route of ``model``, check and time them against the fp32 baseline, write the fastest valid one.
 
@@ -231,32 +286,32 @@ def deploy(
         model: an ``nn.Module``, a ``.slim`` file or an ``.onnx`` file.
         out_dir: where to write the chosen artifact, ``deploy.md`` and ``deploy.json`` (created); None writes
             nothing.
-        target: ``"cpu"``.
-        batch_sizes: batch sizes to time (the choice maximises the geometric-mean speedup over them).
+        config: a :class:`DeployConfig` (target, batch sizes, routes, accuracy budget, threads, timing); default
+            ``DeployConfig()``.
         data: ``DataSplits`` (test split: accuracy check and parity inputs; train split: int8 calibration).
         example_inputs: an input batch when there is no ``data``; default: the input signature recorded in a
             ``.slim`` file.
         reference: the fp32 model to time as the baseline (module or file); default: rebuilt from the model's
             factory (uncompressed architecture), else the model itself when it is fp32.
-        routes: the routes to try (default: :data:`DEFAULT_ROUTES`, every route but ``torch-compile``).
-        max_accuracy_drop: largest allowed accuracy loss of a route vs the model, in percentage points.
-        num_threads: intra-op threads for every runtime (default: ``torch.get_num_threads()``).
-        min_run_time: seconds of timed runs per route and batch size.
         force: replace files in ``out_dir``.
         progress: a bar over the routes and the timing rounds, or one line after the routes are built and one
             after timing (:mod:`torchslim.progress`); None follows the process setting.
+        **options: :class:`DeployConfig` fields as keywords (``batch_sizes=(1,)``, ``routes=[...]``), applied on
+            top of ``config``.
 
     Returns:
         A :class:`DeployReport`.
 
     Raises:
-        ConfigError: unknown target or route, bad batch sizes or budget (before any work).
+        ConfigError: unknown target, route or option, bad batch sizes, budget, threads or timing (before any
+            work).
         DataError: no input to run the model on.
         TorchSlimError: no route is valid (nothing is written), or ``out_dir`` holds a deployment (without
             ``force``).
     """
-    wanted = _check_options(target, routes, batch_sizes, max_accuracy_drop)
-    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    config = _deploy_config(config, options)
+    wanted, batch_sizes, max_accuracy_drop = list(config.wanted), config.batch_sizes, config.max_accuracy_drop
+    threads = torch.get_num_threads() if config.num_threads is None else config.num_threads
     source_label = Path(model).name if isinstance(model, (str, os.PathLike)) else type(model).__name__
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and (out / "deploy.json").exists() and not force:
@@ -269,16 +324,7 @@ def deploy(
 
     building = 0 if stored_graph is not None else len(wanted)
     with progress_lib.task(f"deploy {source_label}", building + _ROUNDS, progress=progress) as bar:
-        if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
-            results = [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
-                                   artifact_bytes=len(stored_graph))]
-        else:
-            payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
-            results = []
-            for name in wanted:
-                bar.update(info=name)
-                results.append(_build(name, module, payload, data, example, parity_inputs))
-                bar.advance()
+        results = _build_routes(wanted, model, module, stored_graph, data, example, parity_inputs, bar)
         for result in results:
             if result.status == "ok" and data is not None:
                 _check_accuracy(result, data, model_accuracy, max_accuracy_drop)
@@ -288,12 +334,9 @@ def deploy(
                                  "; ".join(f"{r.name}: {r.reason}" for r in results))
         bar.line(f"{len(valid)} of {len(results)} routes valid ({', '.join(r.name for r in valid)}); timing them")
         timings = _time_interleaved([baseline] + [r.module for r in valid], example, batch_sizes, threads,
-                                    min_run_time, on_round=lambda: bar.advance(info="timing"))
+                                    config.min_run_time, on_round=lambda: bar.advance(info="timing"))
     baseline_ms = timings[0]
-    for result, latency in zip(valid, timings[1:], strict=True):
-        result.latency_ms = latency
-        result.speedup = {b: baseline_ms[b] / latency[b] for b in batch_sizes}
-    best = max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
+    best = _fastest(valid, timings, batch_sizes)
     progress_lib.say(f"deploy {source_label}: chose {best.name}, "
                      + ", ".join(f"{s:.2f}x at batch {b}" for b, s in best.speedup.items()), progress=progress)
     report = DeployReport(source=source_label, baseline=how, batch_sizes=list(batch_sizes), threads=threads,
@@ -303,21 +346,45 @@ def deploy(
     return report
 
 
-def _check_options(target: str, routes, batch_sizes, max_accuracy_drop) -> list[str]:
-    if target not in TARGETS:
-        raise ConfigError(f"target = {target!r} is invalid: expected one of {', '.join(map(repr, TARGETS))}")
-    wanted = list(DEFAULT_ROUTES if routes is None else routes)
-    for name in wanted:
-        if name not in ROUTES:
-            raise ConfigError(f"routes contains {name!r}: expected some of {', '.join(ROUTES)}")
-    if not wanted:
-        raise ConfigError("routes is empty: expected at least one of " + ", ".join(ROUTES))
-    if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes):
-        raise ConfigError(f"batch_sizes = {list(batch_sizes)!r} is invalid: expected integers >= 1")
-    if not isinstance(max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop <= 100:
-        raise ConfigError(f"max_accuracy_drop = {max_accuracy_drop!r} is invalid: expected points in [0, 100]")
-    return wanted
+def _build_routes(names: list[str], model: Any, module: nn.Module, stored_graph: bytes | None, data: Any,
+                  example: Tensor, parity_inputs: Any, bar: progress_lib.Task) -> list[RouteResult]:
+    """Build and parity-check each route of ``names`` (advancing ``bar``); an ONNX graph is its one route, as stored."""
+    if stored_graph is not None:  # an ONNX graph runs as stored; re-exporting it is not a route
+        return [RouteResult("onnxruntime", "ok", "the stored graph", module=module, payload=stored_graph,
+                            artifact_bytes=len(stored_graph))]
+    payload = Path(model).read_bytes() if _is_file_argument(model) else None  # torch routes' file
+    results = []
+    for name in names:
+        bar.update(info=name)
+        results.append(_build(name, module, payload, data, example, parity_inputs))
+        bar.advance()
+    return results
 
+
+def _fastest(valid: list[RouteResult], timings: list[dict[int, float]], batch_sizes: Sequence[int]) -> RouteResult:
+    """Record each valid route's latency and speedup (``timings[0]`` is the baseline's); the best geometric mean."""
+    baseline_ms = timings[0]
+    for result, latency in zip(valid, timings[1:], strict=True):
+        result.latency_ms = latency
+        result.speedup = {b: baseline_ms[b] / latency[b] for b in batch_sizes}
+    return max(valid, key=lambda r: math.fsum(math.log(s) for s in r.speedup.values()))
+
+
+def _deploy_config(config: DeployConfig | None, options: dict[str, Any]) -> DeployConfig:
+    """``config`` (default ``DeployConfig()``) with the keyword ``options`` applied.
+
+    Raises:
+        ConfigError: ``config`` is not a DeployConfig, an option is not one of its fields, or a value is invalid.
+    """
+    config = DeployConfig() if config is None else config
+    if not isinstance(config, DeployConfig):
+        raise ConfigError(f"config must be a DeployConfig, got {type(config).__name__}")
+    fields = [f.name for f in dataclasses.fields(DeployConfig)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"deploy() got an unknown option {unknown[0]!r}: expected DeployConfig fields "
+                          f"({', '.join(fields)}) or data, example_inputs, reference, force, progress")
+    return config.replace(**options) if options else config
 
 def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     """(module, stored graph bytes or None)."""

@@ -387,7 +387,353 @@ def _epoch_summary(record: dict[str, Any], epochs: int) -> str:
     return f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts)
 
 
+# --- validation: every input checked before any work ---------------------------------------------------------
+def _check_arguments(model: nn.Module, config: TrainConfig | None, loss_fn: LossFn | None
+                     ) -> tuple[TrainConfig, list[nn.Parameter]]:
+    """The config (default ``TrainConfig()``) and the trainable parameters, after checking the arguments.
+
+    Raises:
+        ConfigError: ``config`` is not a TrainConfig, or ``loss_fn`` is not callable.
+        ModelError: the model has no trainable parameters.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable as loss_fn(model, inputs, targets), got {loss_fn!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(f"{type(model).__name__} has no trainable parameters: nothing to train")
+    return config, params
+
+
+def _check_datasets(model: nn.Module, train_data: Dataset, eval_data: Dataset | None,
+                    config: TrainConfig) -> tuple[int, int | None]:
+    """Check the training (and evaluation) data against the model and the config.
+
+    Returns:
+        ``(number of training samples, number of model outputs or None)``.
+
+    Raises:
+        DataError: empty data, NaN/Inf inputs, labels outside the outputs, inputs the model does not accept, or
+            ``augment_shift`` on data that is not images.
+    """
+    num_samples, classes = _check_data(train_data, "train_data", model)
+    if config.augment_shift:
+        sample = _first_input(train_data)
+        if sample.ndim != 3:
+            raise DataError(
+                f"TrainConfig.augment_shift = {config.augment_shift} needs image inputs (C, H, W) per "
+                f"sample, got shape {tuple(sample.shape)}; set augment_shift=0 for this data"
+            )
+    if eval_data is not None:
+        _check_data(eval_data, "eval_data", model)
+    return num_samples, classes
+
+
+def _check_checkpoint_path(checkpoint_path: str | os.PathLike | None, resume: bool) -> Path | None:
+    """The checkpoint path as a ``Path`` (None without one), refusing to overwrite a checkpoint unless resuming.
+
+    Raises:
+        TorchSlimError: the directory does not exist, or the file exists and ``resume`` is false.
+    """
+    if checkpoint_path is None:
+        return None
+    path = Path(checkpoint_path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise TorchSlimError(f"checkpoint_path {str(path)!r}: directory {str(directory)!r} does not exist")
+    if path.exists() and not resume:
+        raise TorchSlimError(
+            f"checkpoint {str(path)!r} already exists: pass resume=True to continue from it, "
+            "or remove it (or choose another path) to start over"
+        )
+    return path
+
+
 # --- the loop ----------------------------------------------------------------------------------------
+def _zero_running() -> dict[str, Any]:
+    """Running sums of one epoch: loss times samples, samples, and correct/scored samples for the accuracy."""
+    return {"loss_sum": 0.0, "correct": 0, "scored": 0, "count": 0}
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The state of one :func:`train` run: what is fixed at the start, and what a checkpoint saves and restores.
+
+    Attributes:
+        model: the model being trained (``net`` is it, or its DistributedDataParallel wrapper while running).
+        used: samples of this rank's shard used per epoch (a lone last sample is dropped for BatchNorm).
+        running: the current epoch's running sums (:func:`_zero_running`).
+        captured: the last model output, kept by a forward hook to score training accuracy without a second forward.
+    """
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    config: TrainConfig
+    train_data: Dataset
+    loss_fn: LossFn
+    path: Path | None
+    num_samples: int
+    classes: int | None
+    tensor_data: bool
+    device: torch.device
+    world: int
+    rank: int
+    used: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    net: nn.Module | None = None
+    start_epoch: int = 0
+    skip_steps: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    running: dict[str, Any] = dataclasses.field(default_factory=_zero_running)
+    resumed_from: int | None = None
+    captured: list[Any] = dataclasses.field(default_factory=lambda: [None])
+
+    @classmethod
+    def start(cls, model: nn.Module, params: list[nn.Parameter], train_data: Dataset, config: TrainConfig, *,
+              loss_fn: LossFn, path: Path | None, num_samples: int, classes: int | None) -> _Loop:
+        """Join torchrun's process group if any, size the epochs, seed the RNG, build optimizer and scheduler.
+
+        Raises:
+            TorchSlimError: torchrun's process group cannot be set up.
+        """
+        device = device_of(model)
+        joined = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+        world = distributed.world_size() if joined else 1
+        rank = distributed.rank() if world > 1 else 0
+        local_samples = math.ceil(num_samples / world)  # this rank's shard (padded, as DistributedSampler does)
+        # BatchNorm cannot train on a batch of one sample: drop such a last batch (one sample an epoch).
+        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        lone_last = has_batchnorm and local_samples > 1 and local_samples % config.batch_size == 1
+        used = local_samples - 1 if lone_last else local_samples
+        set_seed(config.seed)
+        if rank:
+            torch.manual_seed(config.seed + rank * _RANK_SEED_STRIDE)  # own dropout/augmentation draws per rank
+        optimizer = _make_optimizer(params, config)
+        return cls(model=model, params=params, config=config, train_data=train_data, loss_fn=loss_fn, path=path,
+                   num_samples=num_samples, classes=classes, tensor_data=_tensors_of(train_data) is not None,
+                   device=device, world=world, rank=rank, used=used,
+                   steps_per_epoch=math.ceil(used / config.batch_size), optimizer=optimizer,
+                   scheduler=_make_scheduler(optimizer, config))
+
+    # --- resume and checkpoints ---
+    def resume(self, path: Path) -> None:
+        """Restore the model, optimizer, scheduler, RNG, position and history from the checkpoint at ``path``.
+
+        Raises:
+            TorchSlimError: not a torchslim checkpoint, written with other settings or by another number of
+                processes, or not matching this model or optimizer.
+        """
+        state = _load_checkpoint(path)
+        _check_resume_config(state["config"], self.config, path)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            raise TorchSlimError(
+                f"cannot resume from checkpoint {str(path)!r}: it was written by {saved_world} process(es) but "
+                f"this run has {self.world}, so the data shards differ; resume with the same number of processes "
+                f"(torchrun --nproc_per_node {saved_world}, or no torchrun for 1)"
+            )
+        ranks = state.get("ranks")
+        own = ranks[self.rank] if ranks else {"rng": state["rng"], "running": state.get("running")}
+        self._load_states(state, path)
+        torch.set_rng_state(own["rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.start_epoch, self.skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = [dict(record) for record in state["history"]]
+        if self.skip_steps and own.get("running"):
+            self.running = dict(own["running"])
+        self.resumed_from = self.global_step
+
+    def _load_states(self, state: dict[str, Any], path: Path) -> None:
+        """Load the checkpoint's model, optimizer and scheduler states (a cosine schedule follows grown epochs)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+                if self.config.scheduler == "cosine":
+                    self.scheduler.T_max = self.config.epochs  # epochs may have grown
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TorchSlimError(
+                f"cannot resume from checkpoint {str(path)!r}: it does not match this model or optimizer ({exc})"
+            ) from exc
+
+    def checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        """Write a checkpoint (rank 0 only, with every rank's RNG and running sums) when a path was given."""
+        if self.path is None:
+            return
+        ranks = None
+        if self.world > 1:  # every rank's RNG and running sums, so a resumed run continues each rank exactly
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, {"rng": torch.get_rng_state(), "running": dict(self.running)})
+            if self.rank:
+                return
+        _save_checkpoint(
+            self.path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step,
+                "history": [dict(record) for record in self.history],
+                "running": dict(self.running),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "config": self.config.to_dict(),
+                "world_size": self.world,
+                "ranks": ranks,
+            },
+        )
+
+    # --- running ---
+    def run(self, eval_data: Dataset | None, progress: bool | None,
+            on_epoch_end: Callable[[dict[str, Any]], Any] | None) -> None:
+        """Train the remaining epochs; the model is a plain module in eval mode afterwards, even on an error."""
+        # The DDP wrapper averages gradients across ranks in backward; it shares the model's parameters.
+        self.net = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+        # The hook sits on the inner model, which the DDP wrapper calls.
+        hook = self.model.register_forward_hook(lambda _module, _inputs, output: self.captured.__setitem__(0, output))
+        config = self.config
+        try:
+            with _progress_task(progress, config.epochs, self.steps_per_epoch, self.start_epoch,
+                                self.skip_steps) as bar:
+                for epoch in range(self.start_epoch, config.epochs):
+                    started = time.perf_counter()
+                    lr = self.run_epoch(epoch, bar)
+                    record = self.epoch_record(epoch, lr, started, eval_data)
+                    if self.scheduler is not None:
+                        self.scheduler.step()
+                    self.checkpoint(epoch + 1, 0)
+                    if bar.enabled:
+                        # the last epoch's line also stays above a terminal's bar, which is gone when the run ends
+                        bar.line(_epoch_summary(record, config.epochs), also_bar=epoch + 1 == config.epochs)
+                    if on_epoch_end is not None:
+                        on_epoch_end(dict(record))
+        finally:
+            hook.remove()
+            self.net = None  # drops DDP's gradient hooks from the parameters
+            self.model.eval()
+
+    def run_epoch(self, epoch: int, bar: progress_lib.Task) -> float:
+        """The optimizer steps of one epoch (those after ``skip_steps`` on the first epoch of a resumed run).
+
+        Returns:
+            The learning rate used during the epoch.
+        """
+        config = self.config
+        self.net.train()
+        order = _shard(_epoch_order(self.num_samples, config.seed, epoch), self.rank, self.world)
+        done = self.skip_steps
+        self.skip_steps = 0
+        bar.update(description=f"{bar.description} epoch {epoch + 1}/{config.epochs}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        remaining = order[done * config.batch_size:self.used]
+        for inputs, targets, extras in _batches(self.train_data, remaining, config.batch_size):
+            value = self.step(inputs, targets, extras, where=(epoch, done, lr))
+            done += 1
+            self.global_step += 1
+            bar.advance(info=f"loss {value:.4f}")
+            if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
+                if done < self.steps_per_epoch:  # the epoch end writes one anyway
+                    self.checkpoint(epoch, done)
+        return lr
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, extras: tuple[Any, ...], *,
+             where: tuple[int, int, float]) -> float:
+        """One optimizer step on one batch; add it to the running sums.
+
+        Args:
+            where: ``(epoch, step in epoch, lr)``, for the divergence message.
+
+        Returns:
+            The batch's loss (all ranks' sum when one rank's is not finite).
+        """
+        config, device = self.config, self.device
+        if not self.tensor_data:
+            _check_inputs(inputs, "train_data")
+            _check_labels(targets, self.classes, "train_data")
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        extras = tuple(e.to(device, non_blocking=True) if torch.is_tensor(e) else e for e in extras)
+        if config.augment_shift:
+            inputs = random_shift(inputs, config.augment_shift)
+        self.captured[0] = None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.net, inputs, targets, *extras)
+        value = self._finite_loss(loss, where)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        batch = int(targets.shape[0])
+        self.running["loss_sum"] += value * batch
+        self.running["count"] += batch
+        correct = _count_correct(self.captured[0], targets)
+        if correct is not None:
+            self.running["correct"] += correct
+            self.running["scored"] += batch
+        return value
+
+    def _finite_loss(self, loss: Any, where: tuple[int, int, float]) -> float:
+        """The loss as a float, checked to be a finite scalar on every rank.
+
+        Raises:
+            TorchSlimError: ``loss`` is not a scalar tensor, or it (or another rank's) is NaN/Inf.
+        """
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TorchSlimError(f"loss_fn must return a scalar tensor, got {shape}")
+        value = float(loss.detach())
+        if self.world > 1:  # every rank stops together when any rank diverges (none is left waiting)
+            total = distributed.all_reduce_sum([value], self.device)[0]
+            if math.isfinite(value) and not math.isfinite(total):
+                value = total
+        if not math.isfinite(value):
+            epoch, done, lr = where
+            raise TorchSlimError(
+                f"the loss became {value} at epoch {epoch + 1}, step {done + 1} (global step "
+                f"{self.global_step + 1}): training diverged; lower the learning rate (lr = {lr:g}) "
+                "or set max_grad_norm"
+            )
+        return value
+
+    def epoch_record(self, epoch: int, lr: float, started: float, eval_data: Dataset | None) -> dict[str, Any]:
+        """Close an epoch: sum the running sums over ranks, evaluate, append the history record, reset the sums.
+
+        Returns:
+            The epoch's record (see :class:`TrainResult`).
+        """
+        running = self.running
+        if self.world > 1:
+            keys = ("loss_sum", "count", "correct", "scored")
+            totals = distributed.all_reduce_sum([running[k] for k in keys], self.device)
+            running = {k: (v if k == "loss_sum" else int(v)) for k, v in zip(keys, totals, strict=True)}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": running["loss_sum"] / max(running["count"], 1),
+            "train_accuracy": running["correct"] / running["scored"] if running["scored"] else None,
+            "eval_accuracy": None if eval_data is None else evaluate(self.model, eval_data),
+            "lr": float(lr),
+            "seconds": time.perf_counter() - started,
+        }
+        self.history.append(record)
+        self.running = _zero_running()
+        return record
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -441,218 +787,17 @@ def train(
         TorchSlimError: the loss became NaN/Inf (on any rank), the checkpoint cannot be used to resume
             (also: written by another number of processes), or torchrun's process group cannot be set up.
     """
-    config = TrainConfig() if config is None else config
-    if not isinstance(config, TrainConfig):
-        raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ConfigError(f"loss_fn must be callable as loss_fn(model, inputs, targets), got {loss_fn!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ModelError(f"{type(model).__name__} has no trainable parameters: nothing to train")
-
-    # Validate everything before any work.
-    num_samples, classes = _check_data(train_data, "train_data", model)
-    if config.augment_shift:
-        sample = _first_input(train_data)
-        if sample.ndim != 3:
-            raise DataError(
-                f"TrainConfig.augment_shift = {config.augment_shift} needs image inputs (C, H, W) per "
-                f"sample, got shape {tuple(sample.shape)}; set augment_shift=0 for this data"
-            )
-    tensor_data = _tensors_of(train_data) is not None
-    if eval_data is not None:
-        _check_data(eval_data, "eval_data", model)
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if path is not None:
-        directory = path.parent if str(path.parent) else Path(".")
-        if not directory.is_dir():
-            raise TorchSlimError(
-                f"checkpoint_path {str(path)!r}: directory {str(directory)!r} does not exist"
-            )
-        if path.exists() and not resume:
-            raise TorchSlimError(
-                f"checkpoint {str(path)!r} already exists: pass resume=True to continue from it, "
-                "or remove it (or choose another path) to start over"
-            )
-    loss_fn = loss_fn or default_loss
-
-    device = device_of(model)
-    world = distributed.world_size() if distributed.init_from_env("nccl" if device.type == "cuda" else "gloo") else 1
-    rank = distributed.rank() if world > 1 else 0
-    local_samples = math.ceil(num_samples / world)  # this rank's shard (padded, as DistributedSampler does)
-    # BatchNorm cannot train on a batch of one sample: drop such a last batch (one sample an epoch).
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    lone_last = has_batchnorm and local_samples > 1 and local_samples % config.batch_size == 1
-    used = local_samples - 1 if lone_last else local_samples
-    steps_per_epoch = math.ceil(used / config.batch_size)
-    set_seed(config.seed)
-    if rank:
-        torch.manual_seed(config.seed + rank * _RANK_SEED_STRIDE)  # own dropout/augmentation draws per rank
-    optimizer = _make_optimizer(params, config)
-    scheduler = _make_scheduler(optimizer, config)
-
-    start_epoch, skip_steps, global_step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    running = {"loss_sum": 0.0, "correct": 0, "scored": 0, "count": 0}
-    resumed_from = None
+    config, params = _check_arguments(model, config, loss_fn)
+    num_samples, classes = _check_datasets(model, train_data, eval_data, config)
+    path = _check_checkpoint_path(checkpoint_path, resume)
+    loop = _Loop.start(model, params, train_data, config, loss_fn=loss_fn or default_loss, path=path,
+                       num_samples=num_samples, classes=classes)
     if path is not None and resume and path.exists():
-        state = _load_checkpoint(path)
-        _check_resume_config(state["config"], config, path)
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world:
-            raise TorchSlimError(
-                f"cannot resume from checkpoint {str(path)!r}: it was written by {saved_world} process(es) but "
-                f"this run has {world}, so the data shards differ; resume with the same number of processes "
-                f"(torchrun --nproc_per_node {saved_world}, or no torchrun for 1)"
-            )
-        own = state["ranks"][rank] if state.get("ranks") else {"rng": state["rng"], "running": state.get("running")}
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-                if config.scheduler == "cosine":
-                    scheduler.T_max = config.epochs  # epochs may have grown
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise TorchSlimError(
-                f"cannot resume from checkpoint {str(path)!r}: it does not match this model or optimizer "
-                f"({exc})"
-            ) from exc
-        torch.set_rng_state(own["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
-        global_step = int(state["global_step"])
-        history = [dict(record) for record in state["history"]]
-        if skip_steps and own.get("running"):
-            running = dict(own["running"])
-        resumed_from = global_step
-
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        if path is None:
-            return
-        ranks = None
-        if world > 1:  # every rank's RNG and running sums, so a resumed run continues each rank exactly
-            ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, {"rng": torch.get_rng_state(), "running": dict(running)})
-            if rank:
-                return
-        _save_checkpoint(
-            path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "history": [dict(record) for record in history],
-                "running": dict(running),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "config": config.to_dict(),
-                "world_size": world,
-                "ranks": ranks,
-            },
-        )
-
-    # The DDP wrapper averages gradients across ranks in backward; it shares the model's parameters.
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Capture the model's output inside loss_fn to score training accuracy without a second forward (the hook
-    # sits on the inner model, which the DDP wrapper calls).
-    captured: list[Any] = [None]
-    hook = model.register_forward_hook(lambda _module, _inputs, output: captured.__setitem__(0, output))
-    try:
-        with _progress_task(progress, config.epochs, steps_per_epoch, start_epoch, skip_steps) as bar:
-            for epoch in range(start_epoch, config.epochs):
-                started = time.perf_counter()
-                net.train()
-                order = _shard(_epoch_order(num_samples, config.seed, epoch), rank, world)
-                done = skip_steps
-                skip_steps = 0
-                bar.update(description=f"{bar.description} epoch {epoch + 1}/{config.epochs}")
-                lr = optimizer.param_groups[0]["lr"]
-                remaining = order[done * config.batch_size:used]
-                for inputs, targets, extras in _batches(train_data, remaining, config.batch_size):
-                    if not tensor_data:
-                        _check_inputs(inputs, "train_data")
-                        _check_labels(targets, classes, "train_data")
-                    inputs = inputs.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    extras = tuple(e.to(device, non_blocking=True) if torch.is_tensor(e) else e for e in extras)
-                    if config.augment_shift:
-                        inputs = random_shift(inputs, config.augment_shift)
-                    captured[0] = None
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(net, inputs, targets, *extras)
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                        raise TorchSlimError(f"loss_fn must return a scalar tensor, got {shape}")
-                    value = float(loss.detach())
-                    if world > 1:  # every rank stops together when any rank diverges (none is left waiting)
-                        total = distributed.all_reduce_sum([value], device)[0]
-                        if math.isfinite(value) and not math.isfinite(total):
-                            value = total
-                    if not math.isfinite(value):
-                        raise TorchSlimError(
-                            f"the loss became {value} at epoch {epoch + 1}, step {done + 1} (global step "
-                            f"{global_step + 1}): training diverged; lower the learning rate (lr = {lr:g}) "
-                            "or set max_grad_norm"
-                        )
-                    loss.backward()
-                    if config.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    done += 1
-                    global_step += 1
-                    batch = int(targets.shape[0])
-                    running["loss_sum"] += value * batch
-                    running["count"] += batch
-                    correct = _count_correct(captured[0], targets)
-                    if correct is not None:
-                        running["correct"] += correct
-                        running["scored"] += batch
-                    bar.advance(info=f"loss {value:.4f}")
-                    if config.checkpoint_every and global_step % config.checkpoint_every == 0:
-                        if done < steps_per_epoch:  # the epoch end writes one anyway
-                            checkpoint(epoch, done)
-
-                if world > 1:
-                    keys = ("loss_sum", "count", "correct", "scored")
-                    totals = distributed.all_reduce_sum([running[k] for k in keys], device)
-                    running = {k: (v if k == "loss_sum" else int(v)) for k, v in zip(keys, totals, strict=True)}
-                eval_accuracy = None
-                if eval_data is not None:
-                    eval_accuracy = evaluate(model, eval_data)
-                record = {
-                    "epoch": epoch + 1,
-                    "train_loss": running["loss_sum"] / max(running["count"], 1),
-                    "train_accuracy": running["correct"] / running["scored"] if running["scored"] else None,
-                    "eval_accuracy": eval_accuracy,
-                    "lr": float(lr),
-                    "seconds": time.perf_counter() - started,
-                }
-                history.append(record)
-                running = {"loss_sum": 0.0, "correct": 0, "scored": 0, "count": 0}
-                if scheduler is not None:
-                    scheduler.step()
-                checkpoint(epoch + 1, 0)
-                if bar.enabled:
-                    # the last epoch's line also stays above a terminal's bar, which is gone when the run ends
-                    bar.line(_epoch_summary(record, config.epochs), also_bar=epoch + 1 == config.epochs)
-                if on_epoch_end is not None:
-                    on_epoch_end(dict(record))
-    finally:
-        hook.remove()
-        del net  # drops DDP's gradient hooks from the parameters
-        model.eval()
-
-    final = history[-1]["eval_accuracy"] if history else None
-    return TrainResult(history=history, final_accuracy=final, steps=global_step, resumed_from=resumed_from)
+        loop.resume(path)
+    loop.run(eval_data, progress, on_epoch_end)
+    final = loop.history[-1]["eval_accuracy"] if loop.history else None
+    return TrainResult(history=loop.history, final_accuracy=final, steps=loop.global_step,
+                       resumed_from=loop.resumed_from)
 
 
 def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:

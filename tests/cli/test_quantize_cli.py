@@ -97,6 +97,15 @@ def test_sweep_prints_each_width_and_writes_a_plot(trained, tmp_path, capsys):
         (["--granularity", "row"], "IntQuant.granularity = 'row'"),
         (["--qat"], "--qat needs --data"),
         (["--sweep", "2,4"], "--sweep needs --data"),
+        # options a mode cannot use were ignored (QAT of codebook trained IntQuant instead): now refused
+        (["--mode", "codebook", "--qat", "--data", "digits"], "--qat is invalid with --mode codebook: expected a "
+                                                              "mode that trains (int)"),
+        (["--mode", "fp16", "--bits", "4"], "--bits is invalid with --mode fp16: expected only options of "
+                                            "HalfPrecision (none)"),
+        (["--mode", "bf16", "--override", "1=8"], "--override = '1=8' is invalid with HalfPrecision, which has no "
+                                                  "bits"),
+        (["--mode", "int8-dynamic", "--override", "1=none"], "--override = '1=none' is invalid with --mode "
+                                                             "int8-dynamic"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, capsys, args, expected):

@@ -20,7 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     directory = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -48,8 +48,8 @@ def _word_tokenizer(transformers, tokenizers):
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+    import transformers
     directory = tmp_path_factory.mktemp("gpt2")
     vocab, tokenizer = _word_tokenizer(transformers, tokenizers)
     config = transformers.GPT2Config(
@@ -71,8 +71,8 @@ def texts_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """A tiny random Llama (grouped-query attention) with the word-level tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+    import transformers
     directory = tmp_path_factory.mktemp("llama")
     vocab, tokenizer = _word_tokenizer(transformers, tokenizers)
     config = transformers.LlamaConfig(

@@ -17,8 +17,6 @@ from torchslim.hf import encode, read_texts, reference_model, text_fidelity
 
 from .conftest import TEXTS
 
-pytest.importorskip("transformers")
-
 
 def _batch(model):
     return encode(model, TEXTS)  # padded: several lengths

@@ -13,8 +13,6 @@ from torchslim.hf import encode
 
 from .conftest import TEXTS
 
-pytest.importorskip("transformers")
-
 
 def _run(capsys, *args: str) -> dict:
     assert main([*args, "--json"]) == 0, capsys.readouterr().err
@@ -51,6 +49,10 @@ def test_quantize_hf_int4_and_dynamic_int8(bert_dir, tmp_path, texts_file, capsy
     graph = ts.load(tmp_path / "int8.slim")
     ids, mask = encode(ts.load_hf(bert_dir), TEXTS)
     assert graph(ids, mask).shape == (len(TEXTS), ids.shape[1], 64)
+    # no --text: the example inputs are one short sentence (an hf model never needs --data for int8-dynamic)
+    bare = _run(capsys, "quantize", f"hf:{bert_dir}", "--mode", "int8-dynamic", "--out", str(tmp_path / "bare.slim"))
+    assert bare["cosine"] is None and bare["output_bytes"] < int8["output_bytes"] * 1.1
+    assert ts.load(tmp_path / "bare.slim")(ids, mask).shape == (len(TEXTS), ids.shape[1], 64)
 
 
 @pytest.mark.parametrize(

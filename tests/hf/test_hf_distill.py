@@ -15,8 +15,6 @@ from torchslim.hf import drop_layers, hidden_pairs, kept_layers, layer_list, set
 
 from .conftest import TEXTS
 
-pytest.importorskip("transformers")
-
 FAST = ts.TrainConfig(epochs=6, lr=1e-3, optimizer="adamw", batch_size=4)
 
 

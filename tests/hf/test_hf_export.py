@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import torchslim as ts
 from torchslim.cli.main import main
 from torchslim.errors import ConfigError, ModelError, TorchSlimError
 from torchslim.export.hf import export_hf
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("compressed_tensors")
 
 IDS = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2]])
 
@@ -117,3 +115,18 @@ def test_a_group_size_that_does_not_divide_a_width_writes_those_layers_dense_and
     assert report.formats == {} and len(report.dense_layers) == 15
     assert any("group size [48] does not divide" in note for note in report.notes)
     assert report.parity["cosine"] > 0.9999
+
+
+class _UserLlama(transformers.LlamaForCausalLM):
+    """A model class transformers does not export (as remote code would be)."""
+
+
+def test_quantized_embeddings_go_dense_and_an_unexported_class_reloads_through_auto(llama_dir, tmp_path):
+    model = ts.load_hf(llama_dir)
+    model.model.__class__ = _UserLlama
+    ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel", symmetric=True, embeddings=True))
+    assert type(model.model.model.embed_tokens).__name__ == "IntQuantLayer"
+    report = export_hf(model, tmp_path / "emb", dtype="float32")
+    assert report.parity["cosine"] > 0.9999 and report.dense_layers == ["model.embed_tokens"]
+    reloaded = _reload(tmp_path / "emb")
+    assert torch.equal(reloaded.model.embed_tokens.weight, model.model.model.embed_tokens.dequantize_weight())

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import torchslim as ts
 from torchslim.cli.main import main
 from torchslim.hf import encode
 
 from .conftest import TEXTS
-
-transformers = pytest.importorskip("transformers")
 
 
 def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -77,7 +76,7 @@ def test_cli_quantizes_a_pruned_hf_slim(bert_dir, tmp_path, texts_file, capsys):
 
 
 def test_a_quantized_encoder_serves_inside_sentence_transformers(bert_dir):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     model = ts.load_hf(bert_dir)

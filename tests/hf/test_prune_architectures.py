@@ -12,12 +12,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-pytest.importorskip("transformers")
-
-import torchslim as ts  # noqa: E402
-from torchslim.coverage.zoo import ARCHITECTURES, TiedLM, example_inputs, make  # noqa: E402
-from torchslim.errors import ConfigError, ModelError  # noqa: E402
-from torchslim.prune import ChannelPruning  # noqa: E402
+import torchslim as ts
+from torchslim.coverage.zoo import ARCHITECTURES, TiedLM, example_inputs, make
+from torchslim.errors import ConfigError, ModelError
+from torchslim.prune import ChannelPruning
 
 
 def _model(name, tmp_path):

@@ -101,6 +101,20 @@ def test_gptq_runs_in_a_recipe_on_the_training_split(small_model, digits, tmp_pa
     assert {entry["method"] for entry in stage["details"]["quantized"].values()} == {"gptq"}
     assert stage["measurement"]["artifact_bytes"] < result.input["measurement"]["artifact_bytes"] / 6
     assert stage["measurement"]["accuracy"] >= result.input["measurement"]["accuracy"] - 0.02
+    # the saved file holds packed 4-bit layers that compute what GPTQ on the same calibration data computes
+    import copy
+
+    import torch
+
+    from torchslim.quantize.layers import IntQuantLayer
+
+    loaded = ts.load(stage["artifact"])
+    layers = [m for m in loaded.modules() if isinstance(m, IntQuantLayer)]
+    assert len(layers) == len(stage["details"]["quantized"]) and all(m.bits == 4 for m in layers)
+    x = digits.test.tensors[0][:64]
+    reference = copy.deepcopy(small_model)
+    ts.quantize_(reference, recipe.stages[0].config, calib_inputs=digits)
+    torch.testing.assert_close(loaded(x), reference(x))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
-from torchslim.errors import ConfigError, DataError
+from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.quantize.gptq import GPTQ, gptq_, gptq_quantize, layer_hessian
 from torchslim.quantize.layers import IntQuantLayer
 
@@ -128,16 +128,35 @@ def test_overrides_mix_gptq_with_other_configs_and_skips():
     assert report.skipped["4"] == "override is None" and isinstance(model[4], nn.Linear)
 
 
-def test_quantize_verb_points_to_gptq_and_changes_nothing():
-    model = nn.Sequential(nn.Linear(8, 4))
-    with pytest.raises(ConfigError, match="gptq_"):
+def test_quantize_verb_runs_gptq_with_calibration_inputs_and_refuses_it_without():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(32, 8)
+    with pytest.raises(ConfigError, match=r"GPTQ needs calibration inputs: expected quantize_\(model, GPTQ"):
         ts.quantize_(model, GPTQ())
     assert isinstance(model[0], nn.Linear)
-    # a GPTQ override after layers quantize_ could take: refused before the first layer changes
+    with pytest.raises(ConfigError, match="calib_inputs is invalid with IntQuant"):
+        ts.quantize_(model, ts.IntQuant(), calib_inputs=x)
+    assert isinstance(model[0], nn.Linear)
+    reference = copy.deepcopy(model)
+    gptq_(reference, GPTQ(group_size=None), x)
+    report = ts.quantize_(model, GPTQ(group_size=None), calib_inputs=x)  # the registered calibrated handler: gptq_
+    assert {entry["method"] for entry in report.quantized.values()} == {"gptq"}
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_a_gptq_override_is_refused_before_any_layer_changes():
+    # layers "0" and "2" come before "4" in the plan: an error only at "4" used to leave them quantized
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    with pytest.raises(ConfigError, match=r"layer '4' = GPTQ needs calibration inputs.*gptq_"):
+    with pytest.raises(ConfigError, match=r"layer '4' = GPTQ needs calibration inputs.*calib_inputs"):
         ts.quantize_(model, ts.IntQuant(bits=4), overrides={"4": GPTQ()})
     assert all(isinstance(model[i], nn.Linear) for i in (0, 2, 4))
+
+
+def test_gptq_on_a_model_with_nothing_to_quantize_raises_as_quantize_does():
+    model = nn.Sequential(nn.ReLU())
+    with pytest.raises(ModelError, match="gptq_ found no layer to quantize in Sequential: looked for Linear"):
+        gptq_(model, GPTQ(), torch.randn(4, 8))
 
 
 @pytest.mark.parametrize(

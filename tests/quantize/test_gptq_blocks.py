@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import torchslim as ts
@@ -13,8 +14,6 @@ from torchslim.errors import ConfigError
 from torchslim.quantize import gptq as gptq_module
 from torchslim.quantize.gptq import GPTQ, gptq_
 from torchslim.quantize.layers import IntQuantLayer
-
-transformers = pytest.importorskip("transformers")
 
 
 def _llama(layers: int = 3) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 import torchslim as ts
 from torchslim.kernels import cpu_gemv
-from torchslim.quantize.runtime import runtime_report, set_runtime_
+from torchslim.quantize.runtime import rebind_, runtime_report, set_runtime_
 
 CONFIGS = [
     ts.IntQuant(bits=4, granularity="group", group_size=128),  # 576 inputs: the last group is padded
@@ -371,3 +371,60 @@ def test_compiled_kernels_take_non_contiguous_inputs(config):
     if config.granularity == "channel":
         got = cpu_int8mm.linear(x, cpu_int8mm.prepack(layer), layer.bias)
         assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999
+
+
+class _Attention(nn.Module):
+    """q/k/v projections called on one input (as in Llama), or on three inputs (``shared=False``)."""
+
+    def __init__(self, shared: bool = True) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 32, bias=False), nn.Linear(64, 32)
+        self.o_proj = nn.Linear(128, 64)
+        self.shared = shared
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        k = self.k_proj(x if self.shared else x * 2)
+        v = self.v_proj(x)
+        return self.o_proj(torch.cat([q, k, v], -1))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-input", "other-inputs"])
+def test_siblings_on_one_input_run_as_one_gemv_with_the_same_outputs(shared):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Attention(shared), _Attention(shared)).eval()
+    ts.quantize_(model, ts.IntQuant(bits=4, granularity="group", group_size=32))
+    rows = [torch.randn(1, 64) for _ in range(3)] + [torch.randn(3, 64)]
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        reference = [model(x) for x in rows]
+    set_runtime_(model, "compact")  # every Linear takes the GEMV at one row
+    with torch.inference_mode():
+        got = [model(x) for x in rows]
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    report = {row["name"]: row for row in runtime_report(model)}
+    reason = report["0.k_proj"]["reasons"]["1 row"]
+    assert "stacked with q_proj, v_proj" in reason
+    assert ("runs alone" in reason) is not shared
+    assert "stacked" not in report["0.o_proj"]["reasons"]["1 row"]
+    stacked = report["0.q_proj"]["derived_bytes"]
+    assert (stacked >= 128 * 64) is shared  # the stacked codes, one byte a weight, counted on the first member
+
+
+def test_a_changed_sibling_rebuilds_the_stacked_codes():
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(model, "compact")
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        model(x)
+    model.k_proj.bias = None
+    model.v_proj.bias.data.add_(1.0)
+    rebind_(model.v_proj)
+    expected = model.o_proj(torch.cat([model.q_proj.run(x, model.q_proj.dequantize_weight()),
+                                       model.k_proj.run(x, model.k_proj.dequantize_weight()),
+                                       model.v_proj.run(x, model.v_proj.dequantize_weight())], -1))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)

@@ -151,7 +151,8 @@ def save(
     tensors, entries = _encode_state(model.state_dict())
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # files without shared tensors stay version 1, so older torchslim versions still read them
+        "format_version": 2 if any(e["encoding"] == ALIAS for e in entries.values()) else 1,
         "torchslim_version": __version__,
         "factory": factory,
         "modules": modules,
@@ -350,7 +351,8 @@ def _changed_modules(
 
 
 def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Encode every state-dict tensor with its cheapest encoding.
+    """Encode every state-dict tensor with its cheapest encoding; a tensor shared by several names (tied weights,
+    an embedding and ``lm_head`` sharing codes) is stored once, the other names as an ``alias`` entry.
 
     Returns:
         (stored key -> array for safetensors, tensor name -> manifest entry).
@@ -359,6 +361,7 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     storages: set[int] = set()
+    seen: dict[tuple, str] = {}  # the same memory seen under an earlier name
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(
@@ -367,6 +370,13 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             )
         if value.device.type == "meta":
             raise ArtifactError(f"save: tensor {name!r} is on the meta device and has no values to save")
+        view = _memory_key(value)
+        if view is not None and view in seen:
+            entries[name] = {"encoding": ALIAS, "alias_of": seen[view], "dtype": dtype_name(value.dtype),
+                             "shape": list(value.shape), "stored": []}
+            continue
+        if view is not None:
+            seen[view] = name
         info = tensor_info(value)
         for encoding in choose_encoding(info):
             keys = [stored_key(name, suffix) for suffix in encoding.parts]
@@ -380,7 +390,7 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             key = stored_key(name, suffix)
             if part.numel():
                 pointer = part.untyped_storage().data_ptr()
-                if pointer in storages:  # tied weights: safetensors refuses shared memory
+                if pointer in storages:  # overlapping views: safetensors refuses shared memory
                     part = part.clone()
                     pointer = part.untyped_storage().data_ptr()
                 storages.add(pointer)
@@ -394,6 +404,30 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             "sha256": parts_digest(tensors[key] for key in stored),
         }
     return tensors, entries
+
+
+ALIAS = "alias"  # a manifest entry naming the tensor it shares memory with (format_version 2)
+
+
+def _memory_key(value: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same memory (storage, offset, shape, strides, dtype); None for empty ones."""
+    if not value.numel():
+        return None
+    return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+            value.dtype)
+
+
+def _tie_aliases_(model: nn.Module, entries: dict[str, dict[str, Any]]) -> None:
+    """Make every ``alias`` tensor the same object as the one it names (tied again after loading)."""
+    for name, entry in entries.items():
+        if entry["encoding"] != ALIAS:
+            continue
+        owner, _, attr = name.rpartition(".")
+        target_owner, _, target_attr = entry["alias_of"].rpartition(".")
+        module, source = model.get_submodule(owner), model.get_submodule(target_owner)
+        for table in ("_parameters", "_buffers"):
+            if attr in getattr(module, table) and target_attr in getattr(source, table):
+                getattr(module, table)[attr] = getattr(source, table)[target_attr]
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -464,6 +498,7 @@ def load(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{where}: the stored tensors do not fit the rebuilt model: {exc}") from exc
+    _tie_aliases_(model, manifest["tensors"])
     try:
         model = model.to(map_location)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -585,8 +620,12 @@ def _decode_all(
     state = {}
     used: set[str] = set()
     for name, entry in entries.items():
-        state[name] = _decode_one(name, entry, fetch, available, where)
-        used.update(entry["stored"])
+        if entry["encoding"] != ALIAS:
+            state[name] = _decode_one(name, entry, fetch, available, where)
+            used.update(entry["stored"])
+    for name, entry in entries.items():
+        if entry["encoding"] == ALIAS:
+            state[name] = _decode_alias(name, entry, state, where)
     unexpected = sorted(available - used)
     if unexpected:
         raise ArtifactError(
@@ -594,6 +633,16 @@ def _decode_all(
             f"({len(unexpected)} unlisted; corrupted or hand-edited file)"
         )
     return state
+
+
+def _decode_alias(name: str, entry: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    target = state.get(entry.get("alias_of"))  # type: ignore[arg-type]
+    if target is None or list(target.shape) != entry["shape"] or dtype_name(target.dtype) != entry["dtype"]:
+        raise ArtifactError(
+            f"{where}: tensor {name!r}: alias_of = {entry.get('alias_of')!r} is invalid: expected the name of a "
+            f"stored tensor of shape {entry['shape']} and dtype {entry['dtype']}"
+        )
+    return target
 
 
 def _decode_one(name: str, entry: dict[str, Any], fetch, available: set[str], where: str) -> torch.Tensor:
@@ -690,7 +739,10 @@ def tensor_table(path: str | os.PathLike) -> list[dict[str, Any]]:
         ) from exc
     with handle:
         for name, entry in manifest["tensors"].items():
-            tensor = _decode_one(name, entry, handle.get_tensor, available, where)
+            source = entry.get("alias_of") if entry["encoding"] == ALIAS else name  # an alias stores nothing
+            if source not in manifest["tensors"] or manifest["tensors"][source]["encoding"] == ALIAS:
+                _decode_alias(name, entry, {}, where)  # raises the standard message
+            tensor = _decode_one(source, manifest["tensors"][source], handle.get_tensor, available, where)
             stored_bytes = sum(
                 header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in entry["stored"]
             )

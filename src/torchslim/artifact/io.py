@@ -12,7 +12,7 @@ from typing import Any
 from torchslim.errors import ArtifactError
 
 FORMAT = "torchslim.slim"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors shared by several names are stored once (alias entries)
 MANIFEST_KEY = "torchslim"
 # The manifest text ends with this field: the SHA-256 of the text written before it (absent in older files).
 # It lives inside the one metadata entry because safetensors writes several entries in random order,

@@ -3,7 +3,9 @@ hf model to a Hugging Face directory (compressed-tensors for its int4/int8 layer
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,12 +20,16 @@ from torchslim.cli.common import (
     table,
     text_example,
 )
+from torchslim.config import Config
 from torchslim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchslim.export import ExportConfig
 
 FORMATS = ("onnx", "hf")
 
 
-def export(
+def export(  # noqa: PLR0913 - Typer: each parameter is one command-line option
     path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file (--format hf: a directory)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx, or hf: a Hugging Face directory (compressed-tensors)."),
@@ -45,35 +51,91 @@ def export(
         "with (default: one short sentence); the graph takes any batch and sequence length."),
 ) -> None:
     """Export a .slim model (or hf:DIR) to ONNX and check ONNX Runtime agrees with PyTorch (fails loudly if not)."""
+    options = ExportOptions(
+        path=path, out=out, fmt=fmt, dtype=dtype, quant=quant, precision=precision, calib=calib, data=data,
+        input_shape=input_shape, block_size=block_size, accuracy_level=accuracy_level, fuse=fuse, opset=opset,
+        text=text,
+    )  # every flag is checked here, before anything is loaded or written
+    run = _export_hf if options.fmt == "hf" else _export_onnx
+    run(options, force=force, trust_factory=trust_factory, json_output=json_output)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(Config):
+    """What ``torchslim export`` was asked to do, checked as a whole on construction.
+
+    Fields are the command's options (``--format`` is ``fmt``, ``--fuse-transformer`` is ``fuse``). Errors name the
+    flag, the value and what is allowed; the ONNX settings are checked by :class:`ExportConfig`.
+    """
+
+    path: Path
+    out: Path
+    fmt: str = "onnx"
+    dtype: str = "float16"
+    quant: str = "none"
+    precision: str = "fp32"
+    calib: str | None = None
+    data: str | None = None
+    input_shape: str | None = None
+    block_size: int = 32
+    accuracy_level: int = 4
+    fuse: bool = False
+    opset: int | None = None
+    text: Path | None = None
+
+    def validate(self) -> None:
+        """Check the flags together; raise :class:`ConfigError` naming the first bad one."""
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"--format = {self.fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
+        if self.fmt == "hf":
+            self._check_hf()
+            return
+        self.export_config()
+        if self.quant == "int8-static" and self.calib is None:
+            raise ConfigError("--quant int8-static needs --calib: expected a calibration data spec, e.g. --calib "
+                              "digits")
+        if self.input_shape:
+            parse_int_list("--input-shape", self.input_shape)
+
+    def _check_hf(self) -> None:
+        from torchslim.export.hf import HF_DTYPES
+
+        onnx_only = {"--quant": self.quant != "none", "--precision": self.precision != "fp32",
+                     "--calib": self.calib is not None, "--data": self.data is not None,
+                     "--input-shape": self.input_shape is not None}
+        onnx_flags = [flag for flag, given in onnx_only.items() if given]
+        if onnx_flags:
+            raise ConfigError(f"{', '.join(onnx_flags)} is invalid with --format hf: the layers are written as they "
+                              "are in the model (quantize it first, e.g. torchslim quantize hf:DIR --bits 4)")
+        if self.dtype not in HF_DTYPES:
+            raise ConfigError(f"--dtype = {self.dtype!r} is invalid: expected one of {', '.join(HF_DTYPES)}")
+
+    def export_config(self) -> ExportConfig:
+        """The ONNX export's settings (``--quant``, ``--precision``, ``--block-size``, ...)."""
+        from torchslim.export import ExportConfig
+
+        return ExportConfig(quant=self.quant, precision=self.precision, block_size=self.block_size,
+                            accuracy_level=self.accuracy_level, transformer_fusion=self.fuse, opset=self.opset)
+
+
+def _export_onnx(options: ExportOptions, *, force: bool, trust_factory: bool, json_output: bool) -> None:
+    """``--format onnx``: export, check parity with ONNX Runtime, and print what was written."""
     import torch
 
-    from torchslim.export import ExportConfig
     from torchslim.export import export as run_export
     from torchslim.fileio import check_output_path
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format = {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
-    if fmt == "hf":
-        onnx_only = {"--quant": quant != "none", "--precision": precision != "fp32", "--calib": calib is not None,
-                     "--data": data is not None, "--input-shape": input_shape is not None}
-        _export_hf(path, out, dtype, text, [flag for flag, given in onnx_only.items() if given], force=force,
-                   trust_factory=trust_factory, json_output=json_output)
-        return
-    config = ExportConfig(
-        quant=quant, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
-        transformer_fusion=fuse, opset=opset,
-    )  # fmt: skip
-    if quant == "int8-static" and calib is None:
-        raise ConfigError("--quant int8-static needs --calib: expected a calibration data spec, e.g. --calib digits")
-    spec = calib or data
+    spec = options.calib or options.data
+    path, input_shape = options.path, options.input_shape
     source = str(path) if is_hf_source(path) else path
     if is_hf_source(source):
         path = Path(str(source)[3:])  # the directory: output checks and the summary name it
-    target = check_output_path(out, path, force=force)
+    target = check_output_path(options.out, path, force=force)
     model, _, input_bytes = load_model_source(source, trust_factory=trust_factory)
     calib_data = example = None
     if is_hf_model(model):
-        example = text_example(model, text, {"--data": data, "--calib": calib, "--input-shape": input_shape})
+        example = text_example(model, options.text, {"--data": options.data, "--calib": options.calib,
+                                                     "--input-shape": input_shape})
     elif spec is None and input_shape is None and not (getattr(model, "_torchslim_input", None) or {}).get("shape"):
         raise ConfigError("--data, --calib or --input-shape is missing (the .slim records no input signature): "
                           "expected the model's input, e.g. --data digits")
@@ -83,7 +145,7 @@ def export(
         recorded = model._torchslim_input["shape"] if input_shape is None else None
         shape = parse_int_list("--input-shape", input_shape) if input_shape else tuple(recorded)
         example = torch.randn((8, *shape), generator=torch.Generator().manual_seed(0))
-    report = run_export(model, target, config, example_inputs=example, calib_data=calib_data)
+    report = run_export(model, target, options.export_config(), example_inputs=example, calib_data=calib_data)
     summary = {"input": str(source), "input_bytes": input_bytes, **report.to_dict()}
     if json_output:
         print_json(summary)
@@ -98,34 +160,27 @@ def export(
         ["operators", "", ", ".join(f"{op} x{n}" for op, n in sorted(report.op_types.items()))],
     ]
     out_console = console()
-    label = quant if quant != "none" else precision
+    label = options.quant if options.quant != "none" else options.precision
     out_console.print(table(f"export {path} -> {target} ({label}, {parity['samples']} parity samples)",
                             ["", ".slim", ".onnx"], rows))  # fmt: skip
     for note in report.notes:
         out_console.print(f"note: {note}")
 
 
-def _export_hf(
-    path: Path, out: Path, dtype: str, text: Path | None, onnx_flags: list[str], *, force: bool, trust_factory: bool,
-    json_output: bool,
-) -> None:
+def _export_hf(options: ExportOptions, *, force: bool, trust_factory: bool, json_output: bool) -> None:
     """``--format hf``: write the hf model (quantized layers in compressed-tensors) and check it reloads."""
-    from torchslim.export.hf import HF_DTYPES, export_hf
-
-    if onnx_flags:
-        raise ConfigError(f"{', '.join(onnx_flags)} is invalid with --format hf: the layers are written as they are "
-                          "in the model (quantize it first, e.g. torchslim quantize hf:DIR --bits 4)")
-    if dtype not in HF_DTYPES:
-        raise ConfigError(f"--dtype = {dtype!r} is invalid: expected one of {', '.join(HF_DTYPES)}")
+    from torchslim.export.hf import export_hf
     from torchslim.fileio import check_output_path
 
+    path, out, dtype = options.path, options.out, options.dtype
     source = str(path) if is_hf_source(path) else path
     check_output_path(out, Path(str(source)[3:]) if is_hf_source(source) else path, force=force)
     model, _, input_bytes = load_model_source(source, trust_factory=trust_factory)
     if not is_hf_model(model):
         raise ConfigError(f"--format hf is invalid for {str(path)!r}: it is not a Hugging Face model (hf:DIR or a "
                           ".slim made from one); expected --format onnx")
-    example = text_example(model, text, {}) if text is not None else None  # None: export_hf's own sentence
+    # without --text, export_hf checks the reload on its own sentence
+    example = text_example(model, options.text, {}) if options.text is not None else None
     report = export_hf(model, out, dtype=dtype, example_inputs=example, force=force)
     summary = {"input": str(source), "input_bytes": input_bytes, **report.to_dict()}
     if json_output:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -20,12 +21,17 @@ from torchslim.cli.common import (
     table,
     token_inputs,
 )
+from torchslim.config import Config
 from torchslim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchslim.prune import MagnitudePruning, NMSparsity
+    from torchslim.prune.structural import ChannelPruning
 
 SCHEDULES = ("oneshot", "iterative", "gradual")
 
 
-def prune(
+def prune(  # noqa: PLR0913 - Typer: each parameter is one command-line option
     path: Path = typer.Argument(..., help="Input .slim file, or hf:DIR (a local Hugging Face model directory)."),
     scope: str | None = typer.Option(
         None, "--scope", help="global (default), layer or neuron; with --structured: layer (default) or global ranking."
@@ -58,28 +64,183 @@ def prune(
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Prune weights by magnitude (global/layer/neuron), N:M, or whole channels; fine-tune; save finalized."""
-    if sweep_threshold is not None:
-        given = {"--threshold": threshold is not None, "--amount": amount is not None, "--nm": nm is not None,
-                 "--std-multiplier": std_multiplier is not None, "--structured": structured, "--out": out is not None,
-                 "--finetune-epochs": finetune_epochs != 0, "--schedule": schedule != "oneshot"}
+    options = PruneOptions(
+        path=path, out=out, scope=scope, threshold=threshold, amount=amount, std_multiplier=std_multiplier,
+        criterion=criterion, nm=nm, structured=structured, round_to=round_to, heads=heads, data=data,
+        finetune_epochs=finetune_epochs, lr=lr, schedule=schedule, steps=steps, epochs_per_step=epochs_per_step,
+        initial_sparsity=initial_sparsity, sweep_threshold=sweep_threshold, plot=plot,
+    )  # every flag is checked here, before anything is loaded or written
+    if options.sweep_threshold is not None:
+        _sweep(options, trust_factory, json_output)
+    else:
+        _prune(options, force=force, trust_factory=trust_factory, progress=progress, json_output=json_output)
+
+
+# --- planning: every flag checked before anything is loaded or written ----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PruneOptions(Config):
+    """What ``torchslim prune`` was asked to do, checked as a whole on construction.
+
+    Fields are the command's options (``--std-multiplier`` is ``std_multiplier``; ``path`` is the input argument).
+    Errors name the flag, the value and what is allowed; field errors of the method configs built from the flags
+    (``MagnitudePruning``, ``NMSparsity``, ``ChannelPruning``, ``PruneSchedule``, ``TrainConfig``) name their field.
+    """
+
+    path: Path
+    out: Path | None = None
+    scope: str | None = None
+    threshold: float | None = None
+    amount: float | None = None
+    std_multiplier: float | None = None
+    criterion: str = "l1"
+    nm: str | None = None
+    structured: bool = False
+    round_to: int = 1
+    heads: float = 0.0
+    data: str | None = None
+    finetune_epochs: int = 0
+    lr: float | None = None
+    schedule: str = "oneshot"
+    steps: int | None = None
+    epochs_per_step: int = 1
+    initial_sparsity: float = 0.0
+    sweep_threshold: str | None = None
+    plot: Path | None = None
+
+    def validate(self) -> None:
+        """Check the flags together (a sweep, or one pruning run); raise :class:`ConfigError` on the first clash."""
+        if self.sweep_threshold is not None:
+            self.thresholds()
+            return
+        self.plan()
+        if self.out is None:
+            raise ConfigError("--out is missing: expected the output .slim path (or --sweep-threshold)")
+
+    def thresholds(self) -> list[float]:
+        """The thresholds of ``--sweep-threshold``, after checking the sweep's flags."""
+        given = {"--threshold": self.threshold is not None, "--amount": self.amount is not None,
+                 "--nm": self.nm is not None, "--std-multiplier": self.std_multiplier is not None,
+                 "--structured": self.structured, "--out": self.out is not None,
+                 "--finetune-epochs": self.finetune_epochs != 0, "--schedule": self.schedule != "oneshot"}
         clash = [flag for flag, on in given.items() if on]
         if clash:
             raise ConfigError(f"--sweep-threshold cannot be combined with {clash[0]}: the sweep tries each threshold "
                               "on a copy and writes no model")
-        if str(path).startswith("hf:"):
+        if str(self.path).startswith("hf:"):
             raise ConfigError("--sweep-threshold is invalid for hf:DIR: it scores accuracy on labelled image data "
                               "(--data); compare thresholds with torchslim eval --text instead")
-        _sweep(path, sweep_threshold, data, scope or "global", criterion, plot, trust_factory, json_output)
-        return
-    plan = _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
-                 schedule, steps, epochs_per_step, initial_sparsity, lr, heads)
-    if out is None:
-        raise ConfigError("--out is missing: expected the output .slim path (or --sweep-threshold)")
-    from torchslim.fileio import check_output_path
+        if self.data is None:
+            raise ConfigError("--sweep-threshold needs --data: expected a labelled data spec, e.g. --data digits")
+        from torchslim.prune import MagnitudePruning
 
-    target = check_output_path(out, path, force=force)
+        thresholds = _parse_floats("--sweep-threshold", self.sweep_threshold)
+        for tau in thresholds:  # every value checked before any work
+            MagnitudePruning(scope=self.scope or "global", threshold=tau, criterion=self.criterion)
+        return thresholds
+
+    def plan(self) -> dict[str, Any]:
+        """The pruning run the flags describe.
+
+        Returns:
+            ``{"config": the method config, "schedule": PruneSchedule or None (structural), "trains": bool}``.
+        """
+        from torchslim.prune.schedule import PruneSchedule, schedule_targets
+        from torchslim.train import TrainConfig
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule = {self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs = {self.finetune_epochs} is invalid: expected an integer >= 0")
+        if self.lr is not None:
+            TrainConfig(lr=self.lr)  # validates --lr before any work
+        if self.criterion == "taylor" and self.data is None:
+            raise ConfigError("--criterion taylor needs --data: expected a labelled data spec for the gradients")
+        trains = self.finetune_epochs > 0 or (self.schedule != "oneshot" and self.epochs_per_step > 0)
+        if trains and self.data is None:
+            raise ConfigError("fine-tuning (--finetune-epochs, --schedule) needs --data: expected a data spec to "
+                              "train on")
+        if self.round_to != 1 and not self.structured:
+            raise ConfigError("--round-to needs --structured: it rounds kept channel counts")
+        if self.heads and not self.structured:
+            raise ConfigError("--heads needs --structured: it removes whole attention heads")
+        if self.structured and self.nm is None:
+            return {"config": self._channel_config(), "schedule": None, "trains": self.finetune_epochs > 0}
+        config = self._nm_config() if self.nm is not None else self._magnitude_config()
+        steps = self.steps if self.steps is not None else (1 if self.schedule == "oneshot" else 3)
+        plan = PruneSchedule(kind=self.schedule, steps=steps, epochs_per_step=self.epochs_per_step,
+                             finetune_epochs=self.finetune_epochs, initial_sparsity=self.initial_sparsity)
+        schedule_targets(config, plan)  # a gradual schedule with a threshold, N:M with steps ... fail here
+        return {"config": config, "schedule": plan, "trains": trains}
+
+    def _nm_config(self) -> NMSparsity:
+        from torchslim.prune import NMSparsity
+
+        clash = [f for f, v in (("--threshold", self.threshold), ("--amount", self.amount),
+                                ("--std-multiplier", self.std_multiplier), ("--scope", self.scope)) if v is not None]
+        if clash or self.structured:
+            raise ConfigError(f"--nm cannot be combined with {(clash + ['--structured'])[0]}: N:M fixes how many "
+                              "weights each group keeps")
+        n, m = _parse_nm(self.nm)
+        return NMSparsity(n=n, m=m, criterion=self.criterion)
+
+    def _channel_config(self) -> ChannelPruning:
+        from torchslim.prune.structural import ChannelPruning
+
+        clash = [f for f, v in (("--threshold", self.threshold), ("--std-multiplier", self.std_multiplier))
+                 if v is not None]
+        if clash:
+            raise ConfigError(f"--structured cannot be combined with {clash[0]}: it removes a fraction (--amount) of "
+                              "each layer's channels")
+        if self.amount is None:
+            raise ConfigError("--structured needs --amount: expected the fraction of channels to remove, e.g. 0.5")
+        if self.scope not in (None, "layer", "global"):
+            raise ConfigError(f"--scope = {self.scope!r} is invalid with --structured: expected layer or global "
+                              "(ranking)")
+        if self.schedule != "oneshot":
+            raise ConfigError(f"--schedule = {self.schedule!r} is invalid with --structured: channel removal is "
+                              "one-shot; use --finetune-epochs to recover")
+        return ChannelPruning(amount=self.amount, importance=self.criterion, round_to=self.round_to,
+                              global_ranking=self.scope == "global", heads=self.heads)
+
+    def _magnitude_config(self) -> MagnitudePruning:
+        from torchslim.prune import MagnitudePruning
+
+        if self.threshold is None and self.amount is None and self.std_multiplier is None:
+            raise ConfigError("nothing to prune: expected one of --threshold, --amount, --std-multiplier, --nm, "
+                              "--structured --amount, or --sweep-threshold")
+        return MagnitudePruning(scope=self.scope or "global", threshold=self.threshold, amount=self.amount,
+                                std_multiplier=self.std_multiplier, criterion=self.criterion)
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"--nm = {text!r} is invalid: expected N:M with integers, e.g. 2:4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _parse_floats(option: str, text: str) -> list[float]:
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise ConfigError(f"{option} = {text!r} is invalid: expected comma-separated numbers, e.g. "
+                              "0.01,0.02,0.05") from None
+    return values
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+def _prune(options: PruneOptions, *, force: bool, trust_factory: bool, progress: bool | None,
+           json_output: bool) -> None:
+    """Prune, fine-tune and save as ``options`` say; print the summary."""
     from torchslim.artifact import save
+    from torchslim.fileio import check_output_path
     from torchslim.measure import parameter_stats
+
+    plan = options.plan()
+    path, data, structured = options.path, options.data, options.structured
+    target = check_output_path(options.out, path, force=force)
 
     model, recipe_before, input_bytes = load_model_source(path, trust_factory=trust_factory)
     if is_hf_model(model):
@@ -88,9 +249,11 @@ def prune(
     accuracy_before = holdout_accuracy(model, splits)
     params_before = parameter_stats(model)["parameters"]
     # epochs: those of the recovery run after the last step (the schedule in the recipe holds the others)
-    train_config = _train_config(model, lr, finetune_epochs or epochs_per_step) if plan["trains"] else None
+    train_config = None
+    if plan["trains"]:
+        train_config = _train_config(model, options.lr, options.finetune_epochs or options.epochs_per_step)
     if structured:
-        result = _structured(model, plan["config"], splits, finetune_epochs, train_config, progress)
+        result = _structured(model, plan["config"], splits, options.finetune_epochs, train_config, progress)
     else:
         result = _unstructured(model, plan["config"], plan["schedule"], splits, train_config, progress)
     accuracy_after = holdout_accuracy(model, splits)
@@ -124,86 +287,6 @@ def prune(
         print_json(summary)
     else:
         _print_summary(summary, path, target, structured)
-
-
-# --- planning: every flag checked before anything is loaded or written ----------------------------------------
-def _plan(scope, threshold, amount, std_multiplier, criterion, nm, structured, round_to, data, finetune_epochs,
-          schedule, steps, epochs_per_step, initial_sparsity, lr, heads=0.0) -> dict[str, Any]:
-    from torchslim.prune import MagnitudePruning, NMSparsity
-    from torchslim.prune.schedule import PruneSchedule, schedule_targets
-    from torchslim.train import TrainConfig
-
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"--schedule = {schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
-    if finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs = {finetune_epochs} is invalid: expected an integer >= 0")
-    if lr is not None:
-        TrainConfig(lr=lr)  # validates --lr before any work
-    if criterion == "taylor" and data is None:
-        raise ConfigError("--criterion taylor needs --data: expected a labelled data spec for the gradients")
-    trains = finetune_epochs > 0 or (schedule != "oneshot" and epochs_per_step > 0)
-    if trains and data is None:
-        raise ConfigError("fine-tuning (--finetune-epochs, --schedule) needs --data: expected a data spec to train on")
-    if round_to != 1 and not structured:
-        raise ConfigError("--round-to needs --structured: it rounds kept channel counts")
-    if heads and not structured:
-        raise ConfigError("--heads needs --structured: it removes whole attention heads")
-    if nm is not None:
-        clash = [f for f, v in (("--threshold", threshold), ("--amount", amount), ("--std-multiplier", std_multiplier),
-                                ("--scope", scope)) if v is not None] + (["--structured"] if structured else [])
-        if clash:
-            raise ConfigError(f"--nm cannot be combined with {clash[0]}: N:M fixes how many weights each group keeps")
-        n, m = _parse_nm(nm)
-        config = NMSparsity(n=n, m=m, criterion=criterion)
-    elif structured:
-        from torchslim.prune.structural import ChannelPruning
-
-        clash = [f for f, v in (("--threshold", threshold), ("--std-multiplier", std_multiplier)) if v is not None]
-        if clash:
-            raise ConfigError(f"--structured cannot be combined with {clash[0]}: it removes a fraction (--amount) of "
-                              "each layer's channels")
-        if amount is None:
-            raise ConfigError("--structured needs --amount: expected the fraction of channels to remove, e.g. 0.5")
-        if scope not in (None, "layer", "global"):
-            raise ConfigError(f"--scope = {scope!r} is invalid with --structured: expected layer or global (ranking)")
-        if schedule != "oneshot":
-            raise ConfigError(f"--schedule = {schedule!r} is invalid with --structured: channel removal is one-shot; "
-                              "use --finetune-epochs to recover")
-        config = ChannelPruning(amount=amount, importance=criterion, round_to=round_to,
-                                global_ranking=scope == "global", heads=heads)
-        return {"config": config, "schedule": None, "trains": finetune_epochs > 0}
-    else:
-        if threshold is None and amount is None and std_multiplier is None:
-            raise ConfigError("nothing to prune: expected one of --threshold, --amount, --std-multiplier, --nm, "
-                              "--structured --amount, or --sweep-threshold")
-        config = MagnitudePruning(scope=scope or "global", threshold=threshold, amount=amount,
-                                  std_multiplier=std_multiplier, criterion=criterion)
-    plan = PruneSchedule(kind=schedule, steps=steps if steps is not None else (1 if schedule == "oneshot" else 3),
-                         epochs_per_step=epochs_per_step, finetune_epochs=finetune_epochs,
-                         initial_sparsity=initial_sparsity)
-    schedule_targets(config, plan)  # a gradual schedule with a threshold, N:M with steps ... fail here
-    return {"config": config, "schedule": plan, "trains": trains}
-
-
-def _parse_nm(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
-    if not match:
-        raise ConfigError(f"--nm = {text!r} is invalid: expected N:M with integers, e.g. 2:4")
-    return int(match.group(1)), int(match.group(2))
-
-
-def _parse_floats(option: str, text: str) -> list[float]:
-    values = []
-    for item in text.split(","):
-        try:
-            values.append(float(item.strip()))
-        except ValueError:
-            raise ConfigError(f"{option} = {text!r} is invalid: expected comma-separated numbers, e.g. "
-                              "0.01,0.02,0.05") from None
-    return values
-
-
-# --- running ---------------------------------------------------------------------------------------------------
 
 
 def _train_config(model, lr: float | None, epochs: int):
@@ -292,16 +375,14 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
-def _sweep(path, text, data, scope, criterion, plot, trust_factory, json_output) -> None:
+def _sweep(options: PruneOptions, trust_factory: bool, json_output: bool) -> None:
+    """``--sweep-threshold``: prune copies at each threshold, score them, plot and print the table."""
     from torchslim.artifact import load
-    from torchslim.prune import MagnitudePruning
     from torchslim.prune.sweep import sweep_thresholds
 
-    if data is None:
-        raise ConfigError("--sweep-threshold needs --data: expected a labelled data spec, e.g. --data digits")
-    thresholds = _parse_floats("--sweep-threshold", text)
-    for tau in thresholds:  # every value checked before any work
-        MagnitudePruning(scope=scope, threshold=tau, criterion=criterion)
+    path, data, plot, criterion = options.path, options.data, options.plot, options.criterion
+    scope = options.scope or "global"
+    thresholds = options.thresholds()
     model = load(path, trust_factory=trust_factory)
     splits = load_data_for(data, model)
     plot_path = plot or path.with_name(path.stem + "-threshold-sweep.png")

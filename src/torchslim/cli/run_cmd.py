@@ -10,7 +10,7 @@ import typer
 from torchslim.cli.common import PROGRESS_OPT, console, print_json, table
 
 
-def train(
+def train(  # noqa: PLR0913 - Typer: each parameter is one command-line option
     model: str = typer.Option("lenet5", "--model", "-m", help="Registered model name or package.module:callable."),
     data: str = typer.Option("digits", "--data", "-d", help="Data spec: digits, mnist:DIR, npz:FILE, imagefolder:DIR."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output .slim file (default: MODEL.slim)."),

@@ -294,7 +294,9 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
     from torchslim.hf.loading import _first_line, _quiet
 
     ids, mask = _example(model, example_inputs)
-    cls = getattr(transformers, type(model.model).__name__)
+    # the model's own class; a class transformers does not export (remote code) loads through the Auto classes
+    cls = getattr(transformers, type(model.model).__name__, None) or (
+        transformers.AutoModelForCausalLM if model.output == "logits" else transformers.AutoModel)
     try:
         with _quiet():
             reloaded = cls.from_pretrained(staging, dtype=torch.float32, attn_implementation="eager").eval()

@@ -280,6 +280,8 @@ def _float_layer(layer: Any) -> nn.Module:
     bias = layer.bias is not None
     if layer.op == "linear":
         module: nn.Module = nn.Linear(shape[1], shape[0], bias=bias)
+    elif layer.op == "embedding":
+        module = nn.Embedding(shape[0], shape[1])
     else:
         conv = nn.Conv1d if layer.op == "conv1d" else nn.Conv2d
         groups = layer.conv.get("groups", 1)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchslim.kernels.compiled import compiled as compiled_fn
 from torchslim.kernels.compiled import kernel_bias
 
-__all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "unsupported_reason"]
+__all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "stack", "unsupported_reason"]
 
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
@@ -103,6 +103,29 @@ def prepack(layer: Any) -> GemvPack:
     tail = (codes[:, whole, :rest].contiguous(), scale[:, whole:].contiguous(), scale_zero[:, whole:].contiguous())
     return GemvPack(codes[:, :whole].contiguous(), scale[:, :whole].contiguous(), scale_zero[:, :whole].contiguous(),
                     in_features, "group-tail", tail)
+
+
+def stack(packs: list[GemvPack]) -> GemvPack:
+    """One pack whose rows are those of ``packs`` in turn: layers that read the same input run as one GEMV.
+
+    Args:
+        packs: from :func:`prepack`, of one kind, input length and group shape.
+
+    Returns:
+        The stacked :class:`GemvPack` (new tensors; its output is the packs' outputs concatenated).
+
+    Raises:
+        ValueError: packs of different kinds, input lengths or group shapes.
+    """
+    first = packs[0]
+    shapes = {(p.kind, p.in_features, tuple(p.codes.shape[1:]), None if p.tail is None else p.tail[0].shape[1])
+              for p in packs}
+    if len(shapes) != 1:
+        raise ValueError(f"packs of different layouts cannot be stacked: {sorted(map(str, shapes))}")
+    tails = zip(*(p.tail for p in packs), strict=True) if first.tail is not None else None
+    tail = None if tails is None else tuple(torch.cat(parts) for parts in tails)
+    return GemvPack(torch.cat([p.codes for p in packs]), torch.cat([p.scale for p in packs]),
+                    torch.cat([p.scale_zero for p in packs]), first.in_features, first.kind, tail)
 
 
 def _channel(x: Tensor, codes: Tensor, scale: Tensor, scale_zero: Tensor, bias: Tensor) -> Tensor:

@@ -328,7 +328,7 @@ def _prune(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, di
     from torchslim.train import train
 
     splits = ctx.splits
-    if stage.config.config_name == "channel":
+    if stage.config.structural:
         report = prune_(model, stage.config, example_inputs=splits.example_inputs(1), data=splits.train)
         details: dict[str, Any] = {"report": _plain(report)}
         if stage.train:
@@ -431,8 +431,8 @@ def sparse_qat_(model: nn.Module, config, train_data: Any, train_config, *, prog
 
 
 def _quantize(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module, dict[str, Any]]:
-    """Dispatch on what the config says of itself: an ONNX graph, calibrated (GPTQ), QAT, or ``quantize_``."""
-    from torchslim.quantize import gptq_, quantize_, quantize_to_graph
+    """Dispatch on what the config says of itself: an ONNX graph, QAT, or ``quantize_`` (calibrated: GPTQ)."""
+    from torchslim.quantize import quantize_, quantize_to_graph
 
     splits, config = ctx.splits, stage.config
     if config.produces_graph:
@@ -442,7 +442,7 @@ def _quantize(stage: Stage, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
         details = sparse_qat_(model, config, splits.train, stage.train_config(_train_base(model)),
                               progress=ctx.progress)
         return model, {"qat": True, **details}
-    report = gptq_(model, config, splits) if config.needs_calibration else quantize_(model, config)
+    report = quantize_(model, config, calib_inputs=splits if config.needs_calibration else None)
     return model.eval(), {"quantized": report.quantized, "skipped": report.skipped}
 
 

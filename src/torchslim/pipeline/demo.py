@@ -20,13 +20,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim.pipeline.report import COLUMNS, row_cells
+from torchslim.artifact import load, save
+from torchslim.data import load_data
+from torchslim.distill.api import KD, distill
+from torchslim.export import export_onnx
+from torchslim.fileio import atomic_write_bytes
+from torchslim.models import create_model
+from torchslim.pipeline.compress import compress, deploy_args, save_and_measure
+from torchslim.pipeline.recipe import parse_recipe
+from torchslim.pipeline.report import COLUMNS, row_cells, write_report
+from torchslim.prune import MagnitudePruning, PruneSchedule, prune_with_schedule, sweep_thresholds
+from torchslim.prune.api import prunable_layers
+from torchslim.quantize import HalfPrecision, IntQuant, StaticInt8, quantize_, quantize_static, sweep_bits
+from torchslim.train import recommended_config, set_seed, train
 
 __all__ = ["BASELINE", "COLUMNS", "PRESETS", "DemoReport", "DemoSettings", "combined_recipe", "run_demo"]
 
@@ -164,17 +177,6 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
         ValueError: both ``quick`` and ``full``.
         TorchSlimError: a reloaded artifact does not reproduce the saved model's outputs.
     """
-    from torchslim.artifact import load, save
-    from torchslim.data import load_data
-    from torchslim.export import export_onnx
-    from torchslim.fileio import atomic_write_bytes
-    from torchslim.pipeline.compress import compress, deploy_args, save_and_measure
-    from torchslim.pipeline.recipe import parse_recipe
-    from torchslim.pipeline.report import write_report
-    from torchslim.prune import MagnitudePruning, PruneSchedule, prune_with_schedule
-    from torchslim.quantize import HalfPrecision, IntQuant, StaticInt8, quantize_, quantize_static
-    from torchslim.train import recommended_config
-
     if quick and full:
         raise ValueError("demo: quick and full are exclusive: expected at most one of --quick, --full")
     settings = settings or PRESETS["quick" if quick else "full" if full else "default"]
@@ -182,96 +184,170 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = _limit(load_data("digits"), settings.train_images)
-    timings: dict[str, float] = {}
+    run = _DemoRun(out, _limit(load_data("digits"), settings.train_images), settings, progress, say)
+    _reference_rows(run)
+    base = run.trained[BASELINE]
+    _quantized_rows(run, base)
+    removed = _tau_row(run, base)
+    _student_row(run)
+    _int8_row(run, base)
+    recipe = _combined_row(run, base)
+    since = time.perf_counter()
+    sweeps = _sweeps(base, run.splits, settings)
+    run.step("swept tau and bits", since)
+    for entry in run.results:  # the manifests hold the recipes; keep report.json readable
+        entry.pop("recipe", None)
+    seconds = round(time.perf_counter() - started, 1)
+    files = write_report(out, _report_data(run, recipe, removed, sweeps, seconds))
+    return DemoReport(results=run.results, markdown_path=Path(files["markdown"]), html_path=Path(files["html"]),
+                      json_path=Path(files["json"]), plots=list(files["plots"]), onnx=run.onnx_files,
+                      seconds=round(time.perf_counter() - started, 1))
 
-    def step(label: str, since: float) -> None:
-        timings[label] = round(time.perf_counter() - since, 1)
-        say(f"{label} ({timings[label]:.1f} s)")
 
-    trained: dict[str, nn.Module] = {}
-    recipes: dict[str, list] = {}
+@dataclasses.dataclass
+class _DemoRun:
+    """One demo run: where it writes, what it trained and measured, and the seconds of each step.
+
+    Attributes:
+        trained: the trained fp32 models by name (lenet5, lenet300, the teacher).
+        recipes: the recipe (list of stages) that made each trained model.
+        results: one report row per measured artifact, in table order.
+        timings: seconds per step, by the step's label.
+        onnx_files: the ONNX graphs written.
+    """
+
+    out: Path
+    splits: Any
+    settings: DemoSettings
+    progress: bool | None
+    say: Callable[[str], Any]
+    trained: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    recipes: dict[str, list] = dataclasses.field(default_factory=dict)
+    results: list[dict] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    onnx_files: list[Path] = dataclasses.field(default_factory=list)
+
+    def step(self, label: str, since: float) -> None:
+        """Record the seconds since ``since`` under ``label`` and say them."""
+        self.timings[label] = round(time.perf_counter() - since, 1)
+        self.say(f"{label} ({self.timings[label]:.1f} s)")
+
+    def measured(self, name: str, model: nn.Module, recipe: list, since: float | None = None) -> dict:
+        """Save ``model`` as ``NAME.slim``, reload and measure it (deployed too with latency); the report entry.
+
+        Args:
+            since: when compressing began (the entry's ``compress_seconds``); None for a trained model.
+        """
+        begun = time.perf_counter()
+        latency = self.settings.latency
+        entry = save_and_measure(name, model, self.out / f"{name}.slim", self.splits, recipe=recipe, latency=latency,
+                                 **deploy_args(self.out, name, self.trained[BASELINE], latency))
+        if since is not None:
+            entry["compress_seconds"] = round(begun - since, 2)
+        self.step(f"measured {name}" if since is None else f"compressed and measured {name}",
+                  begun if since is None else since)
+        return entry
+
+    def row(self, name: str, model: nn.Module, stage: dict, since: float, recipe: list | None = None) -> None:
+        """Add the measured row of a compressed model: ``recipe`` (default: the baseline's) plus ``stage``."""
+        recipe = recipe if recipe is not None else self.recipes[BASELINE]
+        self.results.append(self.measured(name, model, recipe + [stage], since))
+
+
+def _reference_rows(run: _DemoRun) -> None:
+    """Train the baseline, lenet300 and the teacher, measure each, and export the fp32 baseline to ONNX."""
+    settings = run.settings
     epochs = {BASELINE: settings.baseline_epochs, "lenet300": settings.lenet300_epochs,
               TEACHER: settings.teacher_epochs}
     kwargs = {TEACHER: {"widths": list(settings.teacher_widths), "blocks": list(settings.teacher_blocks)}}
     for name in (BASELINE, "lenet300", TEACHER):
         since = time.perf_counter()
         config = recommended_config(name).replace(epochs=epochs[name])
-        trained[name] = _train(name, splits, config, progress, **kwargs.get(name, {}))
-        recipes[name] = [{"stage": "train", "data": "digits", "config": config.to_dict()}]
-        step(f"trained {name}", since)
+        run.trained[name] = _train(name, run.splits, config, run.progress, **kwargs.get(name, {}))
+        run.recipes[name] = [{"stage": "train", "data": "digits", "config": config.to_dict()}]
+        run.step(f"trained {name}", since)
+    run.results.extend([run.measured(name, model, run.recipes[name]) for name, model in run.trained.items()])
+    run.onnx_files.append(run.out / f"{BASELINE}.onnx")
+    export_onnx(run.trained[BASELINE], run.splits.example_inputs(1), run.onnx_files[-1])
 
-    def measured(name: str, model: nn.Module, recipe: list, since: float | None = None) -> dict:
-        begun = time.perf_counter()
-        entry = save_and_measure(name, model, out / f"{name}.slim", splits, recipe=recipe, latency=settings.latency,
-                                 **deploy_args(out, name, trained[BASELINE], settings.latency))
-        if since is not None:
-            entry["compress_seconds"] = round(begun - since, 2)
-        step(f"measured {name}" if since is None else f"compressed and measured {name}",
-             begun if since is None else since)
-        return entry
 
-    results = [measured(name, model, recipes[name]) for name, model in trained.items()]
-    base = trained[BASELINE]
-    onnx_files = [out / f"{BASELINE}.onnx"]
-    export_onnx(base, splits.example_inputs(1), onnx_files[0])
-
-    def row(name: str, model: nn.Module, stage: dict, since: float, recipe: list | None = None) -> None:
-        results.append(measured(name, model, (recipe if recipe is not None else recipes[BASELINE]) + [stage], since))
-
+def _quantized_rows(run: _DemoRun, base: nn.Module) -> None:
+    """The baseline with 4-bit weights (nearest and the seed's floor rounding) and in fp16."""
     for name, config in ((f"{BASELINE}-int4", IntQuant(bits=4, granularity="channel")),
                          (f"{BASELINE}-int4-floor", IntQuant(bits=4, granularity="channel", rounding="floor")),
                          (f"{BASELINE}-fp16", HalfPrecision(dtype="fp16"))):
         since = time.perf_counter()
         model = copy.deepcopy(base)
         quantize_(model, config)
-        row(name, model, {"stage": "quantize", "config": config.to_dict()}, since)
+        run.row(name, model, {"stage": "quantize", "config": config.to_dict()}, since)
 
+
+def _tau_row(run: _DemoRun, base: nn.Module) -> float:
+    """The baseline pruned at tau and fine-tuned with the mask fixed.
+
+    Returns:
+        The fraction of the trained baseline's weights the tau rule removes.
+    """
     since = time.perf_counter()
     pruned = copy.deepcopy(base)
     pruning = MagnitudePruning(scope="global", threshold=TAU)
-    schedule = PruneSchedule(finetune_epochs=settings.finetune_epochs)
-    prune_with_schedule(pruned, pruning, schedule, splits.train,
-                        train_config=recommended_config(BASELINE), progress=progress)
+    schedule = PruneSchedule(finetune_epochs=run.settings.finetune_epochs)
+    prune_with_schedule(pruned, pruning, schedule, run.splits.train,
+                        train_config=recommended_config(BASELINE), progress=run.progress)
     removed = _removed_fraction(base, TAU)
-    row(f"{BASELINE}-tau{TAU:g}-finetuned", pruned,
-        {"stage": "prune", "config": pruning.to_dict(), "schedule": schedule.to_dict()}, since)
-    results[-1]["removed_by_tau"] = removed
+    run.row(f"{BASELINE}-tau{TAU:g}-finetuned", pruned,
+            {"stage": "prune", "config": pruning.to_dict(), "schedule": schedule.to_dict()}, since)
+    run.results[-1]["removed_by_tau"] = removed
+    return removed
 
+
+def _student_row(run: _DemoRun) -> None:
+    """The student CNN distilled from the teacher."""
     since = time.perf_counter()
-    student, kd = _distill_student(trained[TEACHER], splits, settings, progress)
-    row(f"{STUDENT}-kd", student, {"stage": "distill", "teacher": TEACHER, "config": kd}, since, recipe=[])
+    student, kd = _distill_student(run.trained[TEACHER], run.splits, run.settings, run.progress)
+    run.row(f"{STUDENT}-kd", student, {"stage": "distill", "teacher": TEACHER, "config": kd}, since, recipe=[])
 
+
+def _int8_row(run: _DemoRun, base: nn.Module) -> None:
+    """The baseline as a static int8 ONNX Runtime graph (written beside the ``.slim`` files)."""
     since = time.perf_counter()
     static = StaticInt8()
-    graph = quantize_static(base, splits.train, static, example_inputs=splits.example_inputs(1))
-    onnx_files.append(out / f"{BASELINE}-int8-static.onnx")
-    atomic_write_bytes(onnx_files[-1], graph.onnx_bytes())
-    row(f"{BASELINE}-int8-static", graph, {"stage": "quantize", "config": static.to_dict(),
-                                           "runtime": "onnxruntime"}, since)
+    graph = quantize_static(base, run.splits.train, static, example_inputs=run.splits.example_inputs(1))
+    run.onnx_files.append(run.out / f"{BASELINE}-int8-static.onnx")
+    atomic_write_bytes(run.onnx_files[-1], graph.onnx_bytes())
+    run.row(f"{BASELINE}-int8-static", graph, {"stage": "quantize", "config": static.to_dict(),
+                                               "runtime": "onnxruntime"}, since)
 
+
+def _combined_row(run: _DemoRun, base: nn.Module):
+    """The seed's combined recipe (:func:`combined_recipe`) run by ``compress`` in ``OUT/combined``.
+
+    Returns:
+        The parsed recipe (the report describes it).
+    """
     since = time.perf_counter()
-    save(trained[TEACHER], out / f"{TEACHER}.slim", recipe=recipes[TEACHER])
-    recipe = parse_recipe(combined_recipe(str(out / f"{TEACHER}.slim"), epochs=settings.finetune_epochs,
+    settings = run.settings
+    teacher_path = run.out / f"{TEACHER}.slim"
+    save(run.trained[TEACHER], teacher_path, recipe=run.recipes[TEACHER])
+    recipe = parse_recipe(combined_recipe(str(teacher_path), epochs=settings.finetune_epochs,
                                           qat_epochs=settings.qat_epochs, cached_logits=settings.cached_logits),
                           source="demo recipe")
-    run = compress(base, splits, recipe, out / "combined", force=True, progress=progress, latency=False,
-                   input_recipe=recipes[BASELINE], report=False)
-    row(f"{BASELINE}-combined", load(run.final), {"stage": "compress", "recipe": recipe.to_dict()}, since)
-    onnx_files += run.exports
+    result = compress(base, run.splits, recipe, run.out / "combined", force=True, progress=run.progress,
+                      latency=False, input_recipe=run.recipes[BASELINE], report=False)
+    run.row(f"{BASELINE}-combined", load(result.final), {"stage": "compress", "recipe": recipe.to_dict()}, since)
+    run.onnx_files += result.exports
+    return recipe
 
-    since = time.perf_counter()
-    sweeps = _sweeps(base, splits, settings)
-    step("swept tau and bits", since)
-    for entry in results:  # the manifests hold the recipes; keep report.json readable
-        entry.pop("recipe", None)
-    seconds = round(time.perf_counter() - started, 1)
-    data = {
+
+def _report_data(run: _DemoRun, recipe, removed: float, sweeps: dict[str, list[dict]], seconds: float) -> dict:
+    """The report's data (``report.json``): title, the paragraphs that explain the table, rows and sweeps."""
+    settings = run.settings
+    return {
         "title": "torchslim demo: the seed's worked example on digits 28x28 -> 10",
         "intro": [
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {settings.describe()}; "
             f"{seconds:.0f} s before plotting. Every row is measured on the reloaded `.slim` file (test split, "
-            f"{len(splits.test)} images); ratio and speedup are against the fp32 `{BASELINE}` of the same run. "
+            f"{len(run.splits.test)} images); ratio and speedup are against the fp32 `{BASELINE}` of the same run. "
             + ("Latency: median of repeated runs after warm-up (torch.utils.benchmark; ONNX Runtime for int8 rows). "
                "`speedup` columns: the reloaded `.slim` in PyTorch eager (`ts.load`'s default runtime); `deployed` "
                f"columns: the route `torchslim deploy` picked for that file (fastest of PyTorch and ONNX Runtime "
@@ -286,19 +362,15 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
             "moves most weights little); without retraining that costs the accuracy the tau plot shows, so the "
             f"table row is the pruned model after {settings.finetune_epochs} epochs of fine-tuning with the mask "
             "fixed.",
-            "Seconds per step: " + ", ".join(f"{k} {v:g}" for k, v in timings.items()) + ".",
-            "ONNX files: " + ", ".join(p.name for p in onnx_files) + ".",
+            "Seconds per step: " + ", ".join(f"{k} {v:g}" for k, v in run.timings.items()) + ".",
+            "ONNX files: " + ", ".join(p.name for p in run.onnx_files) + ".",
         ],
         "baseline": BASELINE,
         "settings": dataclasses.asdict(settings),
-        "timings": timings,
-        "results": results,
+        "timings": run.timings,
+        "results": run.results,
         "sweeps": sweeps,
     }
-    files = write_report(out, data)
-    return DemoReport(results=results, markdown_path=Path(files["markdown"]), html_path=Path(files["html"]),
-                      json_path=Path(files["json"]), plots=list(files["plots"]), onnx=onnx_files,
-                      seconds=round(time.perf_counter() - started, 1))
 
 
 def _limit(splits, images: int | None):
@@ -313,17 +385,12 @@ def _limit(splits, images: int | None):
 
 def _removed_fraction(model: nn.Module, tau: float) -> float:
     """Fraction of the prunable layers' weights with |w| <= tau (what the global tau rule removes)."""
-    from torchslim.prune.api import prunable_layers
-
     layers = prunable_layers(model)[0].values()
     total = sum(m.weight.numel() for m in layers)
     return sum(int((m.weight.detach().abs() <= tau).sum()) for m in layers) / max(1, total)
 
 
 def _train(name: str, splits, config, progress, **kwargs) -> nn.Module:
-    from torchslim.models import create_model
-    from torchslim.train import set_seed, train
-
     set_seed(config.seed)
     model = create_model(name, **kwargs)
     train(model, splits.train, config, progress=progress)
@@ -332,10 +399,6 @@ def _train(name: str, splits, config, progress, **kwargs) -> nn.Module:
 
 def _distill_student(teacher: nn.Module, splits, settings: DemoSettings, progress) -> tuple[nn.Module, dict]:
     """A small CNN trained from the teacher's soft targets (KD)."""
-    from torchslim.distill.api import KD, distill
-    from torchslim.models import create_model
-    from torchslim.train import recommended_config, set_seed
-
     config = KD(temperature=4.0, alpha=0.9, cache_logits=settings.cached_logits)
     train_config = recommended_config(STUDENT).replace(epochs=settings.student_epochs)
     if settings.cached_logits:
@@ -347,8 +410,5 @@ def _distill_student(teacher: nn.Module, splits, settings: DemoSettings, progres
 
 
 def _sweeps(base: nn.Module, splits, settings: DemoSettings) -> dict[str, list[dict]]:
-    from torchslim.prune import sweep_thresholds
-    from torchslim.quantize import sweep_bits
-
     return {"tau": [r.to_dict() for r in sweep_thresholds(base, splits, list(settings.taus))],
             "bits": [r.to_dict() for r in sweep_bits(base, splits, list(settings.bits))]}

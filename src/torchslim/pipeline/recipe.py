@@ -281,17 +281,18 @@ def _parse_stage(index: int, raw: Any, source: str) -> Stage:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{where}: {key} = {value!r} is invalid: expected 'baseline', a registered "
                                   "model name or a .slim path")
-    if kind == "quantize" and train_args and method != "int":
+    if kind == "quantize" and train_args and not config_cls.trains:
+        trainers = ", ".join(repr(m) for m in allowed_methods if registry[m].trains)
         raise ConfigError(f"{where}: {sorted(train_args)[0]} = {train_args[sorted(train_args)[0]]!r} is invalid "
-                          f"with method = {method!r}: only method 'int' trains (quantization-aware training)")
+                          f"with method = {method!r}: only method {trainers} trains (quantization-aware training)")
     spec = {kind: ({"method": method} if kind not in _ONE_METHOD else {}) | dict(fields)}
     return Stage(index=index, kind=kind, config=config, train=train_args, schedule=schedule, teacher=teacher,
                  student=student, spec=spec)
 
 
 def _schedule(value: Any, method: str, config: Config, train_args: dict, where: str, registry) -> Config:
-    if method == "channel":
-        raise ConfigError(f"{where}: schedule = {value!r} is invalid with method = 'channel': structural pruning "
+    if config.structural:
+        raise ConfigError(f"{where}: schedule = {value!r} is invalid with method = {method!r}: structural pruning "
                           "runs once; give epochs for its fine-tuning instead")
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: schedule = {value!r} is invalid: expected a mapping of PruneSchedule fields")

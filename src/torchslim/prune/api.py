@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
 from torchslim.models.checks import check_finite_weights, check_inputs_fit
 from torchslim.prune import importance, unstructured
-
-if TYPE_CHECKING:  # structural.py imports this module
-    from torchslim.prune.structural import StructuralReport
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SCOPES = ("global", "layer", "neuron")
@@ -95,7 +92,10 @@ class NMSparsity(Config):
 
 @dataclasses.dataclass
 class PruneReport:
-    """Per-layer sparsity after pruning, the threshold used, and the layers left alone (with why)."""
+    """Per-layer sparsity after pruning, the threshold used, and the layers left alone (with why).
+
+    Every pruning handler returns one (``ChannelPruning``: the subclass ``StructuralReport``).
+    """
 
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -142,7 +142,7 @@ def prune_(
     data: Any = None,
     loss_fn: Callable | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-) -> PruneReport | StructuralReport:
+) -> PruneReport:
     """Prune ``model`` in place.
 
     Args:
@@ -156,7 +156,8 @@ def prune_(
     Returns:
         A :class:`PruneReport` (``MagnitudePruning``, ``NMSparsity``: unstructured masks stay attached, so
         fine-tuning keeps zeros at zero, until :func:`finalize_`; ``torchslim.save`` needs the model finalized),
-        or a :class:`~torchslim.prune.structural.StructuralReport` (``ChannelPruning``: layers rebuilt smaller).
+        or its subclass :class:`~torchslim.prune.structural.StructuralReport` (``ChannelPruning``: layers rebuilt
+        smaller; its ``sparsity`` is the fraction of parameters removed).
 
     Raises:
         ConfigError: unknown config type, or nothing to prune.

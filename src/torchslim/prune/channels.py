@@ -75,6 +75,7 @@ class ChannelPruning(Config):
     """
 
     stage = "prune"
+    structural = True
 
     amount: float = 0.5
     importance: str = "l1"

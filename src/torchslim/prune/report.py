@@ -7,12 +7,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from torchslim.prune.api import PruneReport
+
 __all__ = ["StructuralReport", "finish_report", "layer_shapes"]
 
 
 @dataclasses.dataclass
-class StructuralReport:
-    """What :func:`prune_channels_` did.
+class StructuralReport(PruneReport):
+    """What :func:`~torchslim.prune.channels.prune_channels_` did: a :class:`~torchslim.prune.PruneReport` with the
+    structural details.
 
     Attributes:
         layers: module name -> ``{"type", "before", "after"}`` weight shapes of every Conv/Linear/norm/embedding
@@ -25,6 +28,7 @@ class StructuralReport:
         macs_before: MACs of one sample before pruning (``torchslim.measure.count_macs``).
         macs_after: MACs of one sample after pruning.
         details: the config, the number of dependency groups pruned, and ``notes`` (remarks for the user).
+        threshold: always None (no magnitude threshold).
     """
 
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -35,6 +39,11 @@ class StructuralReport:
     macs_before: int = 0
     macs_after: int = 0
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the parameters removed (``1 - params_ratio``): structural pruning leaves no zeros."""
+        return 1.0 - self.params_ratio
 
     @property
     def params_ratio(self) -> float:
@@ -52,8 +61,9 @@ class StructuralReport:
         return {name: row for name, row in self.layers.items() if row["before"] != row["after"]}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict, with the two ratios."""
-        return {**dataclasses.asdict(self), "params_ratio": self.params_ratio, "macs_ratio": self.macs_ratio}
+        """JSON-safe dict, with the two ratios and the sparsity."""
+        return {**dataclasses.asdict(self), "sparsity": self.sparsity, "params_ratio": self.params_ratio,
+                "macs_ratio": self.macs_ratio}
 
     def __str__(self) -> str:
         config = self.details.get("config", {})

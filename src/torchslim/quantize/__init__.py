@@ -8,6 +8,7 @@ from torchslim.quantize.api import (
     quantization_handler,
     quantize_,
 )
+from torchslim.quantize.awq import AWQ, awq_
 from torchslim.quantize.gptq import GPTQ, gptq_
 from torchslim.quantize.int8 import DynamicInt8, StaticInt8, quantize_dynamic, quantize_static, quantize_to_graph
 from torchslim.quantize.layers import CodebookLayer, HalfLayer, IntQuantLayer
@@ -26,6 +27,8 @@ __all__ = [
     "quantize_dynamic",
     "quantize_static",
     "quantize_to_graph",
+    "AWQ",
+    "awq_",
     "GPTQ",
     "gptq_",
     "sensitivity",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -43,10 +44,14 @@ class IntQuant(Config):
             literal ``floor(W*K + B)`` with ``B = zero_point``; biased low by half a step).
         scale_dtype: storage dtype of the scales.
         pad: pad rows whose input dimension is not a multiple of ``group_size`` (else an error).
+        embeddings: also quantize ``nn.Embedding`` tables (one row per token, groups along the width; a lookup
+            decodes only the rows it reads). An embedding and a Linear that share one weight (a tied ``lm_head``)
+            then share one set of codes, stored once in the ``.slim`` file.
     """
 
     stage = "quantize"
     stage_default = True
+    trains = True  # prepare_qat_ / qat take it
 
     bits: int = 4
     granularity: str = "channel"
@@ -55,6 +60,7 @@ class IntQuant(Config):
     rounding: str = "nearest"
     scale_dtype: str = "float16"
     pad: bool = True
+    embeddings: bool = False
 
     def validate(self) -> None:
         self.check_int("bits", 2, 8)
@@ -64,6 +70,7 @@ class IntQuant(Config):
         self.check_choice("rounding", ROUNDINGS)
         self.check_choice("scale_dtype", tuple(SCALE_DTYPES))
         self.check_choice("pad", (True, False))
+        self.check_choice("embeddings", (True, False))
 
 
 @register_config("codebook")
@@ -96,6 +103,7 @@ class HalfPrecision(Config):
     """
 
     stage = "quantize"
+    cli_modes = {"fp16": {"dtype": "fp16"}, "bf16": {"dtype": "bf16"}}
 
     dtype: str = "fp16"
 
@@ -103,7 +111,28 @@ class HalfPrecision(Config):
         self.check_choice("dtype", tuple(HALF_DTYPES))
 
 
+@dataclasses.dataclass
+class QuantizeReport:
+    """Which layers were quantized (with their config) and which were skipped (with the reason)."""
+
+    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layer(s)"]
+        lines += [
+            f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()
+        ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} layer(s)")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
 _HANDLERS: dict[type[Config], Callable[[nn.Module, Config], nn.Module]] = {}
+# model-level handlers of methods that need calibration inputs: fn(model, config, calib_inputs, *, filter_fn,
+# overrides) -> QuantizeReport (GPTQ: each layer depends on the layers quantized before it)
+_CALIBRATED: dict[type[Config], Callable[..., QuantizeReport]] = {}
 
 
 def quantization_handler(config_type: type[Config]) -> Callable:
@@ -114,6 +143,47 @@ def quantization_handler(config_type: type[Config]) -> Callable:
         return fn
 
     return decorate
+
+
+def calibrated_handler(config_type: type[Config]) -> Callable:
+    """Decorator: register ``fn(model, config, calib_inputs, *, filter_fn, overrides) -> QuantizeReport``.
+
+    For a method that quantizes the whole model from calibration inputs (its config sets
+    ``needs_calibration``); :func:`quantize_` calls it when given ``calib_inputs``.
+    """
+
+    def decorate(fn: Callable[..., QuantizeReport]) -> Callable[..., QuantizeReport]:
+        _CALIBRATED[config_type] = fn
+        return fn
+
+    return decorate
+
+
+def check_layer_config(name: str, chosen: Config, *, calibrated: type[Config] | None = None) -> None:
+    """Refuse a layer's config that has no handler (``calibrated``: the one model-level method also accepted).
+
+    Raises:
+        ConfigError: naming the layer, the config and the configs allowed.
+    """
+    if type(chosen) in _HANDLERS or type(chosen) is calibrated:
+        return
+    if type(chosen) in _CALIBRATED:
+        raise ConfigError(
+            f"config for layer {name!r} = {type(chosen).__name__} needs calibration inputs, which a per-layer "
+            f"override cannot take: expected it as the model's config, quantize_(model, {type(chosen).__name__}"
+            "(...), calib_inputs=...), or one of " + ", ".join(c.__name__ for c in _HANDLERS)
+        )
+    raise ConfigError(
+        f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
+        f"{', '.join(c.__name__ for c in [*_HANDLERS, *_CALIBRATED])}"
+    )
+
+
+def nothing_to_quantize(model: nn.Module, report: QuantizeReport, verb: str) -> ModelError:
+    """The error for a plan with no layer (an empty report would look like success); the caller raises it."""
+    return ModelError(f"{verb} found no layer to quantize in {type(model).__name__}: looked for "
+                      f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)} layers; "
+                      f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
 
 
 @quantization_handler(IntQuant)
@@ -139,30 +209,13 @@ def _half(module: nn.Module, config: HalfPrecision) -> nn.Module:
     return HalfLayer.from_float(module, config.dtype)
 
 
-@dataclasses.dataclass
-class QuantizeReport:
-    """Which layers were quantized (with their config) and which were skipped (with the reason)."""
-
-    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"quantized {len(self.quantized)} layer(s)"]
-        lines += [
-            f"  {name}: {cfg['type']} {cfg.get('bits', cfg.get('dtype', ''))}" for name, cfg in self.quantized.items()
-        ]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} layer(s)")
-            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
-        return "\n".join(lines)
-
-
 def quantize_(
     model: nn.Module,
     config: Config,
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, Config | None] | None = None,
+    calib_inputs: Any = None,
 ) -> QuantizeReport:
     """Replace the model's Linear/Conv layers by quantized layers, in place.
 
@@ -170,42 +223,52 @@ def quantize_(
 
     Args:
         model: the model to quantize.
-        config: ``IntQuant``, ``CodebookQuant`` or ``HalfPrecision`` (default for every layer).
+        config: the default config for every layer: ``IntQuant``, ``CodebookQuant``, ``HalfPrecision`` or any
+            config with a :func:`quantization_handler`; or a config with a :func:`calibrated_handler` (``GPTQ``),
+            which needs ``calib_inputs``.
         filter_fn: ``filter_fn(module, name) -> bool``; layers for which it is false are skipped.
         overrides: per-layer configs by module name; ``None`` skips that layer (mixed precision:
             ``{"0": IntQuant(bits=8), "7": None}``).
+        calib_inputs: calibration inputs for a method that needs them (see :func:`~torchslim.quantize.gptq_`);
+            refused for the others.
 
     Returns:
         A :class:`QuantizeReport`; every layer with weights that was not quantized is listed in
         ``skipped`` with the reason.
 
     Raises:
-        ConfigError: an unsupported config type, an override naming no layer, or a group size that
-            does not divide a layer's input dimension while ``pad`` is off.
+        ConfigError: an unsupported config type (the default or an override's), calibration inputs missing or
+            not wanted, an override naming no layer, or a group size that does not divide a layer's input
+            dimension while ``pad`` is off.
         ModelError: a selected layer's weights hold NaN/Inf, or no layer is left to quantize (all skipped).
     """
-
-    def check(name: str, chosen: Config) -> None:
-        if type(chosen) not in _HANDLERS:
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
-                f"{', '.join(c.__name__ for c in _HANDLERS)}"
-            )
-        if getattr(chosen, "needs_calibration", False):  # refused here, before any layer changes
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} needs calibration inputs, which quantize_ "
-                "does not take: use torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs) (or IntQuant for "
-                "round-to-nearest)"
-            )
-
-    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    calibrated = _CALIBRATED.get(type(config))
+    if calibrated is not None:
+        if calib_inputs is None:
+            raise ConfigError(f"{type(config).__name__} needs calibration inputs: expected quantize_(model, "
+                              f"{type(config).__name__}(...), calib_inputs=...) (a batch of inputs, or DataSplits)")
+        return calibrated(model, config, calib_inputs, filter_fn=filter_fn, overrides=overrides)
+    if calib_inputs is not None:
+        raise ConfigError(f"calib_inputs is invalid with {type(config).__name__}: expected None (it quantizes each "
+                          "layer from its weights alone)")
+    plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check_layer_config)
     if not plan:  # as qat does: an empty report would look like success
-        raise ModelError(f"quantize_ found no layer to quantize in {type(model).__name__}: "
-                         f"skipped {dict(report.skipped) or 'nothing (no Linear/Conv layers)'}")
+        raise nothing_to_quantize(model, report, "quantize_")
+    tied = _tied_weights(plan)
     plan.reverse()
+    first_of: dict[int, nn.Module] = {}
     while plan:  # popped, so each float layer is freed once replaced (no second copy of the model builds up)
         name, module, chosen = plan.pop()
-        _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+        new = _HANDLERS[type(chosen)](module, chosen)
+        key = tied.get(name)
+        if key is not None and key in first_of:  # the same weight as a layer done before: share its codes
+            try:
+                new.share_codes_(first_of[key])
+            except (AttributeError, ConfigError):  # different configs (overrides) or layer types: kept apart
+                pass
+        elif key is not None:
+            first_of[key] = new
+        _replace(model, name, new)
         report.quantized[name] = chosen.to_dict()
     del module
     # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
@@ -257,11 +320,15 @@ def plan_layers(
         if isinstance(module, _WeightOnlyLayer):
             report.skipped[name] = f"already a {type(module).__name__} (quantized or prepared before)"
             continue
-        if not isinstance(module, SUPPORTED_TYPES):
+        chosen = overrides.get(name, config)
+        if isinstance(module, nn.Embedding) and chosen is not None and not getattr(chosen, "embeddings", False):
+            report.skipped[name] = (f"{type(module).__name__} kept as is (IntQuant(embeddings=True) quantizes "
+                                    "embeddings)")
+            continue
+        if not isinstance(module, (*SUPPORTED_TYPES, nn.Embedding)):
             if _owns_parameters(module):
                 report.skipped[name] = f"{type(module).__name__} is not supported (kept as is)"
             continue
-        chosen = overrides.get(name, config)
         if chosen is None:
             report.skipped[name] = "override is None"
             continue
@@ -286,6 +353,14 @@ def plan_layers(
         check_finite_weights(module, f"quantize: layer {name!r}", recurse=False, prefix=name)
         plan.append((name, module, chosen))
     return plan, report
+
+
+def _tied_weights(plan: list[tuple[str, nn.Module, Config]]) -> dict[str, int]:
+    """Layer name -> a key shared by the planned layers whose weights are one tensor (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, module, _ in plan:
+        names.setdefault(module.weight.data_ptr(), []).append(name)
+    return {name: key for key, group in names.items() if len(group) > 1 for name in group}
 
 
 def _owns_parameters(module: nn.Module) -> bool:

@@ -38,8 +38,10 @@ from torchslim.quantize.api import (
     _HANDLERS,
     QuantizeReport,
     _replace,
+    calibrated_handler,
+    check_layer_config,
+    nothing_to_quantize,
     plan_layers,
-    quantization_handler,
 )
 from torchslim.quantize.blockwise import Capture, capture, find_blocks, quantize_after_blocks, quantize_blocks
 from torchslim.quantize.hessian import Hessian, collect_stage, layer_hessian
@@ -72,7 +74,7 @@ class GPTQ(Config):
     """
 
     stage = "quantize"
-    needs_calibration = True  # quantize_ refuses it (gptq_ takes the calibration inputs)
+    needs_calibration = True  # quantize_(model, GPTQ(), calib_inputs=...) calls gptq_
 
     bits: int = 4
     group_size: int | None = 128
@@ -99,11 +101,21 @@ class GPTQ(Config):
         """``"group"`` or ``"channel"`` (``group_size=None``), as in ``IntQuant``."""
         return "channel" if self.group_size is None else "group"
 
-
-@quantization_handler(GPTQ)
-def _needs_calibration(module: nn.Module, config: GPTQ) -> nn.Module:
-    # registered so that gptq_ accepts GPTQ overrides; quantize_ refuses GPTQ.needs_calibration before any change
-    raise ConfigError("GPTQ needs calibration inputs: use torchslim.quantize.gptq_(model, GPTQ(...), calib_inputs)")
+    @classmethod
+    def from_options(cls, mode: str, options: dict[str, Any]) -> GPTQ:
+        """As :meth:`Config.from_options`, with ``IntQuant``'s ``granularity`` (channel: ``group_size=None``, the
+        default; group) and ``rounding`` (nearest only) options also taken."""
+        options = dict(options)
+        granularity = options.pop("granularity", "channel")
+        if granularity not in ("channel", "group"):
+            raise ConfigError(f"--granularity = {granularity!r} is invalid with --mode {mode}: expected channel or "
+                              "group")
+        rounding = options.pop("rounding", "nearest")
+        if rounding != "nearest":
+            raise ConfigError(f"--rounding = {rounding!r} is invalid with --mode {mode}: expected nearest")
+        if granularity == "channel":
+            options["group_size"] = None
+        return super().from_options(mode, options)
 
 
 # --- the algorithm on one weight matrix -------------------------------------------------------------------------
@@ -321,6 +333,7 @@ def _calibration_batches(calib_inputs: Any) -> list[tuple[Tensor, ...]]:
 LOOPS = ("auto", "blocks", "staged")
 
 
+@calibrated_handler(GPTQ)
 def gptq_(
     model: nn.Module,
     config: GPTQ,
@@ -359,7 +372,7 @@ def gptq_(
         ConfigError: ``config`` is not a GPTQ, an override is invalid, a bad ``loop``, or ``loop="blocks"`` for a
             model without a usable block list (nothing is changed).
         DataError: unusable calibration inputs, or the model fails on them (nothing is changed).
-        ModelError: a Hessian that cannot be inverted.
+        ModelError: no layer to quantize, or a Hessian that cannot be inverted.
     """
     if not isinstance(config, GPTQ):
         raise ConfigError(f"config = {type(config).__name__} is invalid for gptq_: expected GPTQ")
@@ -368,13 +381,11 @@ def gptq_(
     batches = _calibration_batches(calib_inputs)
 
     def check(name: str, chosen: Config) -> None:
-        if type(chosen) not in _HANDLERS:
-            raise ConfigError(
-                f"config for layer {name!r} = {type(chosen).__name__} is invalid: expected one of "
-                f"{', '.join(c.__name__ for c in _HANDLERS)}"
-            )
+        check_layer_config(name, chosen, calibrated=GPTQ)
 
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
+    if not plan:
+        raise nothing_to_quantize(model, report, "gptq_")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [tuple(t.to(device) for t in batch) for batch in batches]
     runs = [(lambda b=batch: model(*b)) for batch in batches]

@@ -39,6 +39,12 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
     Raises:
         ConfigError: for other module types or padding modes (the caller reports it as skipped).
     """
+    if isinstance(module, nn.Embedding):
+        # a subclass may scale or offset in its forward (BART's scaled embeddings): replacing it would lose that
+        if type(module) is not nn.Embedding or module.max_norm is not None:
+            raise ConfigError(f"{type(module).__name__} (max_norm={module.max_norm}) is not supported: expected a "
+                              "plain nn.Embedding without max_norm")
+        return {"op": "embedding", "weight_shape": list(module.weight.shape), "bias": False, "conv": {}}
     if isinstance(module, nn.Linear):
         return {"op": "linear", "weight_shape": list(module.weight.shape), "bias": module.bias is not None, "conv": {}}
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -60,8 +66,8 @@ class _WeightOnlyLayer(nn.Module):
 
     def __init__(self, op: str, weight_shape: list[int], bias: bool, conv: dict[str, Any] | None) -> None:
         super().__init__()
-        if op not in ("linear", "conv1d", "conv2d"):
-            raise ConfigError(f"op = {op!r} is invalid: expected 'linear', 'conv1d' or 'conv2d'")
+        if op not in ("linear", "conv1d", "conv2d", "embedding"):
+            raise ConfigError(f"op = {op!r} is invalid: expected 'linear', 'conv1d', 'conv2d' or 'embedding'")
         self.op = op
         self.weight_shape = [int(d) for d in weight_shape]
         self.conv = dict(conv or {})
@@ -76,7 +82,9 @@ class _WeightOnlyLayer(nn.Module):
         }
 
     def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Apply the layer's op with ``weight`` (cast to the input's dtype)."""
+        """Apply the layer's op with ``weight`` (cast to the input's dtype; an embedding keeps the weight's)."""
+        if self.op == "embedding":
+            return F.embedding(x, weight)
         weight = weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.op == "linear":
@@ -91,7 +99,7 @@ class _WeightOnlyLayer(nn.Module):
     # The replaced conv's attributes, read by model code around it (HF MobileNetV2 pads TF-style from the conv's
     # stride and kernel_size); a linear op has none.
     def _conv_attr(self, name: str) -> Any:
-        if self.op == "linear":
+        if self.op in ("linear", "embedding"):
             raise AttributeError(f"{type(self).__name__} (op linear) has no attribute {name!r}")
         if name in ("stride", "padding", "dilation"):
             return tuple(self.conv[name])
@@ -108,6 +116,10 @@ class _WeightOnlyLayer(nn.Module):
     kernel_size = property(lambda self: self._conv_attr("kernel_size"))
     in_channels = property(lambda self: self._conv_attr("in_channels"))
     out_channels = property(lambda self: self._conv_attr("out_channels"))
+    # an embedding's attributes, read by model code (transformers resizes and inspects its input embeddings)
+    num_embeddings = property(lambda self: self.weight_shape[0] if self.op == "embedding" else None)
+    embedding_dim = property(lambda self: self.weight_shape[1] if self.op == "embedding" else None)
+    padding_idx = None
 
     # Derived run-time state (fp32 copies, kernel codes; quantize.runtime) is rebuilt after whatever replaces or
     # rewrites the stored tensors: .to()/.half(), load_state_dict, and training (then back to eval).
@@ -270,11 +282,13 @@ class IntQuantLayer(_DequantizingLayer):
         layer.scale.copy_(scale)
         if not symmetric:
             layer.zero_point.copy_(pack(zero_point, bits))
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:  # an nn.Embedding has none
             layer.bias.data.copy_(module.bias.detach().float())
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "embedding":
+            return self.embed(x)
         # CUDA fp16/bf16 inputs of a 4/8-bit linear run the Triton kernel on the packed weights.
         if x.is_cuda and self.op == "linear":
             from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
@@ -282,6 +296,44 @@ class IntQuantLayer(_DequantizingLayer):
             if dispatch_reason(self, x) is None:
                 return lowbit_linear(x, self)
         return super().forward(x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows ``ids`` of the weight (an embedding lookup), decoding only those rows.
+
+        Args:
+            ids: integer indices of any shape.
+
+        Returns:
+            ``(*ids.shape, embedding_dim)`` float32 rows, equal to ``F.embedding(ids, dequantize_weight())``.
+        """
+        rows, groups, group_len = self._grouped_shape()
+        row_bits = groups * group_len * self.bits
+        if rows != self.weight_shape[0] or row_bits % 8:  # rows are not whole bytes: decode everything
+            return F.embedding(ids, self.dequantize_weight())
+        flat = ids.reshape(-1).long()
+        row_bytes = row_bits // 8
+        stored = unpack(self.packed[: rows * row_bytes].view(rows, row_bytes)[flat].reshape(-1), self.bits,
+                        flat.numel() * groups * group_len).reshape(-1, groups, group_len).to(torch.int32)
+        levels = 1 << self.bits
+        zero_point = self.zero_points()[flat].unsqueeze(-1)
+        centred = torch.where(stored >= levels - zero_point, stored - levels, stored).to(torch.float32)
+        restored = (centred * self.scale[flat].to(torch.float32).unsqueeze(-1)).reshape(flat.numel(), -1)
+        return restored[:, : self.weight_shape[1]].reshape(*ids.shape, self.weight_shape[1])
+
+    def share_codes_(self, other: IntQuantLayer) -> None:
+        """Use ``other``'s packed codes, scales and zero points (the same tensors, stored once when saved): an
+        embedding and the ``lm_head`` tied to it.
+
+        Raises:
+            ConfigError: ``other`` stores a weight of another shape or format.
+        """
+        if (other.weight_shape, other.spec() | {"op": self.op, "bias": self.bias is not None}) != (
+                self.weight_shape, self.spec()):
+            raise ConfigError(f"cannot share codes between {self.extra_repr()} and {other.extra_repr()}: the "
+                              "weight shapes and formats differ")
+        for name in ("packed", "scale", "zero_point"):
+            self._buffers[name] = other._buffers[name]
+        rebind_(self)
 
     def codes(self) -> torch.Tensor:
         """The affine codes ``q`` in ``[0, 2**bits)`` shaped ``(rows, groups, group_size)`` (uint8).

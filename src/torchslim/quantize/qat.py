@@ -35,7 +35,7 @@ from torchslim import progress as progress_lib
 from torchslim.config import Config
 from torchslim.errors import ConfigError, ModelError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, qmax_of, quantize_affine
-from torchslim.quantize.api import IntQuant, QuantizeReport, _replace, plan_layers
+from torchslim.quantize.api import IntQuant, QuantizeReport, _replace, nothing_to_quantize, plan_layers
 from torchslim.quantize.layers import (
     SCALE_DTYPES,
     IntQuantLayer,
@@ -378,8 +378,7 @@ def qat(
         raise ConfigError("qat kd= needs teacher=: expected the uncompressed model to distill from")
     prepared = prepare_qat_(model, config, filter_fn=filter_fn, overrides=overrides, scale_init=scale_init)
     if not prepared.quantized:
-        raise ModelError(f"qat found no layer to quantize in {type(model).__name__}: "
-                         f"skipped {dict(prepared.skipped) or 'nothing (no Linear/Conv layers)'}")
+        raise nothing_to_quantize(model, prepared, "qat")
     with progress_lib.label("qat"):
         train(model, train_data, train_config, eval_data=eval_data, **train_kwargs)
     report = convert_(model)

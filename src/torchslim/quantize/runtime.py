@@ -26,6 +26,11 @@ The policy (``runtime``) says which paths a layer may take:
   like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as the ``torch-w8a8`` route). Its
   kernel is compiled once per number of input rows (1-2 s each), so it suits fixed serving shapes best.
 
+Sibling layers (a model's attention ``q_proj``/``k_proj``/``v_proj``, a gated FFN's ``gate_proj``/``up_proj``, BERT's
+``query``/``key``/``value``: :data:`SIBLING_SETS`) that all take the ``gemv`` path run as one GEMV on their stacked
+codes: the first of them called on a row computes all their outputs, and the others return theirs when called on an
+equal input; a sibling called on another input turns the stacking off for that set (each layer then runs alone).
+
 Paths are chosen per layer and per input kind (one row / several rows) on the first call of that kind, and are
 recorded on the layer (:func:`runtime_report`). Fast paths run in eval mode on CPU when no gradient is needed for
 the layer's stored weights; training, autograd through a codebook or fp16 weight, tracing and compiling the model
@@ -72,6 +77,10 @@ MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
 SPARSE_MIN_ZEROS = 0.8  # below this CSR lost to dense in every measured shape (benchmarks/sparse_cpu.py)
 _NO_GRAD_PATHS = ("gemv", "int8mm")  # kernels without autograd: a call that needs gradients takes dense
+# Children of one module that models call in turn on the same input. One GEMV on their stacked codes saves the
+# per-call cost of the others (~20 us each; SmolLM2's 211 GEMVs a token become 121).
+SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                ("w1", "w3"))
 
 
 @dataclasses.dataclass
@@ -89,13 +98,116 @@ class _LayerState:
     pack: cpu_gemv.GemvPack | None = None
     csr: Tensor | None = None
     int8: cpu_int8mm.Int8Pack | None = None
+    siblings: _Siblings | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy, pickle) keep the decisions and rebuild derived tensors from their own layer: closures
-        # and tensors here belong to the original layer (and CSR tensors cannot be deep-copied).
+        # and tensors here belong to the original layer (and CSR tensors cannot be deep-copied). A copy runs its
+        # layers alone: the sibling set names the original's layers.
         state = self.__dict__.copy()
-        state.update(trainable=None, ready={}, dense=None, pack=None, csr=None, int8=None)
+        state.update(trainable=None, ready={}, dense=None, pack=None, csr=None, int8=None, siblings=None)
         return state
+
+
+class _Siblings:
+    """Packed Linear layers that a model calls in turn on one input row, computed by one GEMV on stacked codes.
+
+    The first member called on a row computes every member's output and keeps the others' until they are asked
+    for on an equal input (compared by value, so the result is the one each layer would compute alone). A member
+    called on another input while outputs are still waiting ends the stacking for good (:meth:`give_up`).
+    """
+
+    def __init__(self, layers: list[nn.Module], names: tuple[str, ...]) -> None:
+        self.layers, self.names = layers, names
+        self.sizes = [int(layer.weight_shape[0]) for layer in layers]
+        self.disabled = False
+        self.pack: cpu_gemv.GemvPack | None = None
+        self.run: Callable[[Tensor], Tensor] | None = None
+        self.last_input: Tensor | None = None
+        self.pending: list[Tensor | None] = [None] * len(layers)
+
+    def clear(self) -> None:
+        """Drop the stacked codes and any waiting outputs (a member's stored tensors changed)."""
+        self.pack, self.run, self.last_input = None, None, None
+        self.pending = [None] * len(self.layers)
+
+    def usable(self) -> bool:
+        """True when every member takes the ``gemv`` path at one row (members not called yet decide now)."""
+        if self.disabled:
+            return False
+        for layer in self.layers:
+            state = layer._runtime_state
+            if "1 row" not in state.paths:
+                state.paths["1 row"], state.reasons["1 row"] = _choose(layer, state, "1 row")
+            if state.paths["1 row"] != "gemv":
+                self.disabled = True
+                return False
+        return True
+
+    def member(self, index: int) -> Callable[[Tensor], Tensor]:
+        """The function of one member's input giving that member's output."""
+
+        def run(x: Tensor) -> Tensor:
+            waiting = self.pending[index]
+            if waiting is not None and _same(x, self.last_input):
+                self.pending[index] = None
+                return waiting
+            if any(p is not None for p in self.pending):  # not called in turn on one input
+                return self.give_up(index)(x)
+            if self.run is None:
+                try:
+                    self._build()
+                except ValueError:  # e.g. one member has a last, shorter group and another not
+                    return self.give_up(index)(x)
+            outputs = list(self.run(x).split(self.sizes, -1))
+            self.last_input = _derived(lambda: x.detach().clone())
+            self.pending = [None if i == index else out for i, out in enumerate(outputs)]
+            return outputs[index]
+
+        return run
+
+    def give_up(self, index: int) -> Callable[[Tensor], Tensor]:
+        """Stop stacking: every member runs its own GEMV from now on; returns member ``index``'s function."""
+        self.disabled = True
+        self.clear()
+        for layer in self.layers:
+            layer._runtime_state.ready.pop(True, None)
+            reasons = layer._runtime_state.reasons
+            reasons["1 row"] = reasons.get("1 row", "gemv") + "; not called in turn on one input: runs alone"
+        layer = self.layers[index]
+        return _build(layer, layer._runtime_state, "gemv")
+
+    def _build(self) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            self.pack = cpu_gemv.stack([cpu_gemv.prepack(layer) for layer in self.layers])
+            biases = [layer.bias.detach().float() if layer.bias is not None else torch.zeros(size)
+                      for layer, size in zip(self.layers, self.sizes, strict=True)]
+            bias = torch.cat(biases) if any(layer.bias is not None for layer in self.layers) else None
+        self.run = cpu_gemv.bind(self.pack, bias)
+
+
+def _same(x: Tensor, seen: Tensor | None) -> bool:
+    return seen is not None and x.shape == seen.shape and x.dtype == seen.dtype and torch.equal(x, seen)
+
+
+def _group_siblings(model: nn.Module) -> int:
+    """Give each set of :data:`SIBLING_SETS` children (packed Linear layers of one input length) a shared
+    :class:`_Siblings`; returns the number of sets."""
+    count = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SIBLING_SETS:
+            layers = [children.get(name) for name in names]
+            if not all(getattr(layer, "_runtime_state", None) is not None and hasattr(layer, "codes")
+                       and layer.op == "linear" for layer in layers):
+                continue
+            if len({int(layer.weight_shape[1]) for layer in layers}) != 1:
+                continue
+            group = _Siblings(layers, names)
+            for layer in layers:
+                layer._runtime_state.siblings = group
+            count += 1
+    return count
 
 
 def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
@@ -119,6 +231,8 @@ def set_runtime_(model: nn.Module, runtime: str = "auto") -> int:
     for layer in layers:
         layer._runtime_state = _LayerState(policy=runtime, model_bytes=model_bytes)
         rebind_(layer)
+    if runtime in ("auto", "compact", "w8a8"):
+        _group_siblings(model)
     return len(layers)
 
 
@@ -133,6 +247,8 @@ def rebind_(layer: nn.Module) -> None:
         state.trainable = [p for n, p in layer.named_parameters(recurse=False) if n != "bias"]
         state.dense, state.pack, state.csr, state.int8 = None, None, None, None
         state.ready.clear()
+        if state.siblings is not None:
+            state.siblings.clear()
 
 
 def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
@@ -151,6 +267,9 @@ def runtime_report(model: nn.Module) -> list[dict[str, Any]]:
         derived = 0 if state.dense is None else state.dense.numel() * state.dense.element_size()
         derived += 0 if state.pack is None else state.pack.nbytes
         derived += 0 if state.int8 is None else state.int8.nbytes
+        group = state.siblings
+        if group is not None and group.pack is not None and group.layers[0] is module:  # counted once
+            derived += group.pack.nbytes
         if state.csr is not None:
             derived += sum(t.numel() * t.element_size() for t in (state.csr.values(), state.csr.col_indices(),
                                                                    state.csr.crow_indices()))
@@ -216,6 +335,13 @@ def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor]
             state.int8 = _derived(lambda: cpu_int8mm.prepack(layer))
         return cpu_int8mm.bind(state.int8, bias)
     if path == "gemv":
+        group = state.siblings
+        if group is not None and group.usable():
+            index = next(i for i, member in enumerate(group.layers) if member is layer)
+            others = ", ".join(name for i, name in enumerate(group.names) if i != index)
+            if "stacked" not in state.reasons["1 row"]:
+                state.reasons["1 row"] += f"; stacked with {others} in one GEMV"
+            return group.member(index)
         if state.pack is None:
             state.pack = _derived(lambda: cpu_gemv.prepack(layer))
         return cpu_gemv.bind(state.pack, bias)
