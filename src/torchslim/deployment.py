@@ -50,13 +50,13 @@ from torchslim import progress as progress_lib
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
-from torchslim.export.onnx import compare_outputs
 from torchslim.export.openvino import OpenVinoGraph, openvino_available
 from torchslim.fileio import atomic_write_bytes, atomic_write_text
 from torchslim.measure._common import call
-from torchslim.measure.bench import factory_baseline
+from torchslim.measure.baseline import factory_baseline
 from torchslim.measure.latency import measure_latency
 from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.onnx.convert import compare_outputs
 from torchslim.quantize.runtime import set_runtime_
 from torchslim.train import evaluate
 

@@ -27,8 +27,9 @@ SRC = Path(ts.__file__).parent
 DYNAMIC_IMPORTS = {
     "__init__.py": "lazy public exports from the fixed _EXPORTS table",
     "kernels/__init__.py": "lazy exports from a fixed table",
-    "export/runtime.py": "optional dependencies by fixed name",
-    "models/registry.py": "model factories: allowlisted prefixes or trust_factory=True",
+    "onnx/runtime.py": "optional dependencies by fixed name",
+    "models/registry.py": "model factories: allowlisted prefixes or trust_factory=True; scheme back-ends from the "
+    "fixed SCHEME_PROVIDERS table",
     "artifact/__init__.py": "codecs: torchslim.* modules or trust_factory=True",
 }
 
@@ -251,7 +252,7 @@ def test_onnx_graph_cannot_read_files_through_external_data(tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from torchslim.errors import TorchSlimError
-    from torchslim.export.runtime import ort_session
+    from torchslim.onnx.runtime import ort_session
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"SECRETSECRETSECR")

@@ -24,7 +24,7 @@ def bench(
 ) -> None:
     """Time models and their fp32 baseline in the same run; print speedups."""
     from torchslim.errors import ConfigError
-    from torchslim.measure.bench import bench as run_bench
+    from torchslim.benchmarking import bench as run_bench
 
     runtimes = tuple(item.strip() for item in runtime.split(",") if item.strip())
     sizes = parse_int_list("--batch", batch)

@@ -132,13 +132,15 @@ def quantize(
         }
         skipped = report.skipped
     elif qat:
+        from torchslim.distill.api import KD, kd_loss_fn
         from torchslim.quantize.qat import qat as run_qat
         from torchslim.train import TrainConfig
 
         train_config = TrainConfig(epochs=epochs, lr=lr)
-        teacher = copy.deepcopy(model).eval() if kd else None  # the fp32 model, frozen, before any change
+        # distil from the fp32 model, frozen, before any change
+        loss_fn = kd_loss_fn(copy.deepcopy(model).eval(), KD()) if kd else None
         report = run_qat(model, splits.train, int_config, train_config, eval_data=splits.test, overrides=overrides,
-                         teacher=teacher)
+                         loss_fn=loss_fn)
         stage = {"stage": "quantize", "qat": train_config.to_dict(), "config": int_config.to_dict(),
                  "teacher": "the input model" if kd else None}
         skipped = report.skipped

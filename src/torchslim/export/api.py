@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, MissingDependencyError, TorchSlimError
-from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx
-from torchslim.export.runtime import graph_op_types, require_onnx, require_onnxruntime
 from torchslim.fileio import atomic_write_bytes
+from torchslim.onnx.convert import DEFAULT_OPSET, check_parity, export_onnx
+from torchslim.onnx.runtime import graph_op_types, require_onnx, require_onnxruntime
 
 __all__ = [
     "FP32_ATOL",

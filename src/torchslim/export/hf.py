@@ -290,8 +290,8 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
     """Load ``staging`` with transformers (float32) and compare its outputs with ``model``'s."""
     import transformers
 
-    from torchslim.export.onnx import compare_outputs
     from torchslim.hf.loading import _first_line, _quiet
+    from torchslim.onnx.convert import compare_outputs
 
     ids, mask = _example(model, example_inputs)
     cls = getattr(transformers, type(model.model).__name__)

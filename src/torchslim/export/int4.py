@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.export.runtime import require_onnx
+from torchslim.onnx.runtime import require_onnx
 from torchslim.quantize.layers import IntQuantLayer
 from torchslim.quantize.packing import pack
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
 from torchslim.models.checks import check_finite_weights, check_inputs_fit
 from torchslim.prune import importance, unstructured
-
-if TYPE_CHECKING:  # structural.py imports this module
-    from torchslim.prune.structural import StructuralReport
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SCOPES = ("global", "layer", "neuron")
@@ -142,8 +139,8 @@ def prune_(
     data: Any = None,
     loss_fn: Callable | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-) -> PruneReport | StructuralReport:
-    """Prune ``model`` in place.
+) -> PruneReport | Any:
+    """Prune ``model`` in place (through the handler registered for the config's type).
 
     Args:
         model: the model (float Linear/Conv layers are pruned; quantized layers are skipped).
@@ -163,7 +160,7 @@ def prune_(
         ModelError: a parameter of the model holds NaN/Inf (checked before anything changes).
         DataError: ``taylor`` without data, or ``example_inputs`` that do not fit the model.
     """
-    handler = _HANDLERS.get(type(config))  # torchslim.prune's __init__ imports structural.py, which registers
+    handler = _HANDLERS.get(type(config))  # torchslim.prune's __init__ imports structural.py, which registers its own
     if handler is None:
         raise ConfigError(f"config = {type(config).__name__} is invalid for prune_: expected one of "
                           f"{', '.join(c.__name__ for c in _HANDLERS)}")

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, MissingDependencyError, ModelError
+from torchslim.prune.api import pruning_handler
 
 __all__ = ["IMPORTANCES", "ChannelPruning", "StructuralReport", "prune_channels_"]
 
@@ -948,8 +949,6 @@ def _codec_notes(model: nn.Module, report: StructuralReport) -> list[str]:
 
 
 def _register_handler() -> None:
-    from torchslim.prune.api import pruning_handler
-
     pruning_handler(ChannelPruning)(prune_channels_)
 
 
