@@ -30,7 +30,7 @@ DYNAMIC_IMPORTS = {
     "onnx/runtime.py": "optional dependencies by fixed name",
     "models/registry.py": "model factories: allowlisted prefixes or trust_factory=True; scheme back-ends from the "
     "fixed SCHEME_PROVIDERS table",
-    "artifact/__init__.py": "codecs: torchslim.* modules or trust_factory=True",
+    "artifact/slim.py": "codecs: torchslim.* modules or trust_factory=True",
 }
 
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
