@@ -148,7 +148,9 @@ def layering_violations(
             elif level[dst] < level[src]:
                 problems.append(f"{source} -> {target}: {dst!r} is in a higher layer than {src!r}")
             elif level[dst] == level[src]:
-                problems.append(f"{source} -> {target}: {src!r} and {dst!r} share a layer and must not import each other")
+                problems.append(
+                    f"{source} -> {target}: {src!r} and {dst!r} share a layer and must not import each other"
+                )
     return problems
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.artifact import load
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export.api import export
@@ -291,9 +292,8 @@ def _run(candidate: _Candidate, runtime: str, example: Tensor, batch_sizes, *, t
             module, example, batch_sizes, num_threads=threads, min_run_time=min_run_time, warmup=warmup
         )
     except (RuntimeError, ValueError, TorchSlimError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{candidate.name} fails in {runtime} on inputs of shape {tuple(example.shape[1:])}: {first}"
+            f"{candidate.name} fails in {runtime} on inputs of shape {tuple(example.shape[1:])}: {first_line(exc)}"
         ) from exc
     results = {}
     for batch, timed in latency.items():

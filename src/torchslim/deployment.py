@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim import progress as progress_lib
+from torchslim._utils import first_line
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
@@ -416,7 +417,7 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
             compiled = torch.compile(copy.deepcopy(module))
             result = _torch_route(name, compiled, parity_inputs, payload, reference=module)
         except Exception as exc:  # noqa: BLE001 - inductor failures vary; the route is reported, not fatal
-            return RouteResult(name, "rejected", f"torch.compile failed: {_summary(exc)}")
+            return RouteResult(name, "rejected", f"torch.compile failed: {first_line(exc, 300)}")
         return result
     return _onnx_route(name, module, data, example, parity_inputs)
 
@@ -451,7 +452,7 @@ def _check_outputs(result: RouteResult, want: Tensor, got: Tensor, family: str) 
         result.parity = compare_outputs(want, got, atol=FP32_ATOL if exact else None, rtol=FP32_RTOL if exact else 0.0,
                                         min_agreement=min_agreement, min_cosine=min_cosine)
     except TorchSlimError as exc:
-        result.status, result.reason = "rejected", _summary(exc)
+        result.status, result.reason = "rejected", first_line(exc, 300)
     return result
 
 
@@ -470,7 +471,7 @@ def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity
         report = export(module, None, ExportConfig(quant=quant), example_inputs=example,
                         calib_data=None if quant != "int8-static" else data, parity_inputs=parity_inputs)
     except TorchSlimError as exc:
-        return RouteResult(name, "rejected", _summary(exc))
+        return RouteResult(name, "rejected", first_line(exc, 300))
     graph = OnnxGraph.from_bytes(report.graph)
     return RouteResult(name, "ok", "; ".join(report.notes[:2]), parity=dict(report.parity), module=graph,
                        payload=report.graph, artifact_bytes=len(report.graph))
@@ -495,7 +496,7 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
         with torch.inference_mode():
             want, got = module(parity_inputs), graph(parity_inputs)
     except Exception as exc:  # noqa: BLE001 - export or OpenVINO compile failures vary; reported, not fatal
-        return RouteResult(name, "rejected", _summary(exc))
+        return RouteResult(name, "rejected", first_line(exc, 300))
     result = RouteResult(name, "ok", "the ONNX graph, run by OpenVINO", module=graph, payload=report.graph,
                          artifact_bytes=len(report.graph))
     return _check_outputs(result, want, got, "fp32" if quant == "none" else "int8")
@@ -554,8 +555,3 @@ def _write(out: Path, best: RouteResult, report: DeployReport) -> Path:
 
 def _original(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # a torch.compile wrapper saves the model it wraps
-
-
-def _summary(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from torchslim._utils import first_line
 from torchslim._version import __version__
 from torchslim.artifact.codecs import codec_for, codec_named, register_module_codec, registered_codecs
 from torchslim.artifact.encodings import (
@@ -433,9 +434,7 @@ def load(
     try:
         stored = safetensors.torch.load(data)
     except Exception as exc:  # SafetensorError and friends: the bytes are not a valid file
-        raise corrupted(
-            where, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        ) from exc
+        raise corrupted(where, first_line(exc)) from exc
     del data
     factory = manifest["factory"]
     model = _rebuild(manifest, where, trust_factory)
@@ -667,9 +666,7 @@ def tensor_table(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         handle = safetensors.safe_open(str(path), framework="pt")
     except Exception as exc:
-        raise corrupted(
-            where, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        ) from exc
+        raise corrupted(where, first_line(exc)) from exc
     with handle:
         for name, entry in manifest["tensors"].items():
             tensor = _decode_one(name, entry, handle.get_tensor, available, where)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from torchslim._utils import first_line
 from torchslim.coverage.zoo import ARCHITECTURES, VOCAB, Arch, example_inputs, make
 from torchslim.errors import TorchSlimError
 
@@ -298,12 +299,6 @@ _OPERATIONS: dict[str, Callable[[_Context], str]] = {
     "deploy": _deploy,
     "save-load": _save_fp32,
 }
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (what ``torchslim`` prints after ``error:``)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run_cell(ctx: _Context, op: str) -> Cell:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.errors import ConfigError, MissingDependencyError, ModelError, TorchSlimError
 
 __all__ = ["HF_DTYPES", "HFExportReport", "export_hf"]
@@ -290,7 +291,7 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
     """Load ``staging`` with transformers (float32) and compare its outputs with ``model``'s."""
     import transformers
 
-    from torchslim.hf.loading import _first_line, _quiet
+    from torchslim.hf.loading import _quiet
     from torchslim.onnx.convert import compare_outputs
 
     ids, mask = _example(model, example_inputs)
@@ -299,7 +300,7 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
         with _quiet():
             reloaded = cls.from_pretrained(staging, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as exc:  # transformers raises many kinds for a directory it cannot load
-        raise TorchSlimError(f"export_hf: transformers cannot load the written directory: {_first_line(exc)}") from exc
+        raise TorchSlimError(f"export_hf: transformers cannot load the written directory: {first_line(exc)}") from exc
     with torch.no_grad(), _quiet():  # the first forward of a compressed-tensors model decompresses it, with bars
         expected = model(ids) if mask is None else model(ids, mask)
         out = reloaded(input_ids=ids, attention_mask=mask, return_dict=True)

@@ -1,9 +1,10 @@
 """Shallower transformers: drop whole layers (DistilBERT-style students) and map them back to the teacher.
 
 :func:`~torchslim.hf.loading.drop_layers` (beside ``HFModel``, which it copies) keeps only some of a model's
-transformer blocks (every other one, or a chosen list), using the helpers here; the kept blocks keep the teacher's weights, the usual initialisation of a layer-dropped student (DistilBERT
-takes every other layer of BERT). The config's ``num_hidden_layers`` is updated and the kept indices are recorded
-in the factory (``kwargs["layers"]``), so ``torchslim.save``/``torchslim.load`` rebuild the shallower model.
+transformer blocks (every other one, or a chosen list), using the helpers here; the kept blocks keep the teacher's
+weights, the usual initialisation of a layer-dropped student (DistilBERT takes every other layer of BERT). The
+config's ``num_hidden_layers`` is updated and the kept indices are recorded in the factory (``kwargs["layers"]``),
+so ``torchslim.save``/``torchslim.load`` rebuild the shallower model.
 
 :func:`hidden_pairs` names the ``KD.features`` pairs that match each student block's output to the teacher block
 whose output the student's next block expects as input (TinyBERT's uniform mapping for every-other layer).

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.errors import MissingDependencyError, ModelError
 from torchslim.hf.layers import kept_layers, layer_list, parse_keep, shorten_, shorten_config_
 from torchslim.models.registry import FACTORY_ATTR, register_scheme
@@ -318,7 +319,7 @@ def load_hf(
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for bad configs
-        raise ModelError(f"hf model {str(directory)!r}: cannot read config.json: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot read config.json: {first_line(exc)}") from exc
     name = architecture or next(iter(getattr(config, "architectures", None) or []), None)
     cls = getattr(transformers, name, None) if name else transformers.AutoModel
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -342,7 +343,7 @@ def load_hf(
                 config._attn_implementation = "eager"
                 hf = cls._from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {first_line(exc)}") from exc
     _conv1d_to_linear_(hf)
     if layers is not None and weights:
         shorten_(hf, layers)
@@ -431,7 +432,7 @@ def _load_tokenizer(transformers: ModuleType, directory: Path) -> Any:
         with _quiet():
             return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
-        raise ModelError(f"hf model {str(directory)!r}: cannot load its tokenizer: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot load its tokenizer: {first_line(exc)}") from exc
 
 
 def encode(
@@ -466,11 +467,6 @@ def encode(
         list(texts), padding=padding, truncation=True, max_length=pad_to or max_length, return_tensors="pt"
     )
     return batch["input_ids"].long(), batch["attention_mask"].long()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
+from torchslim._utils import eval_mode
 from torchslim.errors import DataError
 
 CRITERIA = ("l1", "l2", "taylor")
@@ -59,29 +61,26 @@ def taylor_scores(
     """
     if data is None:
         raise DataError("criterion 'taylor' needs data: pass data=... (labelled batches) to prune_")
-    from torch.utils.data import DataLoader
-
     data = getattr(data, "train", data)
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=64, shuffle=False)
     scores = {name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers.items()}
-    was_training = model.training
-    model.eval()  # importance of the deployed function: BatchNorm uses running statistics
     seen = 0
-    try:
-        for inputs, targets in loader:
+    # eval mode: the importance of the deployed function (BatchNorm uses running statistics)
+    with eval_mode(model):
+        try:
+            for inputs, targets in loader:
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model, inputs, targets) if loss_fn else F.cross_entropy(model(inputs), targets)
+                loss.backward()
+                for name, module in layers.items():
+                    grad = _weight_grad(module)
+                    if grad is not None:
+                        scores[name] += (effective_weight(module).detach() * grad).abs().float()
+                seen += 1
+                if seen >= max_batches:
+                    break
+        finally:
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, inputs, targets) if loss_fn else F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            for name, module in layers.items():
-                grad = _weight_grad(module)
-                if grad is not None:
-                    scores[name] += (effective_weight(module).detach() * grad).abs().float()
-            seen += 1
-            if seen >= max_batches:
-                break
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     if seen == 0:
         raise DataError("criterion 'taylor': the data yielded no batch; expected labelled (inputs, targets)")
     return scores

@@ -128,6 +128,32 @@ class _WeightOnlyLayer(nn.Module):
     def _bias_bits(self) -> int:
         return 0 if self.bias is None else self.bias.numel() * self.bias.element_size() * 8
 
+    def to_float(self) -> nn.Module:
+        """A plain fp32 ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (eval mode) with this layer's ``weight`` and bias.
+
+        ``weight`` is what the layer computes with: the decoded weight of a packed layer (so the float layer computes
+        the same function), the float weight of a QAT layer (without its fake quantization). Exporters use it so the
+        unpacking arithmetic is not traced into a graph.
+
+        Returns:
+            The new layer, on this layer's device; this layer is not changed.
+        """
+        weight = self.weight.detach().to(torch.float32)
+        shape = self.weight_shape
+        bias = self.bias is not None
+        if self.op == "linear":
+            module: nn.Module = nn.Linear(shape[1], shape[0], bias=bias)
+        else:
+            conv = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
+            groups = self.conv.get("groups", 1)
+            module = conv(shape[1] * groups, shape[0], tuple(shape[2:]), bias=bias, **self.conv)
+        module = module.to(weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias:
+                module.bias.copy_(self.bias.detach().float())
+        return module.eval()
+
     def extra_repr(self) -> str:
         return f"op={self.op}, weight_shape={tuple(self.weight_shape)}, bias={self.bias is not None}"
 

@@ -219,24 +219,6 @@ class QATLayer(_WeightOnlyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.fake_quant_weight())
 
-    def to_float(self) -> nn.Module:
-        """A plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` holding a copy of the float weight and bias."""
-        out_channels, bias = self.weight_shape[0], self.bias is not None
-        if self.op == "linear":
-            module = nn.Linear(self.weight_shape[1], out_channels, bias=bias)
-        else:
-            conv_cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
-            module = conv_cls(self.weight_shape[1] * self.conv["groups"], out_channels,
-                              kernel_size=tuple(self.weight_shape[2:]), stride=tuple(self.conv["stride"]),
-                              padding=tuple(self.conv["padding"]), dilation=tuple(self.conv["dilation"]),
-                              groups=self.conv["groups"], bias=bias)
-        module = module.to(self.weight.device)
-        with torch.no_grad():
-            module.weight.copy_(self.weight)
-            if bias:
-                module.bias.copy_(self.bias)
-        return module
-
     def to_quantized(self) -> IntQuantLayer:
         """The packed :class:`IntQuantLayer` with this layer's learned scales and fixed zero points."""
         cfg = self.config
