@@ -48,11 +48,14 @@ from torch import Tensor, nn
 
 from torchslim import progress as progress_lib
 from torchslim._utils import first_line
+from torchslim.artifact import load, save
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
 from torchslim.export.openvino import OpenVinoGraph, openvino_available
 from torchslim.fileio import atomic_write_bytes, atomic_write_text
+from torchslim.hf import load_hf
+from torchslim.kernels.cpu_int8mm import unsupported_reason
 from torchslim.measure._common import call
 from torchslim.measure.baseline import factory_baseline
 from torchslim.measure.latency import measure_latency
@@ -325,8 +328,6 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     if isinstance(model, nn.Module):
         module = model
     elif isinstance(model, str) and model.startswith("hf:"):  # a local Hugging Face directory
-        from torchslim.hf import load_hf
-
         module = load_hf(model)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -335,8 +336,6 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
         if path.suffix == ".onnx":
             module = OnnxGraph.from_bytes(path.read_bytes())
         else:
-            from torchslim.artifact import load
-
             module = load(path)
     else:
         raise DataError(f"model = {type(model).__name__} is invalid: expected an nn.Module, a .slim or an .onnx path")
@@ -407,8 +406,6 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
             return RouteResult(name, "not applicable", "no packed layers (runtime='compact' changes nothing)")
         return _runtime_route(name, module, payload, parity_inputs, "compact", "fp32")
     if name == "torch-w8a8":
-        from torchslim.kernels.cpu_int8mm import unsupported_reason
-
         if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
             return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
         return _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
@@ -541,8 +538,6 @@ def _write(out: Path, best: RouteResult, report: DeployReport) -> Path:
         if best.payload is not None:
             atomic_write_bytes(path, best.payload)
         else:
-            from torchslim.artifact import save
-
             save(_original(best.module), path)
     else:
         path = out / "model.onnx"

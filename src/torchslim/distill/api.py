@@ -23,9 +23,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchslim import progress as progress_lib
 from torchslim._utils import device_of, eval_mode, first_line, logits_of
 from torchslim.config import Config, register_config
+from torchslim.data import DataSplits
 from torchslim.distill.features import FeatureStudent, align, capture, find_module, make_projection, parse_pairs
 from torchslim.distill.losses import FEATURE_LOSSES, distillation_loss, feature_loss
+from torchslim.distill.synthetic import SyntheticData, _synthesize
 from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.fileio import atomic_path
 from torchslim.train import TrainConfig, _tensors_of, train
 
 __all__ = ["KD", "distill", "teacher_logits"]
@@ -126,8 +129,6 @@ def teacher_logits(teacher: nn.Module, inputs: torch.Tensor, *, batch_size: int 
     if path is not None:
         from safetensors.torch import save_file
 
-        from torchslim.fileio import atomic_path
-
         with atomic_path(path) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp))
     return logits
@@ -181,9 +182,6 @@ def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None, in
                   progress: bool | None = None) -> tuple[Dataset, torch.Tensor | None]:
     """(training dataset, teacher logits of a synthetic set or None) from a Dataset, DataSplits, DataLoader or
     SyntheticData."""
-    from torchslim.data import DataSplits
-    from torchslim.distill.synthetic import SyntheticData, _synthesize
-
     if isinstance(data, SyntheticData):
         if input_shape is None:
             if source is None:
@@ -261,7 +259,6 @@ def distill(
             f"KD.cache_logits = True is invalid with TrainConfig.augment_shift = {train_config.augment_shift}: cached "
             "logits belong to the un-shifted images; set augment_shift=0 or cache_logits=False")
     _check_models(student, teacher)
-    from torchslim.data import DataSplits
 
     if isinstance(eval_data, DataSplits):
         eval_data = eval_data.test
@@ -269,7 +266,6 @@ def distill(
     for t_name, s_name in pairs:  # unknown names fail before any work
         find_module(teacher, t_name, "teacher")
         find_module(student, s_name, "student")
-    from torchslim.distill.synthetic import SyntheticData
 
     if isinstance(data, SyntheticData):
         shape = tuple(input_shape) if input_shape is not None else None

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from torchslim._utils import eval_mode, logits_of
 from torchslim.errors import DataError, ModelError
-from torchslim.hf.loading import encode
+from torchslim.hf.loading import HF_PREFIX, encode, load_hf
+from torchslim.models.registry import factory_of
 
 __all__ = ["read_texts", "reference_model", "text_fidelity"]
 
@@ -64,9 +65,6 @@ def reference_model(model: nn.Module) -> nn.Module:
     Raises:
         ModelError: the model was not made from a Hugging Face directory.
     """
-    from torchslim.hf.loading import HF_PREFIX, load_hf
-    from torchslim.models.registry import factory_of
-
     factory = factory_of(model) or {}
     if not str(factory.get("name", "")).startswith(HF_PREFIX):
         factory = getattr(model, "source_factory", None) or {}

@@ -7,6 +7,7 @@ from torch import nn
 
 from torchslim._utils import eval_mode, first_line
 from torchslim.errors import DataError
+from torchslim.models.registry import create_model, resolve_factory
 
 
 def check_model_data(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, data_name: str) -> None:
@@ -56,8 +57,6 @@ def create_model_for_data(spec: str, input_shape: tuple[int, ...], num_classes: 
         ModelError: unknown model or bad arguments.
     """
     import inspect
-
-    from torchslim.models.registry import create_model, resolve_factory
 
     factory, _ = resolve_factory(spec, trust=True)
     accepted = inspect.signature(factory).parameters

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.config import Config, register_config
+from torchslim.data import DataSplits
 from torchslim.errors import ConfigError, DataError
 from torchslim.prune.api import MagnitudePruning, NMSparsity, PruneReport, finalize_, layer_sparsity, prune_
 from torchslim.train import TrainConfig, evaluate, train
@@ -212,7 +213,6 @@ def prune_with_schedule(
     if train_data is None and any(schedule.epochs_after(step) for step in range(1, schedule.steps + 1)):
         raise DataError("prune_with_schedule: the schedule fine-tunes (epochs_per_step/finetune_epochs > 0) but "
                         "train_data is None: expected labelled training data, or a schedule with 0 epochs")
-    from torchslim.data import DataSplits
 
     if isinstance(train_data, DataSplits):
         train_data = train_data.train

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.artifact import register_load_hook, register_module_codec
 from torchslim.errors import ConfigError
+from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
 from torchslim.quantize.affine import compute_qparams, grouped_view, quantize_affine
 from torchslim.quantize.packing import pack, packed_size, unpack
 from torchslim.quantize.runtime import fast_forward, rebind_, set_runtime_
@@ -303,8 +305,6 @@ class IntQuantLayer(_DequantizingLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CUDA fp16/bf16 inputs of a 4/8-bit linear run the Triton kernel on the packed weights.
         if x.is_cuda and self.op == "linear":
-            from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
-
             if dispatch_reason(self, x) is None:
                 return lowbit_linear(x, self)
         return super().forward(x)
@@ -495,8 +495,6 @@ def _clamp_to_dtype(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _register_codecs() -> None:
-    from torchslim.artifact import register_load_hook, register_module_codec
-
     register_load_hook(set_runtime_)
     for cls in (IntQuantLayer, CodebookLayer, HalfLayer):
         register_module_codec(cls, f"{__name__}:{cls.__name__}", lambda m: m.spec(), lambda spec, c=cls: c(**spec))
