@@ -5,15 +5,15 @@ The implementation is in :mod:`torchslim.artifact.slim` (save, load, manifests),
 :mod:`~torchslim.artifact.io` (header parsing, manifest validation); this file re-exports the public names.
 """
 
+from torchslim.artifact.codecs import register_module_codec
 from torchslim.artifact.encodings import ENCODINGS
+from torchslim.artifact.io import FORMAT_VERSION
 from torchslim.artifact.slim import (
-    FORMAT_VERSION,
     RUNTIMES,
     input_signature,
     load,
     read_manifest,
     register_load_hook,
-    register_module_codec,
     save,
     tensor_table,
 )

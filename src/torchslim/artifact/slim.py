@@ -40,9 +40,10 @@ from torch import nn
 
 from torchslim._utils import first_line
 from torchslim._version import __version__
-from torchslim.artifact.codecs import codec_for, codec_named, register_module_codec, registered_codecs
+from torchslim.artifact.codecs import codec_for, codec_named, registered_codecs
 from torchslim.artifact.encodings import (
     DENSE,
+    ENCODINGS,
     choose_encoding,
     decode_tensor,
     dtype_name,
@@ -52,7 +53,6 @@ from torchslim.artifact.encodings import (
     stored_key,
     tensor_info,
 )
-from torchslim.artifact.encodings import ENCODINGS as ENCODINGS
 from torchslim.artifact.io import (
     FORMAT,
     FORMAT_VERSION,
@@ -69,18 +69,6 @@ from torchslim.errors import ArtifactError, ConfigError
 from torchslim.fileio import atomic_write_bytes
 from torchslim.models.checks import check_finite_weights
 from torchslim.models.registry import FACTORY_ATTR, create_model, factory_of, is_allowlisted
-
-__all__ = [
-    "FORMAT_VERSION",
-    "RUNTIMES",
-    "input_signature",
-    "load",
-    "read_manifest",
-    "register_load_hook",
-    "register_module_codec",
-    "save",
-    "tensor_table",
-]
 
 
 # --- save ---------------------------------------------------------------------------------------
