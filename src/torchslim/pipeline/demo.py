@@ -26,7 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.pipeline.report import COLUMNS, row_cells
+from torchslim.artifact import load, save
+from torchslim.data import load_data
+from torchslim.distill.api import KD, distill
+from torchslim.export import export_onnx
+from torchslim.fileio import atomic_write_bytes
+from torchslim.models import create_model
+from torchslim.pipeline.compress import compress, deploy_args, save_and_measure
+from torchslim.pipeline.recipe import parse_recipe
+from torchslim.pipeline.report import COLUMNS, row_cells, write_report
+from torchslim.prune import MagnitudePruning, PruneSchedule, prune_with_schedule, sweep_thresholds
+from torchslim.prune.api import prunable_layers
+from torchslim.quantize import HalfPrecision, IntQuant, StaticInt8, quantize_, quantize_static, sweep_bits
+from torchslim.train import recommended_config, set_seed, train
 
 __all__ = ["BASELINE", "COLUMNS", "PRESETS", "DemoReport", "DemoSettings", "combined_recipe", "run_demo"]
 
@@ -164,17 +176,6 @@ def run_demo(out_dir: Path, *, quick: bool = False, full: bool = False, progress
         ValueError: both ``quick`` and ``full``.
         TorchSlimError: a reloaded artifact does not reproduce the saved model's outputs.
     """
-    from torchslim.artifact import load, save
-    from torchslim.data import load_data
-    from torchslim.export import export_onnx
-    from torchslim.fileio import atomic_write_bytes
-    from torchslim.pipeline.compress import compress, deploy_args, save_and_measure
-    from torchslim.pipeline.recipe import parse_recipe
-    from torchslim.pipeline.report import write_report
-    from torchslim.prune import MagnitudePruning, PruneSchedule, prune_with_schedule
-    from torchslim.quantize import HalfPrecision, IntQuant, StaticInt8, quantize_, quantize_static
-    from torchslim.train import recommended_config
-
     if quick and full:
         raise ValueError("demo: quick and full are exclusive: expected at most one of --quick, --full")
     settings = settings or PRESETS["quick" if quick else "full" if full else "default"]
@@ -313,17 +314,12 @@ def _limit(splits, images: int | None):
 
 def _removed_fraction(model: nn.Module, tau: float) -> float:
     """Fraction of the prunable layers' weights with |w| <= tau (what the global tau rule removes)."""
-    from torchslim.prune.api import prunable_layers
-
     layers = prunable_layers(model)[0].values()
     total = sum(m.weight.numel() for m in layers)
     return sum(int((m.weight.detach().abs() <= tau).sum()) for m in layers) / max(1, total)
 
 
 def _train(name: str, splits, config, progress, **kwargs) -> nn.Module:
-    from torchslim.models import create_model
-    from torchslim.train import set_seed, train
-
     set_seed(config.seed)
     model = create_model(name, **kwargs)
     train(model, splits.train, config, progress=progress)
@@ -332,10 +328,6 @@ def _train(name: str, splits, config, progress, **kwargs) -> nn.Module:
 
 def _distill_student(teacher: nn.Module, splits, settings: DemoSettings, progress) -> tuple[nn.Module, dict]:
     """A small CNN trained from the teacher's soft targets (KD)."""
-    from torchslim.distill.api import KD, distill
-    from torchslim.models import create_model
-    from torchslim.train import recommended_config, set_seed
-
     config = KD(temperature=4.0, alpha=0.9, cache_logits=settings.cached_logits)
     train_config = recommended_config(STUDENT).replace(epochs=settings.student_epochs)
     if settings.cached_logits:
@@ -347,8 +339,5 @@ def _distill_student(teacher: nn.Module, splits, settings: DemoSettings, progres
 
 
 def _sweeps(base: nn.Module, splits, settings: DemoSettings) -> dict[str, list[dict]]:
-    from torchslim.prune import sweep_thresholds
-    from torchslim.quantize import sweep_bits
-
     return {"tau": [r.to_dict() for r in sweep_thresholds(base, splits, list(settings.taus))],
             "bits": [r.to_dict() for r in sweep_bits(base, splits, list(settings.bits))]}
