@@ -9,6 +9,8 @@ never one above it nor another component of its own layer.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -154,12 +156,30 @@ def layering_violations(
     return problems
 
 
+# optional heavy dependencies: imported inside the functions that need them, never when a module is imported
+# (triton is left out: torch's inductor, which quantize's CPU kernels use, imports it when it is installed)
+HEAVY = ("onnxruntime", "onnx", "openvino", "transformers", "nncf", "compressed_tensors", "matplotlib", "sklearn")
+
+
 def test_the_package_has_no_import_cycles():
     assert find_cycles(import_graph()) == []
 
 
 def test_no_import_runs_up_the_layers():
     assert layering_violations(import_graph()) == []
+
+
+def test_imports_stay_light():
+    modules = sorted(m for m in import_graph() if component(m) not in ("cli", "__main__"))
+    code = (
+        "import sys, importlib, torchslim\n"
+        "light = sorted(m for m in sys.modules if m.startswith('torchslim'))\n"
+        f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+        f"print(light, [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['torchslim', 'torchslim._version'] []"
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():

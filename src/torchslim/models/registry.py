@@ -74,6 +74,8 @@ def _scheme_resolver(spec: str) -> Callable[[str], Callable[..., nn.Module]] | N
         return None
     if scheme not in _SCHEMES:
         importlib.import_module(SCHEME_PROVIDERS[scheme])  # registers the scheme
+    if scheme not in _SCHEMES:
+        raise ModelError(f"model {spec!r}: {SCHEME_PROVIDERS[scheme]} did not register the scheme {scheme!r}")
     return _SCHEMES[scheme]
 
 
