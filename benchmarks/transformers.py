@@ -48,11 +48,11 @@ from torch.utils.data import TensorDataset  # noqa: E402
 import torchslim as ts  # noqa: E402
 from torchslim.distill import distill  # noqa: E402
 from torchslim.export.int4 import dequantized_copy, gemm_to_matmul, pack_matmulnbits  # noqa: E402
-from torchslim.export.runtime import optimized_op_types  # noqa: E402
 from torchslim.fileio import atomic_write_text  # noqa: E402
 from torchslim.hf import hidden_pairs, set_dropout_  # noqa: E402
 from torchslim.measure import measure_latency  # noqa: E402
 from torchslim.models.onnx_graph import OnnxGraph  # noqa: E402
+from torchslim.onnx.runtime import optimized_op_types  # noqa: E402
 
 COMPUTE_OPS = ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits", "Gemm", "FusedGemm")
 

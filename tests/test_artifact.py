@@ -29,6 +29,7 @@ from torch import nn
 import torchslim.artifact as artifact
 from torchslim.artifact import FORMAT_VERSION, load, read_manifest, register_module_codec, save, tensor_table
 from torchslim.artifact.encodings import ENCODINGS, decode_tensor, encode_tensor, tensor_info
+from torchslim.artifact.io import read_header
 from torchslim.errors import ArtifactError
 from torchslim.fileio import _host_tag
 from torchslim.models import create_model, factory_of, list_models
@@ -792,7 +793,7 @@ def _flip(data: bytes, offset: int) -> bytes:
 
 def test_every_tensor_records_the_sha256_of_its_stored_bytes(slim, good_file):
     manifest = read_manifest(slim)
-    header = artifact.read_header(slim)
+    header = read_header(slim)
     start = _data_start(good_file)
     encodings = set()
     for name, entry in manifest["tensors"].items():
@@ -810,7 +811,7 @@ def test_every_tensor_records_the_sha256_of_its_stored_bytes(slim, good_file):
 
 
 def test_flipped_byte_in_tensor_data_is_caught_naming_the_tensor(slim, good_file):
-    header = artifact.read_header(slim)
+    header = read_header(slim)
     start = _data_start(good_file)
     for key, info in header.items():
         if key == "__metadata__" or info["data_offsets"][0] == info["data_offsets"][1]:
@@ -843,7 +844,7 @@ def test_files_without_checksums_still_load(slim, good_file):
             entry.pop("sha256")
 
     _rewrite(slim, manifest=strip)  # also drops the manifest checksum: a file from before checksums
-    assert "manifest_sha256" not in artifact.read_header(slim)["__metadata__"]["torchslim"]
+    assert "manifest_sha256" not in read_header(slim)["__metadata__"]["torchslim"]
     _assert_same_state(reference, load(slim))
     assert len(tensor_table(slim)) == len(reference.state_dict())
 
@@ -862,7 +863,7 @@ def test_identical_models_give_identical_files(tmp_path):
 
 
 def test_newer_format_version_asks_to_upgrade_even_with_another_checksum(slim, good_file):
-    text = artifact.read_header(slim)["__metadata__"]["torchslim"].replace(
+    text = read_header(slim)["__metadata__"]["torchslim"].replace(
         '"format_version": 1', f'"format_version": {FORMAT_VERSION + 1}'
     )
     stored = safetensors.torch.load(good_file)

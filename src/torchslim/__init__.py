@@ -61,8 +61,8 @@ _EXPORTS: dict[str, str] = {
     "ExportReport": "torchslim.export",
     "export_hf": "torchslim.export.hf",
     "HFExportReport": "torchslim.export.hf",
-    "bench": "torchslim.measure.bench",
-    "BenchReport": "torchslim.measure.bench",
+    "bench": "torchslim.benchmarking",
+    "BenchReport": "torchslim.benchmarking",
     "OnnxGraph": "torchslim.models.onnx_graph",
     "GPTQ": "torchslim.quantize.gptq",
     "gptq_": "torchslim.quantize.gptq",
@@ -118,6 +118,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torchslim.artifact import load, read_manifest, save  # noqa: F401
+    from torchslim.benchmarking import BenchReport, bench  # noqa: F401
     from torchslim.config import Config, register_config  # noqa: F401
     from torchslim.data import DataSplits, load_data  # noqa: F401
     from torchslim.deployment import DeployConfig, DeployReport, deploy  # noqa: F401
@@ -143,7 +144,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         text_fidelity,  # noqa: F401
     )
     from torchslim.measure import Measurement, measure  # noqa: F401
-    from torchslim.measure.bench import BenchReport, bench  # noqa: F401
     from torchslim.models import create_model, list_models, register_model  # noqa: F401
     from torchslim.models.onnx_graph import OnnxGraph  # noqa: F401
     from torchslim.pipeline.compress import compress  # noqa: F401

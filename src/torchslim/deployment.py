@@ -47,17 +47,21 @@ import torch
 from torch import Tensor, nn
 
 from torchslim import progress as progress_lib
+from torchslim._utils import first_line
+from torchslim.artifact import load, save
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, TorchSlimError
 from torchslim.export import ExportConfig, export
 from torchslim.export.api import FP32_ATOL, FP32_RTOL, PARITY_LIMITS
-from torchslim.export.onnx import compare_outputs
 from torchslim.export.openvino import OpenVinoGraph, openvino_available
 from torchslim.fileio import atomic_write_bytes, atomic_write_text
+from torchslim.hf import load_hf
+from torchslim.kernels.cpu_int8mm import unsupported_reason
 from torchslim.measure._common import call
-from torchslim.measure.bench import factory_baseline
+from torchslim.measure.baseline import factory_baseline
 from torchslim.measure.latency import measure_latency
 from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.onnx.convert import compare_outputs
 from torchslim.quantize.runtime import set_runtime_
 from torchslim.train import evaluate
 
@@ -391,8 +395,6 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
     if isinstance(model, nn.Module):
         module = model
     elif isinstance(model, str) and model.startswith("hf:"):  # a local Hugging Face directory
-        from torchslim.hf import load_hf
-
         module = load_hf(model)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -401,8 +403,6 @@ def _load_model(model: Any) -> tuple[nn.Module, bytes | None]:
         if path.suffix == ".onnx":
             module = OnnxGraph.from_bytes(path.read_bytes())
         else:
-            from torchslim.artifact import load
-
             module = load(path)
     else:
         raise DataError(f"model = {type(model).__name__} is invalid: expected an nn.Module, a .slim or an .onnx path")
@@ -473,8 +473,6 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
             return RouteResult(name, "not applicable", "no packed layers (runtime='compact' changes nothing)")
         return _runtime_route(name, module, payload, parity_inputs, "compact", "fp32")
     if name == "torch-w8a8":
-        from torchslim.kernels.cpu_int8mm import unsupported_reason
-
         if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
             return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
         return _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
@@ -483,7 +481,7 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
             compiled = torch.compile(copy.deepcopy(module))
             result = _torch_route(name, compiled, parity_inputs, payload, reference=module)
         except Exception as exc:  # noqa: BLE001 - inductor failures vary; the route is reported, not fatal
-            return RouteResult(name, "rejected", f"torch.compile failed: {_summary(exc)}")
+            return RouteResult(name, "rejected", f"torch.compile failed: {first_line(exc, 300)}")
         return result
     return _onnx_route(name, module, data, example, parity_inputs)
 
@@ -518,7 +516,7 @@ def _check_outputs(result: RouteResult, want: Tensor, got: Tensor, family: str) 
         result.parity = compare_outputs(want, got, atol=FP32_ATOL if exact else None, rtol=FP32_RTOL if exact else 0.0,
                                         min_agreement=min_agreement, min_cosine=min_cosine)
     except TorchSlimError as exc:
-        result.status, result.reason = "rejected", _summary(exc)
+        result.status, result.reason = "rejected", first_line(exc, 300)
     return result
 
 
@@ -537,7 +535,7 @@ def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity
         report = export(module, None, ExportConfig(quant=quant), example_inputs=example,
                         calib_data=None if quant != "int8-static" else data, parity_inputs=parity_inputs)
     except TorchSlimError as exc:
-        return RouteResult(name, "rejected", _summary(exc))
+        return RouteResult(name, "rejected", first_line(exc, 300))
     graph = OnnxGraph.from_bytes(report.graph)
     return RouteResult(name, "ok", "; ".join(report.notes[:2]), parity=dict(report.parity), module=graph,
                        payload=report.graph, artifact_bytes=len(report.graph))
@@ -562,7 +560,7 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
         with torch.inference_mode():
             want, got = module(parity_inputs), graph(parity_inputs)
     except Exception as exc:  # noqa: BLE001 - export or OpenVINO compile failures vary; reported, not fatal
-        return RouteResult(name, "rejected", _summary(exc))
+        return RouteResult(name, "rejected", first_line(exc, 300))
     result = RouteResult(name, "ok", "the ONNX graph, run by OpenVINO", module=graph, payload=report.graph,
                          artifact_bytes=len(report.graph))
     return _check_outputs(result, want, got, "fp32" if quant == "none" else "int8")
@@ -607,8 +605,6 @@ def _write(out: Path, best: RouteResult, report: DeployReport) -> Path:
         if best.payload is not None:
             atomic_write_bytes(path, best.payload)
         else:
-            from torchslim.artifact import save
-
             save(_original(best.module), path)
     else:
         path = out / "model.onnx"
@@ -621,8 +617,3 @@ def _write(out: Path, best: RouteResult, report: DeployReport) -> Path:
 
 def _original(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # a torch.compile wrapper saves the model it wraps
-
-
-def _summary(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchslim.artifact import save
 from torchslim.errors import TorchSlimError
 
 __all__ = [
@@ -154,8 +155,6 @@ def save_on_main(model: torch.nn.Module, path: str | os.PathLike, **kwargs: Any)
     Returns:
         ``path`` as a ``Path`` (on every rank).
     """
-    from torchslim.artifact import save
-
     target = Path(path)
     if is_main_process():
         save(model, target, **kwargs)

@@ -37,10 +37,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDa
 from torchslim import distributed
 from torchslim import progress as progress_lib
 from torchslim._callable_module import make_module_callable
+from torchslim._utils import device_of
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
 from torchslim.fileio import atomic_path
-from torchslim.measure._common import device_of
 
 __all__ = [
     "RECOMMENDED",

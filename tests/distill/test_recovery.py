@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Subset
 
 from torchslim.distill import KD
-from torchslim.errors import ConfigError
+from torchslim.distill.api import kd_loss_fn
 from torchslim.prune import MagnitudePruning
 from torchslim.prune.schedule import PruneSchedule, prune_with_schedule
 from torchslim.quantize import IntQuant
@@ -30,7 +30,8 @@ def test_pruning_recovers_with_the_unpruned_teacher(trained_lenet5, digits):
     calls, handle = _count_calls(teacher)
     student = copy.deepcopy(trained_lenet5)
     result = prune_with_schedule(student, MagnitudePruning(amount=0.97), schedule, data, train_config=config,
-                                 eval_data=digits.test, progress=False, teacher=teacher, kd=KD(alpha=1.0))
+                                 eval_data=digits.test, progress=False,
+                                 loss_fn=kd_loss_fn(teacher.eval(), KD(alpha=1.0)))
     handle.remove()
     assert len(calls) == 2 * 8  # the teacher ran on every fine-tuning batch (512 / 64 per epoch)
     assert result.sparsity == pytest.approx(0.97, abs=0.01)
@@ -49,20 +50,9 @@ def test_qat_distills_from_the_fp32_teacher(trained_lenet5, digits):
     calls, handle = _count_calls(teacher)
     plain, student = copy.deepcopy(trained_lenet5), copy.deepcopy(trained_lenet5)
     qat(plain, data, IntQuant(bits=3), config, progress=False)
-    qat(student, data, IntQuant(bits=3), config, progress=False, teacher=teacher, kd=KD(temperature=2.0))
+    qat(student, data, IntQuant(bits=3), config, progress=False,
+        loss_fn=kd_loss_fn(teacher.eval(), KD(temperature=2.0)))
     handle.remove()
     assert len(calls) == 4
     assert not torch.equal(plain[5].packed, student[5].packed) or not torch.equal(plain[5].scale, student[5].scale)
     assert evaluate(student, digits.test) > 0.9
-
-
-def test_recovery_arguments_are_checked(trained_lenet5, digits):
-    model = copy.deepcopy(trained_lenet5)
-    with pytest.raises(ConfigError, match="kd= needs teacher="):
-        qat(model, digits.train, IntQuant(bits=4), TrainConfig(epochs=1), kd=KD())
-    with pytest.raises(ConfigError, match="either teacher= .* or loss_fn="):
-        qat(model, digits.train, IntQuant(bits=4), TrainConfig(epochs=1), teacher=trained_lenet5,
-            loss_fn=lambda *a: None)
-    with pytest.raises(ConfigError, match="kd= needs teacher="):
-        prune_with_schedule(model, MagnitudePruning(amount=0.5), PruneSchedule(), digits.train,
-                            train_config=TrainConfig(epochs=1), kd=KD())

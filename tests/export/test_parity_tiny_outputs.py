@@ -2,7 +2,7 @@
 
 import torch
 
-from torchslim.export.onnx import compare_outputs
+from torchslim.onnx.convert import compare_outputs
 
 
 def test_cosine_of_tiny_equal_outputs_is_one():

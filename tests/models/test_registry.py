@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from torchslim.errors import DataError, ModelError
-from torchslim.models import create_model, factory_of, list_models, register_model
+from torchslim.models import create_model, factory_of, is_allowlisted, list_models, register_model
 from torchslim.models.compat import check_model_data, create_model_for_data
+from torchslim.models.registry import register_scheme
 
 
 def n_params(model: nn.Module) -> int:
@@ -106,3 +107,41 @@ def test_public_verbs_are_callable_in_any_import_order():
         "assert callable(ts.train) and callable(ts.measure), (ts.train, ts.measure)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_registered_scheme_builds_models_and_is_allowlisted(monkeypatch):
+    import torchslim.models.registry as registry
+
+    monkeypatch.setattr(registry, "_SCHEMES", dict(registry._SCHEMES))
+    seen = []
+
+    def resolve(spec):
+        seen.append(spec)
+        return lambda width=2: nn.Linear(width, 1)
+
+    assert not is_allowlisted("toy:net")
+    register_scheme("toy", resolve)
+    register_scheme("toy", resolve)  # the same resolver again is fine
+    model = create_model("toy:net", trust_factory=False, width=3)
+    assert model.in_features == 3 and seen == ["toy:net"]
+    assert factory_of(model) == {"name": "toy:net", "kwargs": {"width": 3}} and is_allowlisted("toy:net")
+    with pytest.raises(ValueError, match="scheme 'toy' is already registered"):
+        register_scheme("toy", lambda spec: nn.Identity)
+    with pytest.raises(ValueError, match=r"scheme = 'a.b' is invalid"):
+        register_scheme("a.b", resolve)
+
+
+def test_hf_specs_resolve_through_the_loader_torchslim_hf_registers():
+    # the registry imports torchslim.hf on first use of an hf: spec; nothing in models imports it
+    code = (
+        "import sys\n"
+        "from torchslim.models.registry import resolve_factory\n"
+        "assert 'torchslim.hf' not in sys.modules\n"
+        "factory, name = resolve_factory('hf:/nowhere', trust=False)\n"
+        "assert name == 'hf:/nowhere' and callable(factory) and 'torchslim.hf.loading' in sys.modules\n"
+        "from torchslim.hf.loading import hf_factory\n"
+        "import torchslim.models.registry as r\n"
+        "assert r._SCHEMES['hf'] is hf_factory\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -27,9 +27,10 @@ SRC = Path(ts.__file__).parent
 DYNAMIC_IMPORTS = {
     "__init__.py": "lazy public exports from the fixed _EXPORTS table",
     "kernels/__init__.py": "lazy exports from a fixed table",
-    "export/runtime.py": "optional dependencies by fixed name",
-    "models/registry.py": "model factories: allowlisted prefixes or trust_factory=True",
-    "artifact/__init__.py": "codecs: torchslim.* modules or trust_factory=True",
+    "onnx/runtime.py": "optional dependencies by fixed name",
+    "models/registry.py": "model factories: allowlisted prefixes or trust_factory=True; scheme back-ends from the "
+    "fixed SCHEME_PROVIDERS table",
+    "artifact/slim.py": "codecs: torchslim.* modules or trust_factory=True",
 }
 
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
@@ -251,7 +252,7 @@ def test_onnx_graph_cannot_read_files_through_external_data(tmp_path):
     import onnx
 
     from torchslim.errors import TorchSlimError
-    from torchslim.export.runtime import ort_session
+    from torchslim.onnx.runtime import ort_session
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"SECRETSECRETSECR")

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from torchslim._version import __version__
 from torchslim.errors import ArtifactError
 
 FORMAT = "torchslim.slim"
@@ -174,8 +175,6 @@ def validate_manifest(manifest: Any, where: str) -> None:
     Raises:
         ArtifactError: naming the first field that is missing or malformed.
     """
-    from torchslim._version import __version__
-
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{where}: manifest is a {type(manifest).__name__}, expected a JSON object")
     if manifest.get("format") != FORMAT:

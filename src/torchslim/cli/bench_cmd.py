@@ -23,8 +23,8 @@ def bench(
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Time models and their fp32 baseline in the same run; print speedups."""
+    from torchslim.benchmarking import bench as run_bench
     from torchslim.errors import ConfigError
-    from torchslim.measure.bench import bench as run_bench
 
     runtimes = tuple(item.strip() for item in runtime.split(",") if item.strip())
     sizes = parse_int_list("--batch", batch)

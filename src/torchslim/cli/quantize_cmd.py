@@ -238,13 +238,15 @@ def _apply(model, method: Config, overrides: dict, request: QuantizeRequest, inp
                  "calibration": inputs.text_path if hf else (request.calib or request.data)}
         return model, stage, report.skipped
     if request.qat:
+        from torchslim.distill import KD, kd_loss_fn
         from torchslim.quantize.qat import qat as run_qat
         from torchslim.train import TrainConfig
 
         train_config = TrainConfig(epochs=request.epochs, lr=request.lr)
-        teacher = copy.deepcopy(model).eval() if request.kd else None  # the fp32 model, frozen, before any change
+        # distil from the fp32 model, frozen, before any change
+        loss_fn = kd_loss_fn(copy.deepcopy(model).eval(), KD()) if request.kd else None
         report = run_qat(model, inputs.splits.train, method, train_config, eval_data=inputs.splits.test,
-                         overrides=overrides, teacher=teacher)
+                         overrides=overrides, loss_fn=loss_fn)
         stage = {"stage": "quantize", "qat": train_config.to_dict(), "config": method.to_dict(),
                  "teacher": "the input model" if request.kd else None}
         return model, stage, report.skipped

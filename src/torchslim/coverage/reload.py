@@ -14,6 +14,7 @@ import sys
 import safetensors
 import torch
 
+from torchslim._utils import first_line
 from torchslim.artifact import load
 from torchslim.errors import TorchSlimError
 
@@ -25,9 +26,9 @@ def check(path: str, inputs: list[torch.Tensor], expected: torch.Tensor) -> dict
         with torch.no_grad():
             got = model(*inputs)
     except TorchSlimError as exc:
-        return {"status": "error", "message": str(exc).strip().splitlines()[0]}
+        return {"status": "error", "message": first_line(exc)}
     except Exception as exc:  # noqa: BLE001 - reported as a bug in the table
-        return {"status": "crash", "message": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+        return {"status": "crash", "message": f"{type(exc).__name__}: {first_line(exc)}"}
     if not torch.equal(got, expected):
         diff = (got.double() - expected.double()).abs().max() if got.shape == expected.shape else "shape"
         return {"status": "wrong", "message": f"outputs differ after load in a new process (max abs {diff})"}

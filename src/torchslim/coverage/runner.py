@@ -26,8 +26,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from torchslim._utils import first_line
+from torchslim.artifact import save
 from torchslim.coverage.zoo import ARCHITECTURES, VOCAB, Arch, example_inputs, make
+from torchslim.deployment import deploy
+from torchslim.distill import KD, distill
 from torchslim.errors import TorchSlimError
+from torchslim.export import export
+from torchslim.hf import attention_modules, ffn_layers, prune_transformer_
+from torchslim.prune import ChannelPruning, MagnitudePruning, finalize_, prune_
+from torchslim.prune.api import prunable_layers
+from torchslim.quantize import HalfPrecision, IntQuant, quantize_, quantize_dynamic
+from torchslim.quantize.gptq import GPTQ, gptq_
+from torchslim.train import TrainConfig
 
 __all__ = ["OPERATIONS", "TOLERANCE", "Cell", "run_table", "to_markdown"]
 
@@ -139,8 +150,6 @@ class _Context:
 
     def save(self, variant: str, model: nn.Module) -> int:
         """Save ``model`` for the reload check; returns the file's bytes."""
-        from torchslim.artifact import save
-
         path = self.workdir / f"{self.name}-{variant}.slim"
         save(model, path)
         self.jobs.append(_Job(self.name, variant, str(path), list(self.inputs), _run(model, self.inputs)))
@@ -148,8 +157,6 @@ class _Context:
 
 
 def _int8_dynamic(ctx: _Context) -> str:
-    from torchslim.quantize import quantize_dynamic
-
     graph = quantize_dynamic(ctx.copy(), example_inputs=_one_or_tuple(ctx.inputs))
     note = _close("int8-dynamic", graph, ctx.inputs, ctx.ref)
     ctx.save("int8", graph)
@@ -157,8 +164,6 @@ def _int8_dynamic(ctx: _Context) -> str:
 
 
 def _int4(ctx: _Context) -> str:
-    from torchslim.quantize import IntQuant, quantize_
-
     model = ctx.copy()
     quantize_(model, IntQuant(bits=4, granularity="group", group_size=_GROUP))
     note = _close_to_decoded("int4", model, ctx)
@@ -167,8 +172,6 @@ def _int4(ctx: _Context) -> str:
 
 
 def _gptq(ctx: _Context) -> str:
-    from torchslim.quantize.gptq import GPTQ, gptq_
-
     model = ctx.copy()
     gptq_(model, GPTQ(bits=4, group_size=_GROUP), ctx.calib)
     note = _close_to_decoded("gptq", model, ctx)
@@ -177,8 +180,6 @@ def _gptq(ctx: _Context) -> str:
 
 
 def _fp16(ctx: _Context) -> str:
-    from torchslim.quantize import HalfPrecision, quantize_
-
     model = ctx.copy()
     quantize_(model, HalfPrecision("fp16"))
     note = _close_to_decoded("fp16", model, ctx)
@@ -191,9 +192,6 @@ def _parameters(model: nn.Module) -> int:
 
 
 def _structural(ctx: _Context) -> str:
-    from torchslim.hf import attention_modules, ffn_layers, prune_transformer_
-    from torchslim.prune import ChannelPruning, prune_
-
     model = ctx.copy()
     heads = attention_modules(model)
     if heads or ffn_layers(model):  # a transformer: heads and FFN neurons (`torchslim prune --structured hf:DIR`)
@@ -212,9 +210,6 @@ def _structural(ctx: _Context) -> str:
 
 
 def _unstructured(ctx: _Context) -> str:
-    from torchslim.prune import MagnitudePruning, finalize_, prune_
-    from torchslim.prune.api import prunable_layers
-
     model = ctx.copy()
     prune_(model, MagnitudePruning(scope="layer", amount=0.5))
     finalize_(model)
@@ -225,7 +220,6 @@ def _unstructured(ctx: _Context) -> str:
     if not total or zeros / total < 0.49:
         raise _Wrong(f"{zeros} of {total} prunable weights are zero, expected 50%")
     dense = ctx.workdir / f"{ctx.name}-dense.slim"
-    from torchslim.artifact import save
 
     save(ctx.model, dense)
     size = ctx.save("unstructured", model)
@@ -235,9 +229,6 @@ def _unstructured(ctx: _Context) -> str:
 
 
 def _distill(ctx: _Context) -> str:
-    from torchslim.distill import KD, distill
-    from torchslim.train import TrainConfig
-
     student = ctx.copy()
     with torch.no_grad():  # a student that differs from its teacher (an identical one has nothing to learn)
         for param in student.parameters():
@@ -261,16 +252,11 @@ def _distill(ctx: _Context) -> str:
 
 
 def _onnx(ctx: _Context) -> str:
-    from torchslim.export import export
-
     report = export(ctx.copy(), example_inputs=_one_or_tuple(ctx.inputs))
     return f"max abs error {report.parity['max_abs_error']:.1e}"
 
 
 def _deploy(ctx: _Context) -> str:
-    from torchslim.deployment import deploy
-    from torchslim.quantize import IntQuant, quantize_
-
     model = ctx.copy()
     quantize_(model, IntQuant(bits=4, granularity="group", group_size=_GROUP))
     report = deploy(model, example_inputs=_one_or_tuple(ctx.inputs), reference=ctx.model, batch_sizes=(1,),
@@ -298,12 +284,6 @@ _OPERATIONS: dict[str, Callable[[_Context], str]] = {
     "deploy": _deploy,
     "save-load": _save_fp32,
 }
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (what ``torchslim`` prints after ``error:``)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run_cell(ctx: _Context, op: str) -> Cell:

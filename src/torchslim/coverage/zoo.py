@@ -20,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from torchslim.errors import ModelError
+from torchslim.hf import load_hf
+from torchslim.hf.loading import _quiet
+from torchslim.models import create_model
 
 __all__ = ["ARCHITECTURES", "Arch", "build", "example_inputs", "make"]
 
@@ -335,8 +338,6 @@ def make(name: str, workdir: str | Path | None = None, seed: int = 0) -> nn.Modu
     Raises:
         ModelError: an unknown name.
     """
-    from torchslim.models import create_model
-
     if name not in ARCHITECTURES:
         raise ModelError(f"coverage zoo: arch = {name!r} is unknown: expected one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
@@ -344,8 +345,6 @@ def make(name: str, workdir: str | Path | None = None, seed: int = 0) -> nn.Modu
         return create_model(name).eval()
     if name in _BUILT:
         return create_model(FACTORY, arch=name).eval()
-    from torchslim.hf import load_hf
-    from torchslim.hf.loading import _quiet
 
     directory = Path(workdir or tempfile.mkdtemp(prefix="torchslim-zoo-")) / name
     with _quiet():

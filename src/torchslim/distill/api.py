@@ -21,11 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from torchslim import progress as progress_lib
+from torchslim._utils import device_of, eval_mode, first_line, logits_of
 from torchslim.config import Config, register_config
+from torchslim.data import DataSplits
 from torchslim.distill.features import FeatureStudent, align, capture, find_module, make_projection, parse_pairs
 from torchslim.distill.losses import FEATURE_LOSSES, distillation_loss, feature_loss
+from torchslim.distill.synthetic import SyntheticData, _synthesize
 from torchslim.errors import ConfigError, DataError, ModelError
-from torchslim.measure._common import device_of
+from torchslim.fileio import atomic_path
 from torchslim.train import TrainConfig, _tensors_of, train
 
 __all__ = ["KD", "distill", "teacher_logits"]
@@ -80,17 +83,6 @@ class KD(Config):
                             "for its activations, so cached logits would save nothing)")
 
 
-def _logits(output: Any) -> torch.Tensor:
-    """Logits of a model output: the tensor itself, or ``output.logits`` (Hugging Face style)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ModelError(f"model returned {type(output).__name__}: expected logits (a tensor or an object with .logits)")
-
-
-
 def _as_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
     """The tensors of a dataset: those of a TensorDataset/Subset, or the samples stacked."""
     tensors = _tensors_of(data)
@@ -129,20 +121,13 @@ def teacher_logits(teacher: nn.Module, inputs: torch.Tensor, *, batch_size: int 
             cached = load_file(str(path)).get("logits")
             if cached is not None and cached.ndim == 2 and cached.shape[0] == inputs.shape[0]:
                 return cached
-    was_training = teacher.training
-    teacher.eval()
     device = device_of(teacher)
-    try:
-        with torch.no_grad():
-            chunks = [_logits(teacher(inputs[i:i + batch_size].to(device))).float().cpu()
-                      for i in range(0, inputs.shape[0], batch_size)]
-    finally:
-        teacher.train(was_training)
+    with eval_mode(teacher), torch.no_grad():
+        chunks = [logits_of(teacher(inputs[i:i + batch_size].to(device)), "teacher_logits").float().cpu()
+                  for i in range(0, inputs.shape[0], batch_size)]
     logits = torch.cat(chunks)
     if path is not None:
         from safetensors.torch import save_file
-
-        from torchslim.fileio import atomic_path
 
         with atomic_path(path) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp))
@@ -176,17 +161,13 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, sample: torch.Tensor)
     """Run one sample through both models: the logits must have the same number of classes."""
     widths = []
     for role, model in (("student", student), ("teacher", teacher)):
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
-                widths.append(tuple(_logits(model(sample.to(device_of(model)))).shape))
+            with eval_mode(model), torch.no_grad():
+                output = model(sample.to(device_of(model)))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise DataError(f"distill: the {role} does not accept inputs of shape {tuple(sample.shape[1:])} "
-                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-                            ) from exc
-        finally:
-            model.train(was_training)
+                            f"({first_line(exc)})") from exc
+        widths.append(tuple(logits_of(output, f"distill: the {role}").shape))
     if widths[0] != widths[1]:
         raise ModelError(f"distill: student logits {widths[0]} and teacher logits {widths[1]} differ; expected the "
                          "same classes")
@@ -201,9 +182,6 @@ def _resolve_data(data: Any, teacher: nn.Module, source: torch.Tensor | None, in
                   progress: bool | None = None) -> tuple[Dataset, torch.Tensor | None]:
     """(training dataset, teacher logits of a synthetic set or None) from a Dataset, DataSplits, DataLoader or
     SyntheticData."""
-    from torchslim.data import DataSplits
-    from torchslim.distill.synthetic import SyntheticData, _synthesize
-
     if isinstance(data, SyntheticData):
         if input_shape is None:
             if source is None:
@@ -281,7 +259,6 @@ def distill(
             f"KD.cache_logits = True is invalid with TrainConfig.augment_shift = {train_config.augment_shift}: cached "
             "logits belong to the un-shifted images; set augment_shift=0 or cache_logits=False")
     _check_models(student, teacher)
-    from torchslim.data import DataSplits
 
     if isinstance(eval_data, DataSplits):
         eval_data = eval_data.test
@@ -289,7 +266,6 @@ def distill(
     for t_name, s_name in pairs:  # unknown names fail before any work
         find_module(teacher, t_name, "teacher")
         find_module(student, s_name, "student")
-    from torchslim.distill.synthetic import SyntheticData
 
     if isinstance(data, SyntheticData):
         shape = tuple(input_shape) if input_shape is not None else None
@@ -304,9 +280,7 @@ def distill(
     # Synthetic inputs are fixed, so their logits are cached whenever the loop does not shift them.
     cache = config.cache_logits or (synthetic and not train_config.augment_shift and not pairs)
 
-    was_training = teacher.training
-    teacher.eval()
-    try:
+    with eval_mode(teacher):
         if cache:
             tensors = _as_tensors(train_data)
             if synthetic and cache_dir is None:  # synthesis already ran the teacher on every sample
@@ -319,8 +293,6 @@ def distill(
         with progress_lib.label("distill"):
             train(model, train_data, train_config, eval_data=eval_data, loss_fn=loss_fn,
                   checkpoint_path=checkpoint_path, resume=resume, progress=progress)
-    finally:
-        teacher.train(was_training)
     return student.eval()
 
 
@@ -355,13 +327,13 @@ def _make_loss(teacher: nn.Module, config: KD, pairs: list[tuple[str, str]]):
             teacher_out, teacher_feats = extras[0], {}
         else:
             with torch.no_grad(), capture(teacher, teacher_names, "teacher") as teacher_feats:
-                teacher_out = _logits(teacher(inputs.to(device))).to(inputs.device)
+                teacher_out = logits_of(teacher(inputs.to(device)), "distill: the teacher").to(inputs.device)
         if not pairs:
-            student_out = _logits(model(inputs))
+            student_out = logits_of(model(inputs), "distill: the student")
             return _kd(student_out, teacher_out, targets, config)
         student_net = model.student
         with capture(student_net, [s for _, s in pairs], "student") as student_feats:
-            student_out = _logits(model(inputs))
+            student_out = logits_of(model(inputs), "distill: the student")
         loss = _kd(student_out, teacher_out, targets, config)
         for (t_name, s_name), projection in zip(pairs, model.projections, strict=True):
             s, t = align(student_feats[s_name], teacher_feats[t_name].to(inputs.device))
@@ -398,16 +370,11 @@ def _with_projections(student: nn.Module, teacher: nn.Module, data: Dataset, pai
     tensors = _tensors_of(data)
     count = min(2, len(data))
     sample = tensors[0][:2] if tensors is not None else torch.stack([torch.as_tensor(data[i][0]) for i in range(count)])
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            with capture(teacher, [t for t, _ in pairs], "teacher") as t_feats:
-                teacher(sample.to(device_of(teacher)))
-            with capture(student, [s for _, s in pairs], "student") as s_feats:
-                student(sample.to(device_of(student)))
-    finally:
-        student.train(was_training)
+    with eval_mode(student), torch.no_grad():
+        with capture(teacher, [t for t, _ in pairs], "teacher") as t_feats:
+            teacher(sample.to(device_of(teacher)))
+        with capture(student, [s for _, s in pairs], "student") as s_feats:
+            student(sample.to(device_of(student)))
     projections = []
     for t_name, s_name in pairs:
         s, t = align(s_feats[s_name], t_feats[t_name])

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchslim import progress as progress_lib
+from torchslim._utils import device_of, eval_mode, shift_images
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
-from torchslim.measure._common import device_of
 
 __all__ = ["METHODS", "PRESETS", "SyntheticData", "shifted_views", "synthesize"]
 
@@ -168,9 +168,7 @@ def _synthesize(teacher: nn.Module, config: SyntheticData, input_shape: tuple[in
     if config.method == "mixup" and (source is None or source.shape[0] < 2):
         raise ConfigError("SyntheticData.method = 'mixup' needs source: at least 2 unlabelled samples to mix")
     generator = torch.Generator().manual_seed(config.seed)
-    was_training = teacher.training
-    teacher.eval()
-    try:
+    with eval_mode(teacher):
         classes = _num_classes(teacher, input_shape)
         if config.method == "bn-inversion":
             x = _bn_inversion(teacher, config, input_shape, classes, generator, progress)
@@ -181,8 +179,6 @@ def _synthesize(teacher: nn.Module, config: SyntheticData, input_shape: tuple[in
         device = device_of(teacher)
         with torch.no_grad():
             logits = torch.cat([teacher(x[i:i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])
-    finally:
-        teacher.train(was_training)
     return x, logits.argmax(dim=1).long(), logits
 
 
@@ -199,10 +195,7 @@ def shifted_views(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k == 0:
         return x
-    _, _, h, w = x.shape
-    padded = F.pad(x, (k,) * 4, mode="replicate")
-    return torch.cat([padded[:, :, k - dy:k - dy + h, k - dx:k - dx + w]
-                      for dy in range(-k, k + 1) for dx in range(-k, k + 1)]).contiguous()
+    return torch.cat([shift_images(x, torch.tensor([[dy, dx]])) for dy in range(-k, k + 1) for dx in range(-k, k + 1)])
 
 
 def _num_classes(teacher: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -220,13 +213,8 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
     """Random whole-pixel shifts per image, edges replicated (images only)."""
     if max_shift == 0 or x.ndim != 4:
         return x
-    n, _, h, w = x.shape
-    offsets = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    out = torch.empty_like(x)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, max_shift - dy:max_shift - dy + h, max_shift - dx:max_shift - dx + w]
-    return out
+    offsets = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=generator)
+    return shift_images(x, offsets)
 
 
 def _augment(config: SyntheticData, input_shape: tuple[int, ...], source: torch.Tensor | None,

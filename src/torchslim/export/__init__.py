@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torchslim._callable_module import make_module_callable
 from torchslim.export.api import QUANT_MODES, ExportConfig, ExportReport, choose_opset, export
-from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx, run_onnx
-from torchslim.export.runtime import (
+from torchslim.onnx.convert import DEFAULT_OPSET, check_parity, export_onnx, run_onnx
+from torchslim.onnx.runtime import (
     graph_op_types,
     optimized_op_types,
     ort_session,

@@ -38,9 +38,26 @@ from torch import Tensor, nn
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, MissingDependencyError, TorchSlimError
-from torchslim.export.onnx import DEFAULT_OPSET, check_parity, export_onnx
-from torchslim.export.runtime import graph_op_types, require_onnx, require_onnxruntime
+from torchslim.export.int4 import (
+    dequantized_copy,
+    gemm_to_matmul,
+    matmulnbits_reason,
+    ort_weight_only,
+    pack_matmulnbits,
+)
 from torchslim.fileio import atomic_write_bytes
+from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.onnx.convert import DEFAULT_OPSET, check_parity, export_onnx
+from torchslim.onnx.runtime import graph_op_types, require_onnx, require_onnxruntime
+from torchslim.quantize.int8 import (
+    STATIC_MIN_AGREEMENT,
+    STATIC_OPS,
+    StaticInt8,
+    calibration_inputs,
+    quantize_static,
+    unquantized_nodes,
+)
+from torchslim.quantize.observers import OBSERVERS
 
 __all__ = [
     "FP32_ATOL",
@@ -115,9 +132,6 @@ class ExportConfig(Config):
     min_agreement: float | None = None
 
     def validate(self) -> None:
-        from torchslim.quantize.int8 import STATIC_OPS
-        from torchslim.quantize.observers import OBSERVERS
-
         self.check_choice("quant", QUANT_MODES)
         self.check_choice("precision", PRECISIONS)
         if self.precision == "fp16" and self.quant != "none":
@@ -256,9 +270,6 @@ def export(
         TorchSlimError: the graph disagrees with the model beyond the mode's tolerance (the message has the
             numbers); nothing is written then.
     """
-    from torchslim.models.onnx_graph import OnnxGraph
-    from torchslim.quantize.int8 import calibration_inputs
-
     config = ExportConfig() if config is None else config
     if not isinstance(config, ExportConfig):
         raise ConfigError(f"config = {type(config).__name__} is invalid: expected ExportConfig")
@@ -331,14 +342,10 @@ def export(
 
 def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, opset: int, notes: list[str]):
     """The graph bytes for a PyTorch model; returns ``(bytes, packed layer names)``."""
-    from torchslim.export.int4 import dequantized_copy, matmulnbits_reason
-
     plain, packed = dequantized_copy(model)
     if packed and config.quant != "int4-weight":
         notes.append(f"{len(packed)} packed IntQuantLayer(s) exported with their dequantized weights")
     if config.quant == "int8-static" and not config.transformer_fusion:
-        from torchslim.quantize.int8 import STATIC_MIN_AGREEMENT, StaticInt8, quantize_static
-
         static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples,
                             ops=config.static_ops, symmetric_activations=config.symmetric_activations)
         agreement = STATIC_MIN_AGREEMENT if config.min_agreement is None else config.min_agreement
@@ -396,8 +403,6 @@ def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    from torchslim.quantize.int8 import unquantized_nodes
-
     with tempfile.TemporaryDirectory(prefix="torchslim-export-") as name:
         source, output = Path(name) / "fp32.onnx", Path(name) / "int8.onnx"
         onnx.save(proto, str(source))
@@ -422,8 +427,6 @@ def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
 
 
 def _int4(proto: Any, packed: dict, config: ExportConfig, notes: list[str], reason_of) -> tuple[bytes, list[str]]:
-    from torchslim.export.int4 import gemm_to_matmul, ort_weight_only, pack_matmulnbits
-
     if _ort_version() < _MIN_ORT_FOR_NBITS:
         raise MissingDependencyError("int4-weight needs onnxruntime >= 1.17 (MatMulNBits): pip install -U onnxruntime")
     gemm_to_matmul(proto)

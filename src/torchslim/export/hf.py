@@ -32,7 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.errors import ConfigError, MissingDependencyError, ModelError, TorchSlimError
+from torchslim.export.int4 import dequantized_copy
+from torchslim.hf.loading import HFModel, _quiet, encode, sync_config_
+from torchslim.onnx.convert import compare_outputs
 
 __all__ = ["HF_DTYPES", "HFExportReport", "export_hf"]
 
@@ -100,8 +104,6 @@ def export_hf(
         TorchSlimError: ``directory`` exists and ``force`` is false (checked first), or the reloaded model
             disagrees with torchslim's beyond the limits (the message has the numbers; nothing is written).
     """
-    from torchslim.hf.loading import HFModel
-
     if dtype not in HF_DTYPES:
         raise ConfigError(f"dtype = {dtype!r} is invalid: expected one of {', '.join(HF_DTYPES)}")
     if not isinstance(model, HFModel):
@@ -157,9 +159,6 @@ def _check_heads(model: nn.Module) -> None:
 
 def _writable_copy(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, dict[str, nn.Module]]:
     """The transformers model with float layers (GPT-2 Conv1D restored), config synced, in ``dtype``."""
-    from torchslim.export.int4 import dequantized_copy
-    from torchslim.hf.loading import sync_config_
-
     clone, packed = dequantized_copy(model.model)
     sync_config_(clone)
     restored = _restore_conv1d_(clone)
@@ -258,8 +257,6 @@ def _apply_compressed_tensors(
 
 
 def _save(clone: nn.Module, model: nn.Module, staging: Path, groups: dict[tuple, list[str]]) -> None:
-    from torchslim.hf.loading import _quiet
-
     with _quiet():
         if groups:
             from compressed_tensors.compressors import ModelCompressor
@@ -279,8 +276,6 @@ def _example(model: nn.Module, example_inputs: Any) -> tuple[Tensor, Tensor | No
         parts = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         return parts[0], parts[1] if len(parts) > 1 else None
     if getattr(model, "tokenizer", None) is not None:
-        from torchslim.hf.loading import encode
-
         return encode(model, ["the quick brown fox jumps over the lazy dog", "a second, shorter line"])
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)), None
@@ -290,9 +285,6 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
     """Load ``staging`` with transformers (float32) and compare its outputs with ``model``'s."""
     import transformers
 
-    from torchslim.export.onnx import compare_outputs
-    from torchslim.hf.loading import _first_line, _quiet
-
     ids, mask = _example(model, example_inputs)
     # the model's own class; a class transformers does not export (remote code) loads through the Auto classes
     cls = getattr(transformers, type(model.model).__name__, None) or (
@@ -301,7 +293,7 @@ def _reload_parity(model: nn.Module, staging: Path, example_inputs: Any, dtype: 
         with _quiet():
             reloaded = cls.from_pretrained(staging, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as exc:  # transformers raises many kinds for a directory it cannot load
-        raise TorchSlimError(f"export_hf: transformers cannot load the written directory: {_first_line(exc)}") from exc
+        raise TorchSlimError(f"export_hf: transformers cannot load the written directory: {first_line(exc)}") from exc
     with torch.no_grad(), _quiet():  # the first forward of a compressed-tensors model decompresses it, with bars
         expected = model(ids) if mask is None else model(ids, mask)
         out = reloaded(input_ids=ids, attention_mask=mask, return_dict=True)

@@ -16,6 +16,7 @@ nearest, per block). Convolutions stay fp32: ``MatMulNBits`` covers MatMul/Gemm 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.export.runtime import require_onnx
-from torchslim.quantize.layers import IntQuantLayer
+from torchslim.onnx.runtime import require_onnx
+from torchslim.quantize.layers import IntQuantLayer, _WeightOnlyLayer
 from torchslim.quantize.packing import pack
 
 __all__ = [
@@ -259,10 +260,6 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, IntQuantLay
     Returns:
         ``(copy, {name: original IntQuantLayer})``.
     """
-    import copy
-
-    from torchslim.quantize.layers import _WeightOnlyLayer
-
     clone = copy.deepcopy(model)
     packed: dict[str, IntQuantLayer] = {}
     for name, module in list(clone.named_modules()):
@@ -270,25 +267,5 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, IntQuantLay
             continue
         if isinstance(module, IntQuantLayer):
             packed[name] = module
-        clone.set_submodule(name, _float_layer(module))
+        clone.set_submodule(name, module.to_float())
     return clone, packed
-
-
-def _float_layer(layer: Any) -> nn.Module:
-    weight = layer.weight.detach().to(torch.float32)
-    shape = layer.weight_shape
-    bias = layer.bias is not None
-    if layer.op == "linear":
-        module: nn.Module = nn.Linear(shape[1], shape[0], bias=bias)
-    elif layer.op == "embedding":
-        module = nn.Embedding(shape[0], shape[1])
-    else:
-        conv = nn.Conv1d if layer.op == "conv1d" else nn.Conv2d
-        groups = layer.conv.get("groups", 1)
-        module = conv(shape[1] * groups, shape[0], tuple(shape[2:]), bias=bias, **layer.conv)
-    module = module.to(weight.device)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias:
-            module.bias.copy_(layer.bias.detach().float())
-    return module.eval()

@@ -5,8 +5,8 @@
 
 from torchslim.hf.data import text_dataset
 from torchslim.hf.fidelity import read_texts, reference_model, text_fidelity
-from torchslim.hf.layers import drop_layers, hidden_pairs, kept_layers, layer_list, set_dropout_
-from torchslim.hf.loading import HFModel, attention_modules, encode, ffn_layers, load_hf, sync_config_
+from torchslim.hf.layers import hidden_pairs, kept_layers, layer_list, set_dropout_
+from torchslim.hf.loading import HFModel, attention_modules, drop_layers, encode, ffn_layers, load_hf, sync_config_
 from torchslim.hf.perplexity import Perplexity, perplexity
 from torchslim.hf.prune import prune_transformer_
 

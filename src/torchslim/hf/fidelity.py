@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchslim._utils import eval_mode, logits_of
 from torchslim.errors import DataError, ModelError
-from torchslim.hf.loading import encode
+from torchslim.hf.loading import HF_PREFIX, encode, load_hf
+from torchslim.models.registry import factory_of
 
 __all__ = ["read_texts", "reference_model", "text_fidelity"]
 
@@ -63,9 +65,6 @@ def reference_model(model: nn.Module) -> nn.Module:
     Raises:
         ModelError: the model was not made from a Hugging Face directory.
     """
-    from torchslim.hf.loading import HF_PREFIX, load_hf
-    from torchslim.models.registry import factory_of
-
     factory = factory_of(model) or {}
     if not str(factory.get("name", "")).startswith(HF_PREFIX):
         factory = getattr(model, "source_factory", None) or {}
@@ -112,34 +111,27 @@ def text_fidelity(
     cosines: list[Tensor] = []
     agreements: list[Tensor] = []
     tokens = 0
-    modes = [(m, m.training) for m in (model, reference)]
-    for m, _ in modes:
-        m.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                ids, mask = encode(holder, texts[start : start + batch_size], max_length=max_length)
-                got = _first(model(ids, mask)).float()
-                want = _first(reference(ids, mask)).float()
-                if got.shape != want.shape:
-                    raise DataError(
-                        f"text_fidelity: the model returns shape {tuple(got.shape)}, the reference {tuple(want.shape)}"
-                    )
-                keep = mask.bool()
-                tokens += int(keep.sum())
-                if kind == "hidden" and got.dim() == 3:
-                    weights = keep.unsqueeze(-1).float()
-                    pooled_got = (got * weights).sum(1) / weights.sum(1).clamp(min=1)
-                    pooled_want = (want * weights).sum(1) / weights.sum(1).clamp(min=1)
-                    cosines.append(F.cosine_similarity(pooled_got, pooled_want, dim=-1))
-                    continue
-                if got.dim() == 3:  # per-token logits: padding positions are left out
-                    got, want = got[keep], want[keep]
-                cosines.append(F.cosine_similarity(got, want, dim=-1))
-                agreements.append((got.argmax(-1) == want.argmax(-1)).float())
-    finally:
-        for m, training in modes:
-            m.train(training)
+    with eval_mode(model, reference), torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode(holder, texts[start : start + batch_size], max_length=max_length)
+            got = logits_of(model(ids, mask), "text_fidelity: the model").float()
+            want = logits_of(reference(ids, mask), "text_fidelity: the reference").float()
+            if got.shape != want.shape:
+                raise DataError(
+                    f"text_fidelity: the model returns shape {tuple(got.shape)}, the reference {tuple(want.shape)}"
+                )
+            keep = mask.bool()
+            tokens += int(keep.sum())
+            if kind == "hidden" and got.dim() == 3:
+                weights = keep.unsqueeze(-1).float()
+                pooled_got = (got * weights).sum(1) / weights.sum(1).clamp(min=1)
+                pooled_want = (want * weights).sum(1) / weights.sum(1).clamp(min=1)
+                cosines.append(F.cosine_similarity(pooled_got, pooled_want, dim=-1))
+                continue
+            if got.dim() == 3:  # per-token logits: padding positions are left out
+                got, want = got[keep], want[keep]
+            cosines.append(F.cosine_similarity(got, want, dim=-1))
+            agreements.append((got.argmax(-1) == want.argmax(-1)).float())
     return {
         "texts": len(texts),
         "tokens": tokens,
@@ -147,11 +139,3 @@ def text_fidelity(
         "cosine": float(torch.cat(cosines).mean()),
         "top1_agreement": float(torch.cat(agreements).mean()) if agreements else None,
     }
-
-
-def _first(output: Any) -> Tensor:
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise ModelError(f"text_fidelity: the model returns a {type(output).__name__}, expected a tensor")
-    return output

@@ -1,9 +1,10 @@
 """Shallower transformers: drop whole layers (DistilBERT-style students) and map them back to the teacher.
 
-:func:`drop_layers` copies a model and keeps only some of its transformer blocks (every other one, or a chosen
-list); the kept blocks keep the teacher's weights, the usual initialisation of a layer-dropped student (DistilBERT
-takes every other layer of BERT). The config's ``num_hidden_layers`` is updated and the kept indices are recorded
-in the factory (``kwargs["layers"]``), so ``torchslim.save``/``torchslim.load`` rebuild the shallower model.
+:func:`~torchslim.hf.loading.drop_layers` (beside ``HFModel``, which it copies) keeps only some of a model's
+transformer blocks (every other one, or a chosen list), using the helpers here; the kept blocks keep the teacher's
+weights, the usual initialisation of a layer-dropped student (DistilBERT takes every other layer of BERT). The
+config's ``num_hidden_layers`` is updated and the kept indices are recorded in the factory (``kwargs["layers"]``),
+so ``torchslim.save``/``torchslim.load`` rebuild the shallower model.
 
 :func:`hidden_pairs` names the ``KD.features`` pairs that match each student block's output to the teacher block
 whose output the student's next block expects as input (TinyBERT's uniform mapping for every-other layer).
@@ -11,15 +12,15 @@ whose output the student's next block expects as input (TinyBERT's uniform mappi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from torchslim.errors import ConfigError, ModelError
+from torchslim.models.registry import factory_of
 
-__all__ = ["drop_layers", "hidden_pairs", "kept_layers", "layer_list", "parse_keep", "set_dropout_"]
+__all__ = ["hidden_pairs", "kept_layers", "layer_list", "parse_keep", "set_dropout_"]
 
 
 def _depth(config: Any) -> int | None:
@@ -118,61 +119,8 @@ def shorten_(model: nn.Module, keep: Sequence[int]) -> None:
 
 def kept_layers(model: nn.Module) -> list[int] | None:
     """The teacher's layer indices a layer-dropped model keeps (from its factory), or None when none were dropped."""
-    from torchslim.models.registry import factory_of
-
     layers = ((factory_of(model) or {}).get("kwargs") or {}).get("layers")
     return None if layers is None else [int(i) for i in layers]
-
-
-def drop_layers(model: nn.Module, keep: str | Sequence[int] = "every-other") -> nn.Module:
-    """A copy of ``model`` with only some of its transformer layers, initialised from the kept ones.
-
-    Args:
-        model: an :class:`~torchslim.hf.loading.HFModel` (not changed). A model that was already made shallower
-            keeps counting in the original teacher's indices (``kept_layers``).
-        keep: ``"every-other"`` (layers 0, 2, 4, ...), a string ``"0,2,4"`` or a sequence of indices into the
-            model's current layers.
-
-    Returns:
-        The new, shallower model (eval mode). Its factory records ``layers`` (indices into the original
-        model) so ``torchslim.save``/``torchslim.load`` rebuild it; head counts of pruned attention modules move
-        with their layers.
-
-    Raises:
-        ConfigError: a bad ``keep``.
-        ModelError: the model has no recognisable layer list.
-    """
-    from torchslim.hf.loading import HFModel
-
-    if not isinstance(model, HFModel):
-        raise ModelError(f"drop_layers needs a model loaded with load_hf (HFModel), got {type(model).__name__}")
-    name, blocks = layer_list(model)
-    indices = parse_keep(keep, len(blocks))
-    heads_before = model.head_counts()
-    previous = kept_layers(model) or list(range(len(blocks)))
-    student = copy.deepcopy(model)
-    shorten_(student, indices)
-    base = student._factory_base
-    if base is not None:
-        kwargs = dict(base["kwargs"])
-        kwargs["layers"] = [previous[i] for i in indices]
-        prefix = name + "."
-        new_index = {old: new for new, old in enumerate(indices)}
-        # head counts recorded per module name follow their layer to its new index
-        heads = {}
-        for module, count in {**dict(kwargs.get("heads") or {}), **heads_before}.items():
-            if module.startswith(prefix):
-                old, _, rest = module[len(prefix):].partition(".")
-                if old.isdigit() and int(old) in new_index:
-                    heads[f"{prefix}{new_index[int(old)]}.{rest}"] = count
-            else:
-                heads[module] = count
-        default = getattr(model.config, "num_attention_heads", None)
-        kwargs["heads"] = {k: v for k, v in heads.items() if v != default}
-        if not kwargs["heads"]:
-            kwargs.pop("heads")
-        student._torchslim_factory = {"name": base["name"], "kwargs": kwargs}
-    return student.eval()
 
 
 def hidden_pairs(student: nn.Module, teacher: nn.Module) -> tuple[str, ...]:

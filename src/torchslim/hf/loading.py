@@ -18,9 +18,11 @@ the artifact's module codecs restore every changed layer shape (pruned FFN and q
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,9 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.errors import MissingDependencyError, ModelError
+from torchslim.hf.layers import kept_layers, layer_list, parse_keep, shorten_, shorten_config_
+from torchslim.models.registry import FACTORY_ATTR, register_scheme
 
-__all__ = ["HFModel", "attention_modules", "encode", "load_hf", "require_transformers", "sync_config_"]
+__all__ = ["HFModel", "attention_modules", "drop_layers", "encode", "load_hf", "require_transformers", "sync_config_"]
 
 HF_PREFIX = "hf:"
 # (projection names) of attention modules whose heads are counted, as in torchslim.prune.structural
@@ -343,7 +348,7 @@ def load_hf(
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for bad configs
-        raise ModelError(f"hf model {str(directory)!r}: cannot read config.json: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot read config.json: {first_line(exc)}") from exc
     name = architecture or next(iter(getattr(config, "architectures", None) or []), None)
     cls = getattr(transformers, name, None) if name else transformers.AutoModel
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -354,8 +359,6 @@ def load_hf(
     if getattr(config, "use_cache", None) is not None:
         config.use_cache = False  # no key/value cache: forward returns tensors only (export, tracing)
     if layers is not None:
-        from torchslim.hf.layers import parse_keep, shorten_config_
-
         layers = parse_keep([int(i) for i in layers], int(getattr(config, "num_hidden_layers", 0) or 0))
         if not weights:
             shorten_config_(config, layers)  # build the shallower model directly
@@ -369,19 +372,15 @@ def load_hf(
                 config._attn_implementation = "eager"
                 hf = cls._from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot build {cls.__name__}: {first_line(exc)}") from exc
     _conv1d_to_linear_(hf)
     if layers is not None and weights:
-        from torchslim.hf.layers import shorten_
-
         shorten_(hf, layers)
     tokenizer = _load_tokenizer(transformers, directory)
     model = HFModel(hf.eval(), tokenizer, str(directory))
     if heads:
         _set_heads(model, {str(k): int(v) for k, v in heads.items()})
         _sync_head_config(model)
-    from torchslim.models.registry import FACTORY_ATTR
-
     kwargs: dict[str, Any] = {"weights": False}
     if heads:
         kwargs["heads"] = {str(k): int(v) for k, v in heads.items()}
@@ -406,6 +405,55 @@ def hf_factory(spec: str):
     return build
 
 
+def drop_layers(model: nn.Module, keep: str | Sequence[int] = "every-other") -> nn.Module:
+    """A copy of ``model`` with only some of its transformer layers, initialised from the kept ones.
+
+    Args:
+        model: an :class:`~torchslim.hf.loading.HFModel` (not changed). A model that was already made shallower
+            keeps counting in the original teacher's indices (``kept_layers``).
+        keep: ``"every-other"`` (layers 0, 2, 4, ...), a string ``"0,2,4"`` or a sequence of indices into the
+            model's current layers.
+
+    Returns:
+        The new, shallower model (eval mode). Its factory records ``layers`` (indices into the original
+        model) so ``torchslim.save``/``torchslim.load`` rebuild it; head counts of pruned attention modules move
+        with their layers.
+
+    Raises:
+        ConfigError: a bad ``keep``.
+        ModelError: the model has no recognisable layer list.
+    """
+    if not isinstance(model, HFModel):
+        raise ModelError(f"drop_layers needs a model loaded with load_hf (HFModel), got {type(model).__name__}")
+    name, blocks = layer_list(model)
+    indices = parse_keep(keep, len(blocks))
+    heads_before = model.head_counts()
+    previous = kept_layers(model) or list(range(len(blocks)))
+    student = copy.deepcopy(model)
+    shorten_(student, indices)
+    base = student._factory_base
+    if base is not None:
+        kwargs = dict(base["kwargs"])
+        kwargs["layers"] = [previous[i] for i in indices]
+        prefix = name + "."
+        new_index = {old: new for new, old in enumerate(indices)}
+        # head counts recorded per module name follow their layer to its new index
+        heads = {}
+        for module, count in {**dict(kwargs.get("heads") or {}), **heads_before}.items():
+            if module.startswith(prefix):
+                old, _, rest = module[len(prefix):].partition(".")
+                if old.isdigit() and int(old) in new_index:
+                    heads[f"{prefix}{new_index[int(old)]}.{rest}"] = count
+            else:
+                heads[module] = count
+        default = getattr(model.config, "num_attention_heads", None)
+        kwargs["heads"] = {k: v for k, v in heads.items() if v != default}
+        if not kwargs["heads"]:
+            kwargs.pop("heads")
+        student._torchslim_factory = {"name": base["name"], "kwargs": kwargs}
+    return student.eval()
+
+
 def _load_tokenizer(transformers: ModuleType, directory: Path) -> Any:
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
     if not any((directory / n).is_file() for n in names):
@@ -414,7 +462,7 @@ def _load_tokenizer(transformers: ModuleType, directory: Path) -> Any:
         with _quiet():
             return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
-        raise ModelError(f"hf model {str(directory)!r}: cannot load its tokenizer: {_first_line(exc)}") from exc
+        raise ModelError(f"hf model {str(directory)!r}: cannot load its tokenizer: {first_line(exc)}") from exc
 
 
 def encode(
@@ -451,13 +499,11 @@ def encode(
     return batch["input_ids"].long(), batch["attention_mask"].long()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _quiet():
     """Keep transformers' load reports and progress bars off the terminal."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+register_scheme(HF_PREFIX.rstrip(":"), hf_factory)  # create_model("hf:DIR") / ts.load of an hf: file

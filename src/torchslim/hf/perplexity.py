@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchslim._utils import device_of, eval_mode, logits_of
 from torchslim.errors import ConfigError, DataError, ModelError
 
 __all__ = ["Perplexity", "perplexity", "token_stream"]
@@ -68,17 +69,6 @@ def token_stream(model: nn.Module, texts: Sequence[str], *, separator: str = "\n
     if ids.numel() < 2:
         raise DataError(f"perplexity: the texts give {ids.numel()} token(s): expected at least 2")
     return ids
-
-
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ModelError(f"perplexity: the model returns a {type(output).__name__}: expected logits")
 
 
 def _check_window(seq_len: Any, stride: Any, limit: Any) -> None:
@@ -135,30 +125,25 @@ def perplexity(
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise DataError(f"perplexity: {ids.numel()} token(s): expected at least 2")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     total, scored, windows, done = 0.0, 0, 0, 1  # done: tokens [0, done) are scored (token 0 never is)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for begin in range(0, ids.numel(), stride):
-                end = min(begin + seq_len, ids.numel())
-                window = ids[begin:end].unsqueeze(0).to(device)
-                logits = _logits(model(window))
-                if logits.dim() != 3 or logits.shape[:2] != window.shape:
-                    raise ModelError(
-                        f"perplexity: the model returns shape {tuple(logits.shape)} for {tuple(window.shape)} token "
-                        "ids: expected logits (1, tokens, vocab)"
-                    )
-                first = max(done, begin + 1)  # new tokens of this window, each predicted by the position before
-                predicted = logits[0, first - 1 - begin : end - 1 - begin].float()
-                total += float(F.cross_entropy(predicted, window[0, first - begin :], reduction="sum"))
-                scored += end - first
-                windows += 1
-                done = end
-                if end == ids.numel():
-                    break
-    finally:
-        model.train(training)
+    with eval_mode(model), torch.no_grad():
+        for begin in range(0, ids.numel(), stride):
+            end = min(begin + seq_len, ids.numel())
+            window = ids[begin:end].unsqueeze(0).to(device)
+            logits = logits_of(model(window), "perplexity")
+            if logits.dim() != 3 or logits.shape[:2] != window.shape:
+                raise ModelError(
+                    f"perplexity: the model returns shape {tuple(logits.shape)} for {tuple(window.shape)} token "
+                    "ids: expected logits (1, tokens, vocab)"
+                )
+            first = max(done, begin + 1)  # new tokens of this window, each predicted by the position before
+            predicted = logits[0, first - 1 - begin : end - 1 - begin].float()
+            total += float(F.cross_entropy(predicted, window[0, first - begin :], reduction="sum"))
+            scored += end - first
+            windows += 1
+            done = end
+            if end == ids.numel():
+                break
     nll = total / scored
     return Perplexity(math.exp(nll), nll, scored, windows, seq_len, stride)

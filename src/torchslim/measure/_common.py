@@ -1,8 +1,7 @@
-"""Helpers shared by the measurement modules: modes, devices, batches and logits."""
+"""Helpers shared by the measurement modules: batches, inputs on a device, calls (modes, logits: torchslim._utils)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,27 +10,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from torchslim.errors import DataError
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` (and every submodule) in eval mode; restore each module's own mode after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Return the device of the model's first parameter or buffer (CPU for stateless models)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:
@@ -57,17 +35,6 @@ def call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-def logits(output: Any) -> Tensor:
-    """Return the logits of a model output: the tensor itself, ``.logits``, or the first element."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise DataError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def unwrap_splits(data: Any) -> Any:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._utils import device_of, eval_mode, logits_of
 from torchslim.errors import DataError
-from torchslim.measure._common import device_of, eval_mode, iter_batches, logits
+from torchslim.measure._common import iter_batches
 
 
 def accuracy(model: nn.Module, dataset_or_loader: Any, batch_size: int = 256) -> float:
@@ -33,7 +34,7 @@ def accuracy(model: nn.Module, dataset_or_loader: Any, batch_size: int = 256) ->
         for inputs, targets in iter_batches(dataset_or_loader, batch_size):
             if targets is None:
                 raise DataError("accuracy needs labelled data: expected (inputs, targets) samples or batches")
-            predicted = logits(model(inputs.to(device))).argmax(dim=1)
+            predicted = logits_of(model(inputs.to(device)), "accuracy").argmax(dim=1)
             correct += int((predicted.cpu() == targets.reshape(-1).cpu()).sum())
             total += int(targets.numel())
     if total == 0:
@@ -61,10 +62,10 @@ def fidelity(model: nn.Module, reference: nn.Module, inputs_or_dataset: Any, bat
     device, ref_device = device_of(model), device_of(reference)
     agree = total = 0
     cosine_sum = 0.0
-    with eval_mode(model), eval_mode(reference), torch.inference_mode():
+    with eval_mode(model, reference), torch.inference_mode():
         for inputs, _ in iter_batches(inputs_or_dataset, batch_size):
-            out = logits(model(inputs.to(device))).float().cpu()
-            ref = logits(reference(inputs.to(ref_device))).float().cpu()
+            out = logits_of(model(inputs.to(device)), "fidelity").float().cpu()
+            ref = logits_of(reference(inputs.to(ref_device)), "fidelity").float().cpu()
             if out.shape != ref.shape:
                 raise DataError(
                     f"fidelity: model output shape {tuple(out.shape)} != reference {tuple(ref.shape)}"

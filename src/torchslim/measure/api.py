@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from torchslim.artifact import tensor_table
 from torchslim.errors import ArtifactError, DataError, TorchSlimError
 from torchslim.measure._common import first_input, first_samples, iter_batches, unwrap_splits
 from torchslim.measure.accuracy import accuracy as top1_accuracy
@@ -157,11 +158,7 @@ def _has_labels(data: Any) -> bool:
     return True
 
 
-def _stored_bytes(path: Path) -> int | None:
-    try:
-        from torchslim.artifact import tensor_table  # lazy: artifact imports models and safetensors
-    except ImportError:
-        return None
+def _stored_bytes(path: Path) -> int:
     return sum(int(row["bytes"]) for row in tensor_table(path))
 
 

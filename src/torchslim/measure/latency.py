@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
-from torchslim.measure._common import call, device_of, eval_mode
+from torchslim._utils import device_of, eval_mode
+from torchslim.measure._common import call
 
 
 def repeat_batch(example_input: Tensor, batch_size: int) -> Tensor:

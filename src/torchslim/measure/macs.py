@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchslim.measure._common import call, device_of, eval_mode, first_samples, to_device
+from torchslim._utils import device_of, eval_mode
+from torchslim.measure._common import call, first_samples, to_device
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:

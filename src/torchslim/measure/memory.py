@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from torchslim.measure._common import call, device_of, eval_mode, to_device
+from torchslim._utils import device_of, eval_mode
+from torchslim.measure._common import call, to_device
 
 
 def _tensor_bytes(tensors: Any) -> int:

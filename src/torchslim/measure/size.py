@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from torchslim.artifact import save
 from torchslim.errors import ModelError
 
 _STAT_KEYS = ("parameters", "nonzero", "storage_bits")
@@ -89,8 +90,6 @@ def saved_artifact(model: nn.Module) -> Iterator[Path]:
     Raises:
         Whatever ``torchslim.artifact.save`` raises (e.g. a model that cannot be serialised).
     """
-    from torchslim.artifact import save  # lazy: artifact depends on heavier modules
-
     with tempfile.TemporaryDirectory(prefix="torchslim-measure-") as directory:
         path = Path(directory) / "model.slim"
         save(model, path)

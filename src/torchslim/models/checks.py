@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import device_of, eval_mode, first_line
 from torchslim.errors import DataError, ModelError
 
 
@@ -60,21 +61,15 @@ def check_inputs_fit(model: nn.Module, inputs: Any, where: str) -> None:
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         return  # other forms are the caller's to validate
-    device = next((p.device for p in model.parameters()), None)
-    if device is not None and device.type != "meta":
+    device = device_of(model)
+    if device.type != "meta":
         args = tuple(a.to(device) for a in args)
     shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{where}: example_inputs of shape {shapes} do not fit the model ({detail}); expected a batch of the "
-            "inputs the model was built for"
+            f"{where}: example_inputs of shape {shapes} do not fit the model ({first_line(exc)}); expected a batch "
+            "of the inputs the model was built for"
         ) from exc
-    finally:
-        for module, training in modes:
-            module.training = training

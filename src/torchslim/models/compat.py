@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchslim._utils import eval_mode, first_line
 from torchslim.errors import DataError
+from torchslim.models.registry import create_model, resolve_factory
 
 
 def check_model_data(model: nn.Module, example_inputs: torch.Tensor, num_classes: int, data_name: str) -> None:
@@ -21,19 +23,14 @@ def check_model_data(model: nn.Module, example_inputs: torch.Tensor, num_classes
         DataError: if the forward pass fails on this input shape, or the model has fewer outputs
             than the data has classes.
     """
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             output = model(example_inputs[:1])
     except (RuntimeError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"data {data_name!r}: the model does not accept inputs of shape {tuple(example_inputs.shape[1:])} "
-            f"({first_line}); expected the input shape the model was built for"
+            f"({first_line(exc)}); expected the input shape the model was built for"
         ) from exc
-    finally:
-        model.train(was_training)
     if output.ndim != 2 or output.shape[1] < num_classes:
         raise DataError(
             f"data {data_name!r} has {num_classes} classes but the model outputs shape {tuple(output.shape)}; "
@@ -60,8 +57,6 @@ def create_model_for_data(spec: str, input_shape: tuple[int, ...], num_classes: 
         ModelError: unknown model or bad arguments.
     """
     import inspect
-
-    from torchslim.models.registry import create_model, resolve_factory
 
     factory, _ = resolve_factory(spec, trust=True)
     accepted = inspect.signature(factory).parameters

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from torchslim.errors import DataError, ModelError
 from torchslim.models.registry import create_model, register_model
+from torchslim.onnx.convert import feed_array
+from torchslim.onnx.runtime import ort_session, require_onnx
 
 # inputs of quantized ops that are scales / zero points, not weights (by position)
 _QPARAM_INPUTS: dict[str, frozenset[int]] = {
@@ -123,8 +125,6 @@ class OnnxGraph(nn.Module):
         """
         key = self._key()
         if self._session is None or self._session_key != key:
-            from torchslim.export.runtime import ort_session  # lazy: keeps onnxruntime out of import
-
             threads = self.num_threads if self.num_threads is not None else torch.get_num_threads()
             self._session = ort_session(self.onnx_bytes(), threads)
             self._session_key = key
@@ -142,8 +142,6 @@ class OnnxGraph(nn.Module):
             raise DataError(
                 f"OnnxGraph takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}"
             )
-        from torchslim.export.onnx import feed_array
-
         feed = {name: feed_array(item) for name, item in zip(names, inputs, strict=True)}
         device = inputs[0].device if inputs else torch.device("cpu")
         outputs = [torch.from_numpy(array).to(device) for array in session.run(None, feed)]
@@ -178,8 +176,6 @@ class OnnxGraph(nn.Module):
 
 
 def _graph_stats(onnx_bytes: bytes) -> dict[str, int]:
-    from torchslim.export.runtime import require_onnx
-
     onnx = require_onnx()
     from onnx import numpy_helper
 

@@ -1,7 +1,9 @@
-"""Model registry: reference models by name, user models by ``module:callable``.
+"""Model registry: reference models by name, user models by ``module:callable``, others by a registered scheme.
 
 ``create_model`` records how a model was built on the module itself, so ``torchslim.save`` can
-write the factory into the ``.slim`` manifest and ``torchslim.load`` can rebuild it.
+write the factory into the ``.slim`` manifest and ``torchslim.load`` can rebuild it. A scheme (``hf:DIR``) is
+resolved by the loader its package registers with :func:`register_scheme`; the registry never imports that
+package's code itself, it only knows which package to import on first use (``SCHEME_PROVIDERS``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ FACTORY_ATTR = "_torchslim_factory"
 BUILTIN_PREFIX = "torchslim.models:"
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+# scheme -> resolver(spec) returning the factory; filled by register_scheme
+_SCHEMES: dict[str, Callable[[str], Callable[..., nn.Module]]] = {}
+# scheme -> package that registers it when imported (optional back-ends, imported on first use)
+SCHEME_PROVIDERS: dict[str, str] = {"hf": "torchslim.hf"}
 
 
 def register_model(name: str, description: str = "") -> Callable:
@@ -44,6 +50,35 @@ def register_model(name: str, description: str = "") -> Callable:
     return decorate
 
 
+def register_scheme(scheme: str, resolver: Callable[[str], Callable[..., nn.Module]]) -> None:
+    """Let ``create_model("SCHEME:...")`` build models through ``resolver`` (a back-end registers itself).
+
+    Args:
+        scheme: the prefix before the colon (``"hf"``); files naming it are allowlisted (it names data, not code).
+        resolver: called with the whole spec (``"hf:DIR"``); returns the factory that ``create_model`` calls
+            with its keyword arguments.
+
+    Raises:
+        ValueError: ``scheme`` is empty, holds a dot or a colon, or is taken by another resolver.
+    """
+    if not scheme or "." in scheme or ":" in scheme:
+        raise ValueError(f"scheme = {scheme!r} is invalid: expected a name without dots or colons, e.g. 'hf'")
+    if _SCHEMES.get(scheme, resolver) is not resolver:
+        raise ValueError(f"scheme {scheme!r} is already registered")
+    _SCHEMES[scheme] = resolver
+
+
+def _scheme_resolver(spec: str) -> Callable[[str], Callable[..., nn.Module]] | None:
+    scheme, sep, _ = spec.partition(":")
+    if not sep or (scheme not in _SCHEMES and scheme not in SCHEME_PROVIDERS):
+        return None
+    if scheme not in _SCHEMES:
+        importlib.import_module(SCHEME_PROVIDERS[scheme])  # registers the scheme
+    if scheme not in _SCHEMES:
+        raise ModelError(f"model {spec!r}: {SCHEME_PROVIDERS[scheme]} did not register the scheme {scheme!r}")
+    return _SCHEMES[scheme]
+
+
 def list_models() -> dict[str, str]:
     """Return registered model names mapped to their one-line descriptions."""
     return {name: desc for name, (_, desc) in sorted(_MODELS.items())}
@@ -58,10 +93,9 @@ def resolve_factory(spec: str, trust: bool) -> tuple[Callable[..., nn.Module], s
     name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else spec
     if name in _MODELS:
         return _MODELS[name][0], BUILTIN_PREFIX + name
-    if spec.startswith("hf:"):  # a local Hugging Face directory (allowlisted: it names data, not code)
-        from torchslim.hf.loading import hf_factory
-
-        return hf_factory(spec), spec
+    resolver = _scheme_resolver(spec)
+    if resolver is not None:  # e.g. hf:DIR, a local Hugging Face directory (allowlisted: it names data, not code)
+        return resolver(spec), spec
     if ":" not in spec:
         raise ModelError(
             f"model {spec!r} is not registered: expected one of {', '.join(sorted(_MODELS))} "
@@ -114,4 +148,5 @@ def factory_of(model: nn.Module) -> dict[str, Any] | None:
 
 def is_allowlisted(name: str) -> bool:
     """True for factories torchslim may import from a file without ``trust_factory``."""
-    return name.startswith(BUILTIN_PREFIX) or name.startswith("hf:")
+    scheme, sep, _ = name.partition(":")
+    return name.startswith(BUILTIN_PREFIX) or (bool(sep) and (scheme in _SCHEMES or scheme in SCHEME_PROVIDERS))

@@ -519,7 +519,7 @@ def _explore(search: _Search, sensitivity: dict[str, Any]) -> None:
                 PruneSchedule(kind="gradual", steps=3, epochs_per_step=2,
                               finetune_epochs=max(1, config.recovery_epochs // 2)),
                 search.train, train_config=search.train_config.replace(lr=search.train_config.lr / 2),
-                filter_fn=lambda _m, name, skip=tuple(dense): name not in skip, progress=False, teacher=teacher)
+                filter_fn=lambda _m, name, skip=tuple(dense): name not in skip, progress=False, loss_fn=loss_fn)
             point = search.evaluate(sparse, _label(settings_s), dict(settings_s), started)
             if not point["explore"]:
                 break

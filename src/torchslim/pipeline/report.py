@@ -20,6 +20,8 @@ from typing import Any
 
 from torchslim.errors import TorchSlimError
 from torchslim.fileio import atomic_write_text
+from torchslim.measure import plots
+from torchslim.prune.sweep import ThresholdRow, plot_threshold_sweep
 
 __all__ = ["COLUMNS", "ReportFiles", "load_report_data", "row_cells", "with_ratios", "write_report"]
 
@@ -155,8 +157,6 @@ def write_report(directory: str | Path, data: dict[str, Any] | None = None) -> R
 
 def _plots(folder: Path, data: dict[str, Any]) -> list[tuple[Path, str]]:
     """Write the PNGs the data supports; return ``(path, caption)`` pairs."""
-    from torchslim.measure import plots
-
     written = []
     results = [r for r in data.get("results", []) if r["measurement"].get("accuracy") is not None
                and r["measurement"].get("artifact_bytes")]
@@ -168,8 +168,6 @@ def _plots(folder: Path, data: dict[str, Any]) -> list[tuple[Path, str]]:
         written.append((path, "Accuracy vs file size of every artifact, with the Pareto front."))
     sweeps = data.get("sweeps", {})
     if sweeps.get("tau"):
-        from torchslim.prune.sweep import ThresholdRow, plot_threshold_sweep
-
         rows = [ThresholdRow(**row) for row in sweeps["tau"]]
         written.append((plot_threshold_sweep(rows, folder / "sparsity_vs_tau.png"),
                         "Global magnitude pruning (no fine-tuning): accuracy and sparsity vs the threshold tau."))

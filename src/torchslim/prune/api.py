@@ -164,7 +164,7 @@ def prune_(
         ModelError: a parameter of the model holds NaN/Inf (checked before anything changes).
         DataError: ``taylor`` without data, or ``example_inputs`` that do not fit the model.
     """
-    handler = _HANDLERS.get(type(config))  # torchslim.prune's __init__ imports structural.py, which registers
+    handler = _HANDLERS.get(type(config))  # torchslim.prune's __init__ imports structural.py, which registers its own
     if handler is None:
         raise ConfigError(f"config = {type(config).__name__} is invalid for prune_: expected one of "
                           f"{', '.join(c.__name__ for c in _HANDLERS)}")

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.measure import count_macs, parameter_stats
+from torchslim.prune.api import pruning_handler
 from torchslim.prune.graph import (
     LAYERS,
     accumulate_gradients,
@@ -141,8 +143,6 @@ def prune_channels_(
     """
     tp = require_torch_pruning()
     inputs = _checked_arguments(model, config, example_inputs, data)
-
-    from torchslim.measure import count_macs, parameter_stats
 
     names = {module: name for name, module in model.named_modules()}
     report = StructuralReport(details={"config": config.to_dict(), "notes": []})
@@ -486,8 +486,6 @@ def _capped(pruner, group, config: ChannelPruning):
 
 
 def _register_handler() -> None:
-    from torchslim.prune.api import pruning_handler
-
     pruning_handler(ChannelPruning)(prune_channels_)
 
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
-from torchslim.errors import DataError, MissingDependencyError, ModelError
+from torchslim._utils import device_of
+from torchslim.errors import MissingDependencyError, ModelError
+from torchslim.prune.importance import labelled_batches
+from torchslim.train import default_loss
 
 __all__ = [
     "LAYERS",
@@ -33,12 +35,6 @@ __all__ = [
 
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # TP root types (LSTM left out: no artifact codec)
-
-
-_TAYLOR_BATCHES = 4  # batches of ``data`` whose gradients feed the Taylor importance
-
-
-_TAYLOR_BATCH_SIZE = 64
 
 
 # a pruning group with more dependencies than this many per module of the model is not converging (see bounded_groups)
@@ -180,28 +176,9 @@ def max_removable(channels: int, max_fraction: float, round_to: int) -> int:
 
 
 def accumulate_gradients(model: nn.Module, data: Any, loss_fn: Callable | None) -> None:
-    """Sum ``dL/dw`` over the first few batches of ``data`` (model in eval mode) for Taylor importance."""
-    from torchslim.train import default_loss
-
+    """Sum ``dL/dw`` over the first :data:`~torchslim.prune.importance.TAYLOR_BATCHES` batches of ``data``."""
     loss_fn = loss_fn or default_loss
-    source = getattr(data, "train", data)
-    if isinstance(source, Dataset) and not isinstance(source, DataLoader):
-        source = DataLoader(source, batch_size=_TAYLOR_BATCH_SIZE, shuffle=False)
-    if not isinstance(source, DataLoader):
-        raise DataError(
-            f"ChannelPruning(importance='taylor'): data is a {type(data).__name__}: expected a DataLoader, a "
-            "Dataset of (inputs, targets) or DataSplits"
-        )
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     model.zero_grad(set_to_none=True)
-    seen = 0
-    for batch in source:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise DataError("ChannelPruning(importance='taylor'): data must yield (inputs, targets) batches")
-        loss = loss_fn(model, batch[0].to(device), batch[1].to(device))
-        loss.backward()
-        seen += 1
-        if seen >= _TAYLOR_BATCHES:
-            break
-    if not seen:
-        raise DataError("ChannelPruning(importance='taylor'): data yielded no batch")
+    for inputs, targets in labelled_batches(data, "ChannelPruning(importance='taylor')"):
+        loss_fn(model, inputs.to(device), targets.to(device)).backward()

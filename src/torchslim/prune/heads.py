@@ -28,11 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchslim.config import Config  # a ChannelPruning (channels.py imports this module)
 from torchslim.errors import ConfigError, ModelError
 from torchslim.prune.graph import (
     LAYERS,
@@ -46,9 +47,6 @@ from torchslim.prune.graph import (
 )
 from torchslim.prune.grouped_heads import GroupedAttention, grouped_attention, remove_groups_
 from torchslim.prune.report import StructuralReport
-
-if TYPE_CHECKING:  # channels.py imports this module
-    from torchslim.prune.channels import ChannelPruning
 
 __all__ = ["MHA_REASON", "QKV_NAMES", "attention_modules", "head_counts", "head_pass", "qkv_projections"]
 
@@ -138,7 +136,7 @@ def head_pass(
     attention: dict[str, _Attention],
     ignored: dict[nn.Module, str],
     names: dict[nn.Module, str],
-    config: ChannelPruning,
+    config: Config,
     report: StructuralReport,
     gradients: tuple[Any, Callable | None],
 ) -> bool:
@@ -177,7 +175,7 @@ def _plan_heads(
     attention: dict[str, _Attention],
     ignored: dict[nn.Module, str],
     names: dict[nn.Module, str],
-    config: ChannelPruning,
+    config: Config,
     report: StructuralReport,
 ):
     """Decide how many heads (key/value groups) each attention module loses; trace the graph for those that need it.
@@ -214,13 +212,13 @@ def _plan_heads(
     return pruner, plan
 
 
-def _removable_units(att: _Attention, config: ChannelPruning) -> int:
+def _removable_units(att: _Attention, config: Config) -> int:
     units = att.units
     return min(math.ceil(config.heads * units - 1e-9), max_removable(units, config.max_per_layer, 1))
 
 
 def _heads_kept_reason(
-    att: _Attention, ignored: dict[nn.Module, str], names: dict[nn.Module, str], config: ChannelPruning
+    att: _Attention, ignored: dict[nn.Module, str], names: dict[nn.Module, str], config: Config
 ) -> str | None:
     """Why ``att`` keeps all its heads before any tracing, or None."""
     blocking = next((m for m in (att.module, *att.projections) if m in ignored), None)
@@ -326,7 +324,7 @@ def _check_head_groups(
     plan: dict[str, tuple[_Attention, int]],
     names: dict[nn.Module, str],
     leaves: Tensor | tuple[Tensor, ...],
-    config: ChannelPruning,
+    config: Config,
     report: StructuralReport,
 ) -> None:
     """Drop from ``plan`` (and ignore) the attention modules whose q/k/v outputs do not form one clean group.

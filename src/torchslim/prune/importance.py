@@ -6,16 +6,53 @@ computed on the layer's current effective weight, so repeated pruning builds on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from torchslim._utils import eval_mode
 from torchslim.errors import DataError
 
 CRITERIA = ("l1", "l2", "taylor")
+TAYLOR_BATCHES = 4  # batches of data whose gradients feed Taylor importance (unstructured and structural)
+TAYLOR_BATCH_SIZE = 64  # the batch size a Dataset is read with
+
+
+def labelled_batches(data: Any, what: str) -> Iterator[tuple[Any, Any]]:
+    """The first :data:`TAYLOR_BATCHES` ``(inputs, targets)`` batches of ``data`` for a Taylor importance.
+
+    Args:
+        data: a ``DataLoader`` or ``Dataset`` of ``(inputs, targets)``, or ``DataSplits`` (its train split).
+        what: the caller, named in errors (``"criterion 'taylor'"``).
+
+    Returns:
+        An iterator over at most ``TAYLOR_BATCHES`` batches.
+
+    Raises:
+        DataError: no data, data of another type, a batch that is not ``(inputs, targets)``, or no batch at all.
+    """
+    if data is None:
+        raise DataError(f"{what} needs data: pass data=... (labelled batches)")
+    source = getattr(data, "train", data)
+    if isinstance(source, Dataset) and not isinstance(source, DataLoader):
+        source = DataLoader(source, batch_size=TAYLOR_BATCH_SIZE, shuffle=False)
+    if not isinstance(source, DataLoader):
+        raise DataError(f"{what}: data is a {type(data).__name__}: expected a DataLoader, a Dataset of "
+                        "(inputs, targets) or DataSplits")
+    seen = 0
+    for batch in source:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise DataError(f"{what}: data must yield (inputs, targets) batches")
+        yield batch[0], batch[1]
+        seen += 1
+        if seen >= TAYLOR_BATCHES:
+            return
+    if not seen:
+        raise DataError(f"{what}: the data yielded no batch; expected labelled (inputs, targets)")
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -40,16 +77,14 @@ def taylor_scores(
     data: Any,
     *,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    max_batches: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """First-order Taylor importance ``|w * dL/dw|`` summed over a few batches (Molchanov et al. 2019).
+    """First-order Taylor importance ``|w * dL/dw|`` summed over :data:`TAYLOR_BATCHES` batches (Molchanov 2019).
 
     Args:
         model: the model (its train/eval mode and gradients are restored/cleared afterwards).
         layers: name -> module whose ``weight`` gets a score.
         data: a ``DataLoader`` or ``Dataset`` of ``(inputs, targets)``, or ``DataSplits`` (train split).
         loss_fn: ``loss_fn(model, inputs, targets)``; cross-entropy by default.
-        max_batches: how many batches to accumulate.
 
     Returns:
         name -> score tensor shaped like the weight.
@@ -57,33 +92,20 @@ def taylor_scores(
     Raises:
         DataError: if no data is given or it yields no batch.
     """
-    if data is None:
-        raise DataError("criterion 'taylor' needs data: pass data=... (labelled batches) to prune_")
-    from torch.utils.data import DataLoader
-
-    data = getattr(data, "train", data)
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=64, shuffle=False)
     scores = {name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers.items()}
-    was_training = model.training
-    model.eval()  # importance of the deployed function: BatchNorm uses running statistics
-    seen = 0
-    try:
-        for inputs, targets in loader:
+    # eval mode: the importance of the deployed function (BatchNorm uses running statistics)
+    with eval_mode(model):
+        try:
+            for inputs, targets in labelled_batches(data, "criterion 'taylor'"):
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model, inputs, targets) if loss_fn else F.cross_entropy(model(inputs), targets)
+                loss.backward()
+                for name, module in layers.items():
+                    grad = _weight_grad(module)
+                    if grad is not None:
+                        scores[name] += (effective_weight(module).detach() * grad).abs().float()
+        finally:
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, inputs, targets) if loss_fn else F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            for name, module in layers.items():
-                grad = _weight_grad(module)
-                if grad is not None:
-                    scores[name] += (effective_weight(module).detach() * grad).abs().float()
-            seen += 1
-            if seen >= max_batches:
-                break
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    if seen == 0:
-        raise DataError("criterion 'taylor': the data yielded no batch; expected labelled (inputs, targets)")
     return scores
 
 

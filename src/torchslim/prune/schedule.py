@@ -6,8 +6,9 @@ forward pass, so pruned weights stay exactly zero and get no update); :func:`fin
 permanent at the end. Later pruning steps score the current effective weights, so they only remove more:
 a weight pruned at step k stays pruned.
 
-Fine-tuning uses the training loop's default cross-entropy, or, given a ``teacher`` (usually a copy of the
-unpruned model), the distillation loss of :func:`torchslim.distill.kd_loss_fn` (recovery by distillation).
+Fine-tuning uses the training loop's default cross-entropy, or the ``loss_fn`` given, e.g. the distillation loss
+:func:`torchslim.distill.kd_loss_fn` of a copy of the unpruned model (recovery by distillation; the caller builds
+it, so pruning does not depend on distillation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.config import Config, register_config
+from torchslim.data import DataSplits
 from torchslim.errors import ConfigError, DataError
 from torchslim.prune.api import MagnitudePruning, NMSparsity, PruneReport, finalize_, layer_sparsity, prune_
 from torchslim.train import TrainConfig, evaluate, train
@@ -179,8 +181,7 @@ def prune_with_schedule(
     eval_data: Any = None,
     progress: bool | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    teacher: nn.Module | None = None,
-    kd: Any = None,
+    loss_fn: Callable | None = None,
 ) -> ScheduleResult:
     """Prune ``model`` in place following ``schedule``, fine-tuning between steps, then finalize.
 
@@ -196,9 +197,9 @@ def prune_with_schedule(
         eval_data: labelled data for the accuracies of the history (``DataSplits`` -> test split).
         progress: progress bars of the training loop (None: only on a terminal).
         filter_fn: ``filter_fn(module, name) -> bool``, passed to :func:`prune_`.
-        teacher: fine-tune by distilling from this frozen model (e.g. ``copy.deepcopy`` of the unpruned model)
-            instead of on the labels alone; None trains with cross-entropy.
-        kd: the :class:`~torchslim.distill.KD` settings with ``teacher`` (default ``KD()``).
+        loss_fn: ``loss_fn(model, inputs, targets)`` of the fine-tuning; None trains with cross-entropy. To
+            distill from the unpruned model: ``torchslim.distill.kd_loss_fn(teacher.eval(), KD())`` with
+            ``teacher`` a frozen copy made before pruning.
 
     Returns:
         A :class:`ScheduleResult`. The model is finalized (no masks), in eval mode.
@@ -209,18 +210,9 @@ def prune_with_schedule(
         DataError: fine-tuning epochs without ``train_data``; ``taylor`` without data.
     """
     targets = schedule_targets(config, schedule)
-    loss_fn = None
-    if teacher is not None:
-        from torchslim.distill.api import KD, kd_loss_fn
-
-        loss_fn = kd_loss_fn(teacher, KD() if kd is None else kd)
-        teacher.eval()
-    elif kd is not None:
-        raise ConfigError("prune_with_schedule kd= needs teacher=: expected the uncompressed model to distill from")
     if train_data is None and any(schedule.epochs_after(step) for step in range(1, schedule.steps + 1)):
         raise DataError("prune_with_schedule: the schedule fine-tunes (epochs_per_step/finetune_epochs > 0) but "
                         "train_data is None: expected labelled training data, or a schedule with 0 epochs")
-    from torchslim.data import DataSplits
 
     if isinstance(train_data, DataSplits):
         train_data = train_data.train

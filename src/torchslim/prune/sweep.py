@@ -12,9 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.artifact import save
 from torchslim.errors import ConfigError
 from torchslim.fileio import atomic_path
 from torchslim.measure.accuracy import accuracy
+from torchslim.measure.plots import plot_accuracy_vs_size
 from torchslim.prune.api import MagnitudePruning, finalize_, layer_sparsity, prunable_layers, prune_
 
 
@@ -73,8 +75,6 @@ def sweep_thresholds(
     Raises:
         ConfigError: an empty list, or an invalid threshold, scope or criterion.
     """
-    from torchslim.artifact import save
-
     if not thresholds:
         raise ConfigError("thresholds = [] is invalid: expected at least one threshold >= 0")
     configs = [MagnitudePruning(scope=scope, threshold=t, criterion=criterion) for t in thresholds]  # validates all
@@ -102,8 +102,6 @@ def sweep_thresholds(
     if plot_path is not None:
         plot_threshold_sweep(rows, plot_path)
     if size_plot_path is not None:
-        from torchslim.measure.plots import plot_accuracy_vs_size
-
         plot_accuracy_vs_size([r.label for r in rows], [r.file_bytes for r in rows], [r.accuracy for r in rows],
                               size_plot_path, title="accuracy vs file size by pruning threshold")
     return rows

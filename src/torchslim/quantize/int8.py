@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
-from torchslim.export.onnx import check_parity, export_onnx
-from torchslim.export.runtime import ort_session, require_onnx, require_onnxruntime
 from torchslim.models.onnx_graph import OnnxGraph
 from torchslim.models.registry import factory_of
+from torchslim.onnx.convert import check_parity, export_onnx
+from torchslim.onnx.runtime import ort_session, require_onnx, require_onnxruntime
 from torchslim.quantize.observers import OBSERVERS, create_observer
 
 __all__ = ["DynamicInt8", "StaticInt8", "quantize_dynamic", "quantize_static", "quantize_to_graph"]

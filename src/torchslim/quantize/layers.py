@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.artifact import register_load_hook, register_module_codec
 from torchslim.errors import ConfigError
+from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
 from torchslim.quantize.affine import compute_qparams, grouped_view, quantize_affine
 from torchslim.quantize.packing import pack, packed_size, unpack
 from torchslim.quantize.runtime import fast_forward, rebind_, set_runtime_
@@ -139,6 +141,34 @@ class _WeightOnlyLayer(nn.Module):
 
     def _bias_bits(self) -> int:
         return 0 if self.bias is None else self.bias.numel() * self.bias.element_size() * 8
+
+    def to_float(self) -> nn.Module:
+        """A plain fp32 ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/``nn.Embedding`` (eval mode) with this ``weight``.
+
+        ``weight`` is what the layer computes with: the decoded weight of a packed layer (so the float layer computes
+        the same function), the float weight of a QAT layer (without its fake quantization). Exporters use it so the
+        unpacking arithmetic is not traced into a graph.
+
+        Returns:
+            The new layer, on this layer's device; this layer is not changed.
+        """
+        weight = self.weight.detach().to(torch.float32)
+        shape = self.weight_shape
+        bias = self.bias is not None
+        if self.op == "linear":
+            module: nn.Module = nn.Linear(shape[1], shape[0], bias=bias)
+        elif self.op == "embedding":
+            module = nn.Embedding(shape[0], shape[1])
+        else:
+            conv = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
+            groups = self.conv.get("groups", 1)
+            module = conv(shape[1] * groups, shape[0], tuple(shape[2:]), bias=bias, **self.conv)
+        module = module.to(weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias:
+                module.bias.copy_(self.bias.detach().float())
+        return module.eval()
 
     def extra_repr(self) -> str:
         return f"op={self.op}, weight_shape={tuple(self.weight_shape)}, bias={self.bias is not None}"
@@ -291,8 +321,6 @@ class IntQuantLayer(_DequantizingLayer):
             return self.embed(x)
         # CUDA fp16/bf16 inputs of a 4/8-bit linear run the Triton kernel on the packed weights.
         if x.is_cuda and self.op == "linear":
-            from torchslim.kernels.lowbit import dispatch_reason, lowbit_linear
-
             if dispatch_reason(self, x) is None:
                 return lowbit_linear(x, self)
         return super().forward(x)
@@ -521,8 +549,6 @@ def _clamp_to_dtype(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _register_codecs() -> None:
-    from torchslim.artifact import register_load_hook, register_module_codec
-
     register_load_hook(set_runtime_)
     for cls in (IntQuantLayer, CodebookLayer, HalfLayer):
         register_module_codec(cls, f"{__name__}:{cls.__name__}", lambda m: m.spec(), lambda spec, c=cls: c(**spec))

@@ -219,24 +219,6 @@ class QATLayer(_WeightOnlyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.fake_quant_weight())
 
-    def to_float(self) -> nn.Module:
-        """A plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` holding a copy of the float weight and bias."""
-        out_channels, bias = self.weight_shape[0], self.bias is not None
-        if self.op == "linear":
-            module = nn.Linear(self.weight_shape[1], out_channels, bias=bias)
-        else:
-            conv_cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
-            module = conv_cls(self.weight_shape[1] * self.conv["groups"], out_channels,
-                              kernel_size=tuple(self.weight_shape[2:]), stride=tuple(self.conv["stride"]),
-                              padding=tuple(self.conv["padding"]), dilation=tuple(self.conv["dilation"]),
-                              groups=self.conv["groups"], bias=bias)
-        module = module.to(self.weight.device)
-        with torch.no_grad():
-            module.weight.copy_(self.weight)
-            if bias:
-                module.bias.copy_(self.bias)
-        return module
-
     def to_quantized(self) -> IntQuantLayer:
         """The packed :class:`IntQuantLayer` with this layer's learned scales and fixed zero points."""
         cfg = self.config
@@ -335,8 +317,6 @@ def qat(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, IntQuant | None] | None = None,
     scale_init: str = _DEFAULT_SCALE_INIT,
-    teacher: nn.Module | None = None,
-    kd: Any = None,
     **train_kwargs: Any,
 ) -> QuantizeReport:
     """Quantization-aware training in one call: ``prepare_qat_``, :func:`torchslim.train.train`, ``convert_``.
@@ -350,11 +330,10 @@ def qat(
             of the fp32 rate, same augmentation).
         eval_data: scored after every epoch (see the train result's history).
         filter_fn, overrides, scale_init: as in :func:`prepare_qat_`.
-        teacher: train with the distillation loss from this frozen model (e.g. ``copy.deepcopy`` of the fp32
-            model before ``qat``) instead of the labels alone (:func:`torchslim.distill.kd_loss_fn`).
-        kd: the :class:`~torchslim.distill.KD` settings with ``teacher`` (default ``KD()``).
         **train_kwargs: passed to :func:`torchslim.train.train` (``checkpoint_path``, ``resume``,
-            ``progress``, ``loss_fn``, ``on_epoch_end``).
+            ``progress``, ``loss_fn``, ``on_epoch_end``). To distill from the fp32 model, pass
+            ``loss_fn=torchslim.distill.kd_loss_fn(teacher.eval(), KD())`` with ``teacher`` a frozen copy made
+            before ``qat`` (recovery takes a loss, so quantization does not depend on distillation).
 
     Returns:
         The :class:`QuantizeReport` of ``convert_`` with the layers ``prepare_qat_`` skipped. If training
@@ -367,15 +346,6 @@ def qat(
     """
     if not isinstance(train_config, TrainConfig):
         raise ConfigError(f"qat train_config = {type(train_config).__name__} is invalid: expected TrainConfig")
-    if teacher is not None:
-        if train_kwargs.get("loss_fn") is not None:
-            raise ConfigError("qat: pass either teacher= (distillation loss) or loss_fn=, not both")
-        from torchslim.distill.api import KD, kd_loss_fn
-
-        train_kwargs["loss_fn"] = kd_loss_fn(teacher, KD() if kd is None else kd)
-        teacher.eval()
-    elif kd is not None:
-        raise ConfigError("qat kd= needs teacher=: expected the uncompressed model to distill from")
     prepared = prepare_qat_(model, config, filter_fn=filter_fn, overrides=overrides, scale_init=scale_init)
     if not prepared.quantized:
         raise nothing_to_quantize(model, prepared, "qat")

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
 from torchslim.artifact import RUNTIMES
 from torchslim.errors import ConfigError
 from torchslim.fileio import atomic_write_text
@@ -439,13 +440,8 @@ def _int8mm_error(layer: nn.Module, state: _LayerState) -> str | None:
             cpu_int8mm.linear(torch.zeros(2, layer.weight_shape[1]), state.int8)
     except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
         state.int8 = None
-        return _first_line(exc)
+        return first_line(exc, 200)
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
@@ -541,7 +537,7 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
             for run in bound[:2]:
                 run(x)  # compiles
         except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
-            return {"error": _first_line(exc)}
+            return {"error": first_line(exc, 200)}
         gemv_times, dense_times = [], []
         for _ in range(rounds):
             gemv_times.append(_timed(lambda: [run(x) for run in bound]) / copies)

@@ -12,8 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.artifact import save
 from torchslim.errors import ConfigError
 from torchslim.measure.accuracy import accuracy
+from torchslim.measure.plots import plot_accuracy_vs_size
 from torchslim.measure.size import parameter_stats
 from torchslim.quantize.api import IntQuant, quantize_
 
@@ -60,14 +62,11 @@ def sweep_bits(
     Raises:
         ConfigError: an empty list or a width outside 2..8.
     """
-    from torchslim.artifact import save
-
     if not bits:
         raise ConfigError("bits = [] is invalid: expected at least one width in [2, 8]")
     configs = [base.replace(bits=b) for b in bits]  # validates every width before any work
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-
         def saved_bytes(candidate: nn.Module, name: str) -> int:
             path = Path(tmp) / f"{name}.slim"
             save(candidate, path)
@@ -82,8 +81,6 @@ def sweep_bits(
             size = saved_bytes(trial, f"int{config.bits}")
             rows.append(SweepRow(f"{config.bits}-bit", config.bits, accuracy(trial, data), size, 8 * size / params))
     if plot_path is not None:
-        from torchslim.measure.plots import plot_accuracy_vs_size
-
         plot_accuracy_vs_size(
             [r.label for r in rows],
             [r.file_bytes for r in rows],

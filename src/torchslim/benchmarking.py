@@ -32,10 +32,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import first_line
+from torchslim.artifact import load
 from torchslim.errors import ConfigError, DataError, TorchSlimError
+from torchslim.export.api import export
+from torchslim.measure.baseline import factory_baseline
+from torchslim.measure.latency import measure_latency, repeat_batch
+from torchslim.measure.memory import peak_memory_bytes
+from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.onnx.runtime import graph_op_types, require_onnx
 
 __all__ = ["RUNTIMES", "BenchReport", "BenchRow", "bench"]
 
@@ -118,8 +127,6 @@ def _label(item: Any, index: int) -> str:
 
 
 def _load_candidate(item: Any, name: str) -> _Candidate:
-    from torchslim.models.onnx_graph import OnnxGraph
-
     if isinstance(item, nn.Module):
         return _Candidate(name, graph=item.onnx_bytes()) if isinstance(item, OnnxGraph) else _Candidate(name, item)
     if not isinstance(item, (str, os.PathLike)):
@@ -129,35 +136,10 @@ def _load_candidate(item: Any, name: str) -> _Candidate:
         raise FileNotFoundError(2, "No such file", str(path))
     if path.suffix == ".onnx":
         return _Candidate(name, graph=path.read_bytes())
-    from torchslim.artifact import load
-
     return _load_candidate(load(path), name)
 
 
-def factory_baseline(item: Any) -> tuple[nn.Module | None, str]:
-    """The fp32 model rebuilt from a .slim manifest's (or a module's) factory, with fresh weights."""
-    from torchslim.models.registry import BUILTIN_PREFIX, create_model, factory_of
-
-    if isinstance(item, (str, os.PathLike)) and Path(item).suffix != ".onnx":
-        from torchslim.artifact import read_manifest
-
-        factory = read_manifest(item).get("factory")
-    elif isinstance(item, nn.Module):
-        factory = factory_of(item)
-    else:
-        return None, ""
-    if factory and factory.get("name") == BUILTIN_PREFIX + "onnx_graph":
-        factory = (factory.get("kwargs") or {}).get("source_factory")
-    if not factory or not str(factory.get("name", "")).startswith(BUILTIN_PREFIX):
-        return None, ""
-    torch.manual_seed(0)
-    model = create_model(factory["name"], **(factory.get("kwargs") or {})).eval()
-    return model, f"{factory['name']} rebuilt from its factory with fresh fp32 weights (uncompressed architecture)"
-
-
 def _is_fp32_graph(graph: bytes) -> bool:
-    from torchslim.export.runtime import graph_op_types
-
     return not (set(graph_op_types(graph)) & _QUANTIZED_OPS)
 
 
@@ -198,8 +180,6 @@ def _example_input(example_inputs: Tensor | None, input_shape: Sequence[int] | N
 
 def _graph_input_shape(candidates: list[_Candidate]) -> tuple[int, ...] | None:
     """One sample's shape: recorded in the first ``.slim`` that has one, or the first graph's fixed input sizes."""
-    from torchslim.export.runtime import require_onnx
-
     for candidate in candidates:
         recorded = getattr(candidate.module, "_torchslim_input", None)  # a .slim's recorded input signature
         if recorded:
@@ -299,9 +279,6 @@ class _Skip(Exception):
 
 
 def _run(candidate: _Candidate, runtime: str, example: Tensor, batch_sizes, *, threads, warmup, min_run_time, memory):
-    from torchslim.measure.latency import measure_latency, repeat_batch
-    from torchslim.models.onnx_graph import OnnxGraph
-
     if runtime == "torch":
         if candidate.module is None:
             raise _Skip("an ONNX graph runs in onnxruntime only")
@@ -315,9 +292,8 @@ def _run(candidate: _Candidate, runtime: str, example: Tensor, batch_sizes, *, t
             module, example, batch_sizes, num_threads=threads, min_run_time=min_run_time, warmup=warmup
         )
     except (RuntimeError, ValueError, TorchSlimError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{candidate.name} fails in {runtime} on inputs of shape {tuple(example.shape[1:])}: {first}"
+            f"{candidate.name} fails in {runtime} on inputs of shape {tuple(example.shape[1:])}: {first_line(exc)}"
         ) from exc
     results = {}
     for batch, timed in latency.items():
@@ -325,8 +301,6 @@ def _run(candidate: _Candidate, runtime: str, example: Tensor, batch_sizes, *, t
         if memory:
             batch_input = repeat_batch(example, batch)
             if runtime == "torch":
-                from torchslim.measure.memory import peak_memory_bytes
-
                 peak = peak_memory_bytes(module, batch_input)
             else:
                 peak = _ort_peak_memory(module.onnx_bytes(), batch_input, threads)
@@ -340,8 +314,6 @@ def _run(candidate: _Candidate, runtime: str, example: Tensor, batch_sizes, *, t
 
 
 def _fp32_graph(model: nn.Module, example: Tensor) -> bytes:
-    from torchslim.export.api import export
-
     return export(model, None, example_inputs=example).graph
 
 
@@ -375,8 +347,6 @@ def _ort_peak_memory(graph: bytes, batch_input: Tensor, threads: int) -> int | N
     """Resident-memory high-water increase of a fresh process that loads ``graph`` and runs one batch (Linux)."""
     if not Path("/proc/self/status").exists():
         return None
-    import numpy as np
-
     with tempfile.TemporaryDirectory(prefix="torchslim-bench-") as directory:
         model_path, input_path = Path(directory) / "model.onnx", Path(directory) / "input.npy"
         model_path.write_bytes(graph)

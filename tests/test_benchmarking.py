@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import torchslim as ts
+from torchslim.benchmarking import BASELINE, bench
 from torchslim.errors import ConfigError, DataError
 from torchslim.export import ExportConfig, export
-from torchslim.measure.bench import BASELINE, bench
 
 FAST = {"min_run_time": 0.01, "warmup": 1, "threads": 1}
 

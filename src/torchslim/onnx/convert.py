@@ -1,4 +1,7 @@
-"""Export a PyTorch model to an fp32 ONNX graph, and check ONNX Runtime computes the same thing.
+"""Export a PyTorch model to an fp32 ONNX graph, feed tensors to ONNX Runtime, and check both compute the same thing.
+
+Shared by ``torchslim.quantize`` (int8 graphs), ``torchslim.export`` and ``torchslim.models.onnx_graph``: it sits
+below them all and imports none of them.
 
 The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is tried first: it is fast and
 folds BatchNorm into the preceding Conv. If it fails (or a future torch drops it) the
@@ -14,16 +17,17 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import device_of, eval_mode, first_line
 from torchslim.errors import DataError, ModelError, TorchSlimError
-from torchslim.export.runtime import ort_session
 from torchslim.fileio import atomic_write_bytes
+from torchslim.onnx.runtime import ort_session
 
 # ONNX Runtime >= 1.17 runs opsets up to 20+; 17 is well supported by both exporters' op sets and is
 # enough for per-channel QDQ (>= 13). The torch.export-based exporter needs >= 18.
@@ -49,31 +53,15 @@ def io_names(count: int, stem: str) -> list[str]:
     return [stem] if count == 1 else [f"{stem}_{index}" for index in range(count)]
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _count_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
     try:
         with torch.no_grad():
             output = model(*inputs)
     except Exception as exc:  # wrong arity, shapes, dtypes...: say which inputs were tried
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shapes = ", ".join(str(tuple(item.shape)) for item in inputs)
-        raise ModelError(f"cannot run {type(model).__name__} on example inputs of shape {shapes}: {first}") from exc
+        raise ModelError(
+            f"cannot run {type(model).__name__} on example inputs of shape {shapes}: {first_line(exc)}"
+        ) from exc
     if isinstance(output, Tensor):
         return 1
     if isinstance(output, (tuple, list)) and output and all(isinstance(item, Tensor) for item in output):
@@ -155,10 +143,10 @@ def export_onnx(
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= 21:
         raise TorchSlimError(f"opset = {opset!r} is invalid: expected an integer in [13, 21]")
-    device = _device(model)
+    device = device_of(model)
     inputs = tuple(item.detach().to(device) for item in _as_tuple(example_inputs))
     errors = []
-    with _eval(model):
+    with eval_mode(model):
         input_names = io_names(len(inputs), "input")
         output_names = io_names(_count_outputs(model, inputs), "output")
         for exporter in (_export_torchscript, _export_dynamo):
@@ -166,8 +154,7 @@ def export_onnx(
                 data = exporter(model, inputs, input_names, output_names, opset, dynamic_batch)
                 break
             except Exception as exc:  # exporters raise many types; both messages are reported below
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                errors.append(f"{exporter.__name__.removeprefix('_export_')}: {first}")
+                errors.append(f"{exporter.__name__.removeprefix('_export_')}: {first_line(exc)}")
         else:
             raise ModelError(f"cannot export {type(model).__name__} to ONNX: " + "; ".join(errors))
     if path is not None:
@@ -241,8 +228,8 @@ def check_parity(
         raise DataError("check_parity: inputs hold no samples: expected a batch of at least one")
     session = ort_session(onnx_bytes, 1 if samples <= 8 else None)
     got = torch.from_numpy(run_onnx(session, tensors)[0])
-    device = _device(model)
-    with _eval(model), torch.no_grad():
+    device = device_of(model)
+    with eval_mode(model), torch.no_grad():
         expected = model(*(item.to(device) for item in tensors))
     if isinstance(expected, (tuple, list)):
         expected = expected[0]

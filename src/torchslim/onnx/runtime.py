@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from torchslim._utils import first_line
 from torchslim.errors import MissingDependencyError, TorchSlimError
 
 # graph_optimization_level names accepted by ort_session
@@ -95,9 +96,8 @@ def ort_session(
     try:
         return ort.InferenceSession(bytes(onnx_bytes), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TorchSlimError(
-            f"onnxruntime cannot load the ONNX graph ({len(onnx_bytes)} bytes): {first}"
+            f"onnxruntime cannot load the ONNX graph ({len(onnx_bytes)} bytes): {first_line(exc)}"
         ) from exc
 
 

@@ -1,0 +1,119 @@
+"""Small internal helpers used across the package: modes, devices, logits, error summaries, pixel shifts.
+
+The lowest layer beside ``errors``: it imports only torch and ``torchslim.errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchslim.errors import ModelError
+
+__all__ = ["device_of", "eval_mode", "first_line", "logits_of", "shift_images", "train_mode"]
+
+
+@contextlib.contextmanager
+def _mode(models: tuple[nn.Module, ...], training: bool) -> Iterator[None]:
+    saved = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.train(training)
+    try:
+        yield
+    finally:
+        for module, was_training in saved:
+            module.training = was_training
+
+
+def eval_mode(*models: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Put ``models`` (every submodule) in eval mode; on exit restore each module's own mode, even after an error.
+
+    Args:
+        *models: the modules (several: e.g. a model and its reference, switched together).
+
+    Returns:
+        The context manager.
+    """
+    return _mode(models, False)
+
+
+def train_mode(*models: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Put ``models`` in train mode; on exit restore each module's own mode (see :func:`eval_mode`)."""
+    return _mode(models, True)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter, else its first buffer, else the CPU (a stateless model)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def logits_of(output: Any, where: str = "model") -> Tensor:
+    """The logits in a model output: the tensor itself, else its ``.logits`` tensor, else the first tensor of a tuple.
+
+    Args:
+        output: what the model's forward returned (a tensor, a Hugging Face output, a tuple or list).
+        where: who asks, for the error message.
+
+    Returns:
+        The logits tensor.
+
+    Raises:
+        ModelError: the output holds no such tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    found = getattr(output, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ModelError(f"{where}: the model returns a {type(output).__name__}: expected logits (a tensor, an object "
+                     "with a .logits tensor, or a tuple whose first element is a tensor)")
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors.
+
+    Args:
+        exc: the exception.
+        limit: cut the line to at most this many characters (None: the whole line).
+
+    Returns:
+        The line.
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]
+
+
+def shift_images(images: Tensor, offsets: Tensor) -> Tensor:
+    """Shift each image by its own whole-pixel offset, edges replicated: ``out[i, :, y, x] = images[i, :, y-dy, x-dx]``.
+
+    Args:
+        images: ``(N, C, H, W)``.
+        offsets: ``(N, 2)`` integer ``(dy, dx)`` per image (or ``(1, 2)``, one offset for all); positive moves the
+            content down/right.
+
+    Returns:
+        A new tensor like ``images`` (the values are copies: no arithmetic, so bit-exact).
+    """
+    n, _, h, w = images.shape
+    offsets = offsets.to(device=images.device, dtype=torch.long).expand(n, 2)
+    pad = int(offsets.abs().max()) if offsets.numel() else 0
+    if pad == 0:
+        return images.clone()
+    padded = F.pad(images, (pad,) * 4, mode="replicate")
+    rows = torch.arange(h, device=images.device) + pad - offsets[:, :1]  # (n, h)
+    cols = torch.arange(w, device=images.device) + pad - offsets[:, 1:]  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # padded[b, :, rows[b, i], cols[b, j]] -> (n, h, w, c) -> (n, c, h, w)
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
