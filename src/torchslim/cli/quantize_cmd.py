@@ -238,7 +238,7 @@ def _apply(model, method: Config, overrides: dict, request: QuantizeRequest, inp
                  "calibration": inputs.text_path if hf else (request.calib or request.data)}
         return model, stage, report.skipped
     if request.qat:
-        from torchslim.distill import KD, kd_loss_fn
+        from torchslim.distill.api import KD, kd_loss_fn
         from torchslim.quantize.qat import qat as run_qat
         from torchslim.train import TrainConfig
 
