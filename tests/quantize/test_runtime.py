@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import torchslim as ts
-from torchslim.kernels import cpu_gemv
+from torchslim.errors import MissingDependencyError
+from torchslim.kernels import cpu_gemv, native
 from torchslim.quantize.runtime import rebind_, runtime_report, set_runtime_
 
 CONFIGS = [
@@ -31,21 +32,21 @@ def _quantized(config, in_features=576, out_features=200):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.bits}b-{c.granularity}-{c.group_size}-{c.symmetric}")
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_integer_gemv_equals_the_dequantized_linear(config, compiled):
-    model = _quantized(config)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "native"])
+@pytest.mark.parametrize(("in_features", "rows"), [(576, 1), (203, 3)], ids=["576x1", "odd-203x3"])
+def test_integer_gemv_equals_the_dequantized_linear(config, compiled, in_features, rows):
+    model = _quantized(config, in_features=in_features)
     layer = model[0]
     pack = cpu_gemv.prepack(layer)
-    assert pack.codes.dtype == torch.uint8
-    x = torch.randn(1, 576)
+    assert pack.codes.dtype == torch.uint8 and pack.codes.shape[0] == 200 and pack.codes.shape[1] >= in_features
+    x = torch.randn(rows, in_features)
     reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
     with torch.inference_mode():
         got = cpu_gemv.gemv(x, pack, layer.bias, compiled=compiled)
     torch.testing.assert_close(got, reference, atol=1e-4 * float(reference.detach().abs().max()), rtol=1e-4)
-    if config.bits == 4 and config.group_size == 128:  # 576 inputs: 4 whole groups and a tail of 64, no padding
-        assert pack.kind == "group-tail" and pack.codes.shape == (200, 4, 128) and pack.tail[0].shape == (200, 64)
-    elif config.granularity == "group":
-        assert pack.kind == "group" and pack.codes.numel() == 200 * 576  # one byte a code
+    if config.granularity == "group" and in_features == 576:  # one byte a code; 4 x 128 + a last group of 64
+        groups = -(-576 // config.group_size)
+        assert pack.scale.shape == (200, groups) and pack.group_len == config.group_size
 
 
 @pytest.mark.parametrize("runtime", ["auto", "compact", "dense"])
@@ -246,12 +247,12 @@ def test_copies_of_a_running_model_rebuild_their_own_derived_state(tmp_path):
 def test_a_kernel_that_does_not_compile_falls_back_and_says_so(monkeypatch, runtime, fallback):
     from torchslim.quantize import runtime as rt
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found")
+    def no_compiler():
+        raise MissingDependencyError("the native GEMV needs a C compiler (cc or gcc; $CC): none was found")
 
     monkeypatch.setattr(rt, "_MEASURED", {})
     monkeypatch.setattr(rt, "_read_cache", lambda: {})
-    monkeypatch.setattr(cpu_gemv, "compiled_fn", no_compiler)
+    monkeypatch.setattr(native, "gemv_library", no_compiler)
     model = _quantized(ts.IntQuant(bits=8, granularity="channel"), in_features=1024, out_features=1024)
     set_runtime_(model, runtime)
     x = torch.randn(1, 1024)
@@ -265,7 +266,7 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_so(monkeypatch, runt
         model(x)
     row = runtime_report(model)[0]
     assert row["paths"]["1 row"] == fallback
-    assert "the compiled GEMV failed here (no C++ compiler found)" in row["reasons"]["1 row"]
+    assert "the native GEMV failed here (the native GEMV needs a C compiler" in row["reasons"]["1 row"]
 
 
 def test_a_sparse_layer_measured_faster_as_csr_runs_csr(monkeypatch):

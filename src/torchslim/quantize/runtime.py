@@ -6,7 +6,7 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
   memory, slower than the fp32 layer it replaced);
 - ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
   layer's; resident memory = an fp32 weight);
-- ``gemv``: the inductor-compiled integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
+- ``gemv``: the native (C, AVX2) integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
   derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row);
 - ``sparse``: CSR ``torch.sparse.mm`` for Linear layers with >= 80% zeros, only where measured faster than dense;
 - ``int8mm``: int8 x int8 products on inputs quantized per row at run time (:mod:`torchslim.kernels.cpu_int8mm`;
@@ -424,7 +424,7 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     timing = _measure(layer, state.model_bytes)  # also proves the kernel compiles here
     if "error" in timing:
         fallback = "reference" if state.policy == "compact" else "dense"
-        return fallback, f"the compiled GEMV failed here ({timing['error']}); {fallback} path"
+        return fallback, f"the native GEMV failed here ({timing['error']}); {fallback} path"
     if state.policy == "compact":
         return "gemv", "runtime='compact'"
     speed = timing["dense_ms"] / timing["gemv_ms"]
@@ -527,16 +527,14 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
         def random_codes(like: Tensor) -> Tensor:
             return torch.randint(0, levels, like.shape, generator=generator, dtype=torch.int32).to(torch.uint8)
 
-        packs = [dataclasses.replace(template, codes=random_codes(template.codes), tail=None if template.tail is None
-                                     else (random_codes(template.tail[0]), *template.tail[1:]))
-                 for _ in range(copies)]
+        packs = [dataclasses.replace(template, codes=random_codes(template.codes)) for _ in range(copies)]
         weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
         x = torch.randn(1, in_features, generator=generator)
-        bound = [cpu_gemv.bind(pack) for pack in packs]
         try:
+            bound = [cpu_gemv.bind(pack) for pack in packs]  # builds the native kernel on first use
             for run in bound[:2]:
-                run(x)  # compiles
-        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an inductor bug: fall back, say why
+                run(x)
+        except Exception as exc:  # noqa: BLE001 - no C compiler, a failed build: fall back, say why
             return {"error": first_line(exc, 200)}
         gemv_times, dense_times = [], []
         for _ in range(rounds):
