@@ -11,6 +11,7 @@ are derived from a layer's packed buffers at first use (:func:`prepack`); the sa
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "stack", "unsupport
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
 VERSION = 5
+
+_PARALLEL_WEIGHTS = 1 << 17  # layers with fewer weights run single-threaded (set from scratch timings, see bind)
 
 
 @dataclasses.dataclass
@@ -146,23 +149,35 @@ def bind(pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -
             return out.reshape(*x.shape[:-1], rows).to(x.dtype)
 
         return eager
-    kernel = native.gemv_library().gemv_u8
-    fixed = (pack.codes.data_ptr(), rows, pack.codes.shape[1], pack.scale.data_ptr(), pack.scale_zero.data_ptr(),
-             groups, pack.group_len)
+    kernel = native.gemv_library().gemv_u8_layer
+    constants = native.GemvLayer(pack.codes.data_ptr(), rows, pack.codes.shape[1], pack.scale.data_ptr(),
+                                 pack.scale_zero.data_ptr(), groups, pack.group_len, in_features)
+    layer = ctypes.c_void_p(ctypes.addressof(constants))
+    # an OpenMP team costs a few microseconds per call: small layers run on the calling thread alone
+    parallel = rows * in_features >= _PARALLEL_WEIGHTS
+    # a float32 bias is read through its pointer (in-place changes show); another dtype is converted per call
+    fixed_bias = (ctypes.c_void_p(bias.data_ptr()) if bias is not None and bias.dtype == torch.float32
+                  and bias.is_contiguous() else None)
+    pointer, count = ctypes.c_void_p, ctypes.c_int64
 
     def run(x: Tensor) -> Tensor:
         if x.dtype != torch.float32:
             return run(x.to(torch.float32)).to(x.dtype)
-        flat = x.reshape(-1, in_features)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], rows)
-        b = None if bias is None else kernel_bias(bias, zeros).contiguous()
-        kernel(flat.data_ptr(), flat.shape[0], in_features, *fixed, None if b is None else b.data_ptr(),
-               out.data_ptr(), torch.get_num_threads())
-        return out.reshape(*x.shape[:-1], rows)
+        if x.shape[-1] != in_features:
+            raise ValueError(f"input of {x.shape[-1]} features: expected {in_features}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        # torch.empty of int sizes: of a torch.Size it cost ~5 us a call (scratch timeit, 2026-12-03)
+        dims = x.dim()
+        out = (torch.empty(x.shape[0], rows) if dims == 2 else torch.empty(x.shape[0], x.shape[1], rows) if dims == 3
+               else torch.empty((*x.shape[:-1], rows)))
+        b = fixed_bias if fixed_bias is not None or bias is None else pointer(
+            kernel_bias(bias, zeros).contiguous().data_ptr())
+        kernel(layer, pointer(x.data_ptr()), count(x.numel() // in_features), b, pointer(out.data_ptr()),
+               torch.get_num_threads() if parallel else 1)
+        return out
 
-    run.pack = pack  # keeps the tensors behind the kernel's pointers alive with the closure
+    run.keep = (pack, constants, bias)  # the memory behind the kernel's pointers lives as long as the closure
     return run
 
 
