@@ -28,7 +28,7 @@ __all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "stack", "unsupport
 # then no longer apply.
 VERSION = 5
 
-_PARALLEL_WEIGHTS = 1 << 17  # layers with fewer weights run single-threaded (set from scratch timings, see bind)
+_PARALLEL_WEIGHTS = 1 << 17  # layers with fewer weights run single-threaded (a chosen bound, not tuned: see bind)
 
 
 @dataclasses.dataclass

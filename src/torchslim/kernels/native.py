@@ -150,13 +150,14 @@ def gemv_library() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory() as scratch:
             source = Path(scratch) / "gemv.c"
             source.write_text(_SOURCE)
-            built = Path(scratch) / "gemv.so"
+            built = path.with_suffix(f".{os.getpid()}.tmp")  # beside the target: os.replace is then atomic
             result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
                                     check=False)
             if result.returncode != 0:
+                built.unlink(missing_ok=True)
                 first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
                 raise MissingDependencyError(f"the native GEMV did not build with {compiler}: {first}")
-            os.replace(shutil.copy(built, path.with_suffix(f".{os.getpid()}.tmp")), path)  # atomic beside others
+            os.replace(built, path)
     library = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.gemv_u8.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
