@@ -243,6 +243,38 @@ def test_dynamic_int8_scales_per_tensor_or_per_channel(lenet300, digits, per_cha
     assert [s.size for s in scales] == sizes
 
 
+@pytest.mark.parametrize(("reduce_range", "bound"), [(True, 64), (False, 128)])
+def test_dynamic_int8_weights_use_7_bits_unless_told_otherwise(lenet300, digits, reduce_range, bound):
+    # 8-bit weights times uint8 activations saturate ONNX Runtime's 16-bit sums on CPUs without VNNI
+    graph = quantize_dynamic(lenet300[0], DynamicInt8(reduce_range=reduce_range), example_inputs=digits.example_inputs(1))
+    model = onnx.load_from_string(graph.onnx_bytes()).graph
+    weights = [numpy_helper.to_array(i) for i in model.initializer if i.name.endswith("_quantized")]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert bound // 2 < largest <= bound
+
+
+def test_dynamic_int8_keeps_an_attention_model_close_to_fp32():
+    # cosine 0.986 with 8-bit weights on an AVX2 CPU (coverage table, 2026-12-03); >= 0.999 with 7-bit ones
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    model = _SelfAttention(attention)
+    x = torch.randn(2, 10, 64) * 3
+    graph = quantize_dynamic(model, example_inputs=x)
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0)
+    assert cosine >= 0.99
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
 def test_dynamic_int8_lists_the_convolutions_it_leaves_in_fp32(lenet5, digits):
     graph = quantize_dynamic(lenet5[0], example_inputs=digits.example_inputs(1))
     assert len(graph.skipped) == 2
@@ -270,6 +302,7 @@ def test_dynamic_int8_needs_a_linear_layer():
         (lambda: StaticInt8(per_channel="yes"), r"StaticInt8.per_channel = 'yes' is invalid: expected True or False"),
         (lambda: StaticInt8(symmetric_activations=1), r"symmetric_activations = 1 is invalid"),
         (lambda: DynamicInt8(per_channel=None), r"DynamicInt8.per_channel = None is invalid"),
+        (lambda: DynamicInt8(reduce_range="no"), r"DynamicInt8.reduce_range = 'no' is invalid: expected True or False"),
     ],
 )
 def test_config_errors_name_field_value_and_range(make, message):
