@@ -38,7 +38,12 @@ def test_integer_gemv_equals_the_dequantized_linear(config, compiled, in_feature
     model = _quantized(config, in_features=in_features)
     layer = model[0]
     pack = cpu_gemv.prepack(layer)
-    assert pack.codes.dtype == torch.uint8 and pack.codes.shape[0] == 200 and pack.codes.shape[1] >= in_features
+    # <= 4 bits: four codes per 16-bit lane; groups of 16: one byte a code; else two codes per lane
+    layout = ("bytes" if config.group_size == 16 else
+              "nibble-lanes" if config.bits <= 4 and config.group_size != 32 else "byte-lanes")
+    assert pack.layout == layout and pack.codes.dtype == torch.uint8 and pack.codes.shape[0] == 200
+    assert pack.codes.shape[1] >= in_features * (0.5 if layout == "nibble-lanes" else 1)
+    torch.testing.assert_close(cpu_gemv.reference_weight(pack), layer.dequantize_weight(), atol=1e-6, rtol=1e-6)
     x = torch.randn(rows, in_features)
     reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
     with torch.inference_mode():
@@ -47,6 +52,21 @@ def test_integer_gemv_equals_the_dequantized_linear(config, compiled, in_feature
     if config.granularity == "group" and in_features == 576:  # one byte a code; 4 x 128 + a last group of 64
         groups = -(-576 // config.group_size)
         assert pack.scale.shape == (200, groups) and pack.group_len == config.group_size
+
+
+def test_the_plain_c_loops_without_avx2_equal_the_dequantized_linear(tmp_path, monkeypatch):
+    # CPUs without AVX2 (ARM, old x86) get the kernel's plain loops: built here by hiding AVX2 from the flags
+    monkeypatch.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    for config in CONFIGS:
+        for in_features, rows in ((576, 1), (203, 3)):
+            layer = _quantized(config, in_features=in_features)[0]
+            x = torch.randn(rows, in_features)
+            reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+            got = cpu_gemv.gemv(x, cpu_gemv.prepack(layer), layer.bias)
+            torch.testing.assert_close(got, reference, atol=1e-4 * float(reference.abs().max()), rtol=1e-4)
+    assert "-mavx2" not in native._flags() and len(list((tmp_path / "native").glob("gemv-*.so"))) == 1
 
 
 @pytest.mark.parametrize("runtime", ["auto", "compact", "dense"])

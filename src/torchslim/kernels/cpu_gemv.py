@@ -2,11 +2,21 @@
 
 A linear layer with k-bit codes ``q`` (k <= 8), scales ``s`` and zero points ``z`` computes
 ``y = x @ ((q - z) * s)^T``. With the zero point folded out exactly,
-``y[n] = sum_g s[n, g] * (x_g . q[n, g]) - sum_g s[n, g] * z[n, g] * sum(x_g)``, the inner products read one
-byte per weight: at batch 1 a weight read from memory costs 1/4 of an fp32 weight, so the product is faster than
-``F.linear`` once the weight no longer sits in the cache. The loop is the C kernel of
-:mod:`torchslim.kernels.native` (inductor's code for it was several times slower than fp32: see there). The codes
-are derived from a layer's packed buffers at first use (:func:`prepack`); the saved file does not change.
+``y[n] = sum_g s[n, g] * (x_g . q[n, g]) - sum_g s[n, g] * z[n, g] * sum(x_g)``, the inner products read at most
+one byte per weight: at batch 1 a weight read from memory costs 1/8-1/4 of an fp32 weight, so the product is faster
+than ``F.linear`` once the weight no longer sits in the cache. The loop is the C kernel of
+:mod:`torchslim.kernels.native`. The codes are derived from a layer's packed buffers at first use (:func:`prepack`)
+in one of three layouts; the saved file does not change:
+
+- ``nibble-lanes`` (codes of <= 4 bits, groups of a multiple of 64 inputs or one group a row): four codes per
+  16-bit lane, half a byte a weight;
+- ``byte-lanes`` (other codes, groups of a multiple of 32 inputs or one group a row): two codes per 16-bit lane;
+- ``bytes`` (any other group length): one byte a code, products in float32.
+
+The two lane layouts multiply integer codes by the input rounded to 16 bits per group (step = the group's largest
+absolute input / 32767, so each input is off by at most 1/65534 of that): ``vpmaddwd`` takes 16 codes a cycle where
+the float loop widened 8 codes to floats, and half the bytes come from memory. Outputs differ from the float
+product by ~2e-5 of their largest value (tests bound it at 1e-4), far below the weights' own rounding.
 """
 
 from __future__ import annotations
@@ -22,12 +32,15 @@ from torch import Tensor
 from torchslim.kernels import native
 from torchslim.kernels.compiled import kernel_bias
 
-__all__ = ["VERSION", "GemvPack", "bind", "gemv", "prepack", "stack", "unsupported_reason"]
+__all__ = ["LAYOUTS", "VERSION", "GemvPack", "bind", "gemv", "prepack", "reference_weight", "stack",
+           "unsupported_reason"]
 
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
-VERSION = 5
+VERSION = 6
 
+LAYOUTS = ("bytes", "nibble-lanes", "byte-lanes")  # the kernel's layout numbers 0, 1, 2
+_LANE_CODES = {"nibble-lanes": (64, 4), "byte-lanes": (32, 8)}  # codes per block of 16 lanes, bits per code
 _PARALLEL_WEIGHTS = 1 << 17  # layers with fewer weights run single-threaded (a chosen bound, not tuned: see bind)
 
 
@@ -36,14 +49,14 @@ class GemvPack:
     """The derived, kernel-ready form of one layer's codes (not saved; rebuilt from the packed buffers).
 
     Attributes:
-        codes: ``(N, G * group_len)`` uint8, row-major, one byte per code whatever the bit width (nibble-packed
-            4-bit codes halve the bytes read but their unpacking cost more than it saved: SmolLM2-135M shapes,
-            2 threads, 576x576 1.85x fp32 nibbles vs 2.57x bytes in one scratch run during development, script
-            not kept); padding past ``in_features`` is never read.
+        codes: ``(N, row_bytes)`` uint8, row-major, in ``layout``: ``bytes`` holds ``G * group_len`` codes a row;
+            the lane layouts hold each group's codes in blocks of 16 little-endian 16-bit lanes (a group's last
+            block zero-padded). Codes past ``in_features`` are multiplied by zero inputs.
         scale: ``(N, G)`` float32 (``G = 1``: one scale per output row).
         scale_zero: ``scale * zero_point``, same shape (float32).
         in_features: K (the input length).
         group_len: inputs per scale; the last group may be shorter (``K`` not a whole number of groups).
+        layout: one of :data:`LAYOUTS`.
     """
 
     codes: Tensor
@@ -51,6 +64,7 @@ class GemvPack:
     scale_zero: Tensor
     in_features: int
     group_len: int
+    layout: str = "bytes"
 
     @property
     def nbytes(self) -> int:
@@ -88,9 +102,41 @@ def prepack(layer: Any) -> GemvPack:
         codes = codes.reshape(out_features, 1, -1)
         scale, zero = scale.expand(out_features, 1), zero.expand(out_features, 1)
     groups, group_len = codes.shape[1:]
-    return GemvPack(codes.reshape(out_features, groups * group_len).contiguous(),
-                    scale.reshape(out_features, groups).contiguous(),
-                    (scale * zero).reshape(out_features, groups).contiguous(), in_features, group_len)
+    layout = _layout(int(layer.bits), groups, group_len)
+    if layout == "bytes":
+        stored = codes.reshape(out_features, groups * group_len).contiguous()
+    else:
+        stored = _to_lanes(codes, *_LANE_CODES[layout])
+    return GemvPack(stored, scale.reshape(out_features, groups).contiguous(),
+                    (scale * zero).reshape(out_features, groups).contiguous(), in_features, group_len, layout)
+
+
+def _layout(bits: int, groups: int, group_len: int) -> str:
+    if bits <= 4 and (groups == 1 or group_len % 64 == 0):
+        return "nibble-lanes"
+    if groups == 1 or group_len % 32 == 0:
+        return "byte-lanes"
+    return "bytes"
+
+
+def _to_lanes(codes: Tensor, per_block: int, bits: int) -> Tensor:
+    """``(N, G, L)`` codes -> ``(N, G * blocks * 32)`` bytes: lane ``l`` of a block holds its codes ``l + 16 j``."""
+    rows, groups, length = codes.shape
+    blocks = -(-length // per_block)
+    padded = torch.zeros(rows, groups, blocks * per_block, dtype=torch.int32)
+    padded[..., :length] = codes
+    parts = padded.reshape(rows, groups, blocks, per_block // 16, 16)
+    lanes = sum(parts[..., j, :] << (bits * j) for j in range(per_block // 16))
+    pairs = torch.stack([lanes & 255, lanes >> 8], dim=-1).to(torch.uint8)  # little-endian 16-bit lanes
+    return pairs.reshape(rows, groups * blocks * 32)
+
+
+def _from_lanes(stored: Tensor, groups: int, per_block: int, bits: int) -> Tensor:
+    """The inverse of :func:`_to_lanes`: ``(N, G, blocks * per_block)`` codes (int32)."""
+    pairs = stored.to(torch.int32).reshape(stored.shape[0], groups, -1, 16, 2)
+    lanes = pairs[..., 0] | (pairs[..., 1] << 8)
+    parts = [(lanes >> (bits * j)) & ((1 << bits) - 1) for j in range(per_block // 16)]
+    return torch.stack(parts, dim=-2).reshape(stored.shape[0], groups, -1)
 
 
 def stack(packs: list[GemvPack]) -> GemvPack:
@@ -106,18 +152,21 @@ def stack(packs: list[GemvPack]) -> GemvPack:
         ValueError: packs of different input lengths or group shapes.
     """
     first = packs[0]
-    shapes = {(p.in_features, p.group_len, p.codes.shape[1], p.scale.shape[1]) for p in packs}
+    shapes = {(p.in_features, p.group_len, p.codes.shape[1], p.scale.shape[1], p.layout) for p in packs}
     if len(shapes) != 1:
         raise ValueError(f"packs of different layouts cannot be stacked: {sorted(map(str, shapes))}")
     return GemvPack(torch.cat([p.codes for p in packs]), torch.cat([p.scale for p in packs]),
-                    torch.cat([p.scale_zero for p in packs]), first.in_features, first.group_len)
+                    torch.cat([p.scale_zero for p in packs]), first.in_features, first.group_len, first.layout)
 
 
 def reference_weight(pack: GemvPack) -> Tensor:
     """The ``(N, K)`` float32 weight ``pack`` computes with (for tests and the eager formula)."""
     rows, groups = pack.scale.shape
-    codes = pack.codes.to(torch.float32).reshape(rows, groups, -1)
-    weight = codes * pack.scale.unsqueeze(-1) - pack.scale_zero.unsqueeze(-1)
+    if pack.layout == "bytes":
+        codes = pack.codes.reshape(rows, groups, -1)
+    else:
+        codes = _from_lanes(pack.codes, groups, *_LANE_CODES[pack.layout])
+    weight = codes[..., : pack.group_len].to(torch.float32) * pack.scale.unsqueeze(-1) - pack.scale_zero.unsqueeze(-1)
     return weight.reshape(rows, -1)[:, : pack.in_features]
 
 
@@ -150,8 +199,10 @@ def bind(pack: GemvPack, bias: Tensor | None = None, *, compiled: bool = True) -
 
         return eager
     kernel = native.gemv_library().gemv_u8_layer
-    constants = native.GemvLayer(pack.codes.data_ptr(), rows, pack.codes.shape[1], pack.scale.data_ptr(),
-                                 pack.scale_zero.data_ptr(), groups, pack.group_len, in_features)
+    layout = LAYOUTS.index(pack.layout)
+    row_units = pack.codes.shape[1] // (1 if layout == 0 else 2)  # bytes or 16-bit lanes a row
+    constants = native.GemvLayer(pack.codes.data_ptr(), rows, row_units, pack.scale.data_ptr(),
+                                 pack.scale_zero.data_ptr(), groups, pack.group_len, in_features, layout)
     layer = ctypes.c_void_p(ctypes.addressof(constants))
     # an OpenMP team costs a few microseconds per call: small layers run on the calling thread alone
     parallel = rows * in_features >= _PARALLEL_WEIGHTS

@@ -28,6 +28,7 @@ __all__ = ["GemvLayer", "gemv_library"]
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -92,14 +93,137 @@ void gemv_u8(const float* x, int64_t m, int64_t k, const uint8_t* q, int64_t n, 
     free(sums);
 }
 
-/* The same product with the layer's constants in one struct (one ctypes argument instead of eight). */
+#ifdef __AVX2__
+static int32_t hsum_i32(__m256i v) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    return _mm_cvtsi128_si32(h);
+}
+#endif
+
+/* Integer dot products of 16-bit inputs x with codes held in 16-bit lanes, over whole blocks of 16 lanes.
+   Nibble lanes (codes of <= 4 bits): 64 codes a block, lane l holds codes l, 16+l, 32+l, 48+l in bits 0-3, 4-7,
+   8-11, 12-15. Byte lanes: 32 codes a block, lane l holds codes l and 16+l in its low and high byte. No shuffles:
+   a code is a shift and a mask away, and vpmaddwd multiplies 16 of them by 16 inputs. At most NIBBLE_CHUNK /
+   BYTE_CHUNK blocks per call, so that no 32-bit lane overflows (15 * 32767 * 2 per pair, 255 * 32767 * 2). */
+#define NIBBLE_CHUNK 512
+#define BYTE_CHUNK 64
+static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) {
+    int64_t b = 0, total = 0;
+#ifdef __AVX2__
+    const __m256i m = _mm256_set1_epi16(0xF);
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (; b < blocks; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 16));
+        const int16_t* xb = x + b * 64;
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256((const __m256i*)xb)));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+                                                    _mm256_loadu_si256((const __m256i*)(xb + 16))));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), m),
+                                                    _mm256_loadu_si256((const __m256i*)(xb + 32))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 12), _mm256_loadu_si256((const __m256i*)(xb + 48))));
+    }
+    total = hsum_i32(_mm256_add_epi32(a0, a1));
+#endif
+    for (; b < blocks; b++) {
+        const uint16_t* wb = w + b * 16;
+        const int16_t* xb = x + b * 64;
+        for (int l = 0; l < 16; l++) {
+            int64_t v = wb[l];
+            total += (v & 15) * xb[l] + ((v >> 4) & 15) * xb[16 + l] + ((v >> 8) & 15) * xb[32 + l] + (v >> 12) * xb[48 + l];
+        }
+    }
+    return total;
+}
+
+static int64_t dot_bytes(const uint16_t* w, const int16_t* x, int64_t blocks) {
+    int64_t b = 0, total = 0;
+#ifdef __AVX2__
+    const __m256i m = _mm256_set1_epi16(0xFF);
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (; b < blocks; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 16));
+        const int16_t* xb = x + b * 32;
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256((const __m256i*)xb)));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 8), _mm256_loadu_si256((const __m256i*)(xb + 16))));
+    }
+    total = hsum_i32(_mm256_add_epi32(a0, a1));
+#endif
+    for (; b < blocks; b++) {
+        const uint16_t* wb = w + b * 16;
+        const int16_t* xb = x + b * 32;
+        for (int l = 0; l < 16; l++) total += (int64_t)(wb[l] & 255) * xb[l] + (int64_t)(wb[l] >> 8) * xb[16 + l];
+    }
+    return total;
+}
+
+/* y = x W^T + bias for codes in 16-bit lanes (layout 1: nibbles, 2: bytes), each input group rounded to 16 bits:
+   y[n] = sum_g scale[n, g] * step_g * (q[n, g] . round(x_g / step_g)) - scale_zero[n, g] * sum(x_g) + bias[n],
+   step_g = max|x_g| / 32767. Rows of q hold groups * group_blocks blocks (group_blocks covers group_len codes). */
+static void gemv_lanes(const uint16_t* q, int64_t n, int64_t ldq, int layout, const float* x, int64_t m, int64_t k,
+                       const float* scale, const float* scale_zero, int64_t groups, int64_t group_len,
+                       const float* bias, float* y, int threads) {
+    const int64_t per_block = layout == 1 ? 64 : 32, chunk = layout == 1 ? NIBBLE_CHUNK : BYTE_CHUNK;
+    const int64_t group_blocks = (group_len + per_block - 1) / per_block, stride = group_blocks * per_block;
+    float* sums = (float*)malloc(sizeof(float) * 2 * (size_t)groups);
+    float* steps = sums + groups;
+    int16_t* xq = (int16_t*)calloc((size_t)(groups * stride), sizeof(int16_t));  /* past a group's end: zeros */
+    for (int64_t r = 0; r < m; r++) {
+        const float* xr = x + r * k;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t start = g * group_len, len = k - start < group_len ? k - start : group_len;
+            float total = 0.0f, largest = 0.0f;
+            for (int64_t j = 0; j < len; j++) {
+                float v = xr[start + j], a = v < 0 ? -v : v;
+                total += v;
+                largest = a > largest ? a : largest;
+            }
+            float step = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / step;
+            for (int64_t j = 0; j < len; j++) xq[g * stride + j] = (int16_t)lrintf(xr[start + j] * inverse);
+            sums[g] = total;
+            steps[g] = step;
+        }
+        float* yr = y + r * n;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const uint16_t* row = q + i * ldq;
+            const float* s = scale + i * groups;
+            const float* sz = scale_zero + i * groups;
+            float acc = bias ? bias[i] : 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                int64_t start = g * group_len, len = k - start < group_len ? k - start : group_len;
+                int64_t blocks = (len + per_block - 1) / per_block, dot = 0;
+                const uint16_t* wg = row + g * group_blocks * 16;
+                const int16_t* xg = xq + g * stride;
+                for (int64_t b = 0; b < blocks; b += chunk) {
+                    int64_t count = blocks - b < chunk ? blocks - b : chunk;
+                    dot += layout == 1 ? dot_nibbles(wg + b * 16, xg + b * per_block, count)
+                                       : dot_bytes(wg + b * 16, xg + b * per_block, count);
+                }
+                acc += s[g] * steps[g] * (float)dot - sz[g] * sums[g];
+            }
+            yr[i] = acc;
+        }
+    }
+    free(xq);
+    free(sums);
+}
+
+/* The product with the layer's constants in one struct (one ctypes argument instead of eleven).
+   layout 0: one code a byte (ldq bytes a row), float products; 1/2: 16-bit lanes (ldq lanes a row). */
 typedef struct {
-    const uint8_t* q; int64_t n; int64_t ldq; const float* scale; const float* scale_zero;
-    int64_t groups; int64_t group_len; int64_t k;
+    const void* q; int64_t n; int64_t ldq; const float* scale; const float* scale_zero;
+    int64_t groups; int64_t group_len; int64_t k; int64_t layout;
 } gemv_layer;
 
 void gemv_u8_layer(const gemv_layer* p, const float* x, int64_t m, const float* bias, float* y, int threads) {
-    gemv_u8(x, m, p->k, p->q, p->n, p->ldq, p->scale, p->scale_zero, p->groups, p->group_len, bias, y, threads);
+    if (p->layout == 0)
+        gemv_u8(x, m, p->k, (const uint8_t*)p->q, p->n, p->ldq, p->scale, p->scale_zero, p->groups, p->group_len,
+                bias, y, threads);
+    else
+        gemv_lanes((const uint16_t*)p->q, p->n, p->ldq, (int)p->layout, x, m, p->k, p->scale, p->scale_zero,
+                   p->groups, p->group_len, bias, y, threads);
 }
 """
 
@@ -109,7 +233,7 @@ class GemvLayer(ctypes.Structure):
 
     _fields_ = [("q", ctypes.c_void_p), ("n", ctypes.c_int64), ("ldq", ctypes.c_int64), ("scale", ctypes.c_void_p),
                 ("scale_zero", ctypes.c_void_p), ("groups", ctypes.c_int64), ("group_len", ctypes.c_int64),
-                ("k", ctypes.c_int64)]
+                ("k", ctypes.c_int64), ("layout", ctypes.c_int64)]
 
 _LIBRARY: ctypes.CDLL | None = None
 
@@ -151,7 +275,7 @@ def gemv_library() -> ctypes.CDLL:
             source = Path(scratch) / "gemv.c"
             source.write_text(_SOURCE)
             built = path.with_suffix(f".{os.getpid()}.tmp")  # beside the target: os.replace is then atomic
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True,
                                     check=False)
             if result.returncode != 0:
                 built.unlink(missing_ok=True)
