@@ -246,7 +246,8 @@ def test_dynamic_int8_scales_per_tensor_or_per_channel(lenet300, digits, per_cha
 @pytest.mark.parametrize(("reduce_range", "bound"), [(True, 64), (False, 128)])
 def test_dynamic_int8_weights_use_7_bits_unless_told_otherwise(lenet300, digits, reduce_range, bound):
     # 8-bit weights times uint8 activations saturate ONNX Runtime's 16-bit sums on CPUs without VNNI
-    graph = quantize_dynamic(lenet300[0], DynamicInt8(reduce_range=reduce_range), example_inputs=digits.example_inputs(1))
+    config = DynamicInt8(reduce_range=reduce_range)
+    graph = quantize_dynamic(lenet300[0], config, example_inputs=digits.example_inputs(1))
     model = onnx.load_from_string(graph.onnx_bytes()).graph
     weights = [numpy_helper.to_array(i) for i in model.initializer if i.name.endswith("_quantized")]
     assert weights and all(w.dtype == np.int8 for w in weights)

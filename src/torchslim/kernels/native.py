@@ -4,7 +4,10 @@ Inductor's code for the same reduction (``y[n] = sum_g s[n, g] * (x_g . q[n, g])
 loads 8 one-byte codes per 8 floats through a partial vector load that stalls on store forwarding: on this
 project's machine (AMD EPYC, AVX2, torch 2.13) it ran 1536 x 576 int4 g128 in ~870 us at 2 threads, 8x slower than
 fp32 ``F.linear``, where this loop (AVX2: 8 codes widened with one ``vpmovzxbd``, FMA into 4 accumulators) runs it
-in ~100 us on one thread (scratch runs, 2026-12-03, scripts not kept). The source is compiled with ``cc -O3`` (AVX2
+in ~100 us on one thread (scratch runs, 2026-12-03, scripts not kept). Codes held in 16-bit lanes (four 4-bit or
+two 8-bit codes a lane, :mod:`torchslim.kernels.cpu_gemv`) are multiplied by the input rounded to 16 bits with
+``vpmaddwd`` instead: 1536 x 576 int4 g128 35 vs 55 us, 49152 x 576 0.72-0.82 vs 1.4-1.9 ms at 2 threads, weights
+from memory (a C scratch benchmark, 2026-12-03, quiet machine). The source is compiled with ``cc -O3`` (AVX2
 + FMA intrinsics where the CPU has them, a plain loop otherwise) into ``$TORCHSLIM_CACHE_DIR/native`` on first use
 and called through ``ctypes`` (which releases the GIL); the library name carries a hash of the source and flags.
 """
@@ -122,7 +125,8 @@ static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) 
                                                     _mm256_loadu_si256((const __m256i*)(xb + 16))));
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), m),
                                                     _mm256_loadu_si256((const __m256i*)(xb + 32))));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 12), _mm256_loadu_si256((const __m256i*)(xb + 48))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 12),
+                                                    _mm256_loadu_si256((const __m256i*)(xb + 48))));
     }
     total = hsum_i32(_mm256_add_epi32(a0, a1));
 #endif
@@ -131,7 +135,8 @@ static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) 
         const int16_t* xb = x + b * 64;
         for (int l = 0; l < 16; l++) {
             int64_t v = wb[l];
-            total += (v & 15) * xb[l] + ((v >> 4) & 15) * xb[16 + l] + ((v >> 8) & 15) * xb[32 + l] + (v >> 12) * xb[48 + l];
+            total += (v & 15) * xb[l] + ((v >> 4) & 15) * xb[16 + l] + ((v >> 8) & 15) * xb[32 + l]
+                     + (v >> 12) * xb[48 + l];
         }
     }
     return total;
@@ -146,7 +151,8 @@ static int64_t dot_bytes(const uint16_t* w, const int16_t* x, int64_t blocks) {
         __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 16));
         const int16_t* xb = x + b * 32;
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256((const __m256i*)xb)));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 8), _mm256_loadu_si256((const __m256i*)(xb + 16))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 8),
+                                                    _mm256_loadu_si256((const __m256i*)(xb + 16))));
     }
     total = hsum_i32(_mm256_add_epi32(a0, a1));
 #endif
@@ -275,8 +281,8 @@ def gemv_library() -> ctypes.CDLL:
             source = Path(scratch) / "gemv.c"
             source.write_text(_SOURCE)
             built = path.with_suffix(f".{os.getpid()}.tmp")  # beside the target: os.replace is then atomic
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True,
-                                    check=False)
+            command = [compiler, *flags, str(source), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 built.unlink(missing_ok=True)
                 first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
