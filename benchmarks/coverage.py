@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"# Architecture coverage\n\n`{command}`, {datetime.date.today()}, {platform.machine()} "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}: {len(archs)} architectures x {len(ops)} "
-        f"operations in {seconds:.0f} s (one run, machine shared with other jobs).\n\n")
+        f"operations in {seconds:.0f} s (one run).\n\n")
     out = Path(args.out)
     atomic_write_text(out, header + to_markdown(table))
     atomic_write_text(out.with_suffix(".json"), json.dumps({"seconds": seconds, "table": to_json(table)}, indent=1))

@@ -123,7 +123,7 @@ def _to_lanes(codes: Tensor, per_block: int, bits: int) -> Tensor:
     """``(N, G, L)`` codes -> ``(N, G * blocks * 32)`` bytes: lane ``l`` of a block holds its codes ``l + 16 j``."""
     rows, groups, length = codes.shape
     blocks = -(-length // per_block)
-    padded = torch.zeros(rows, groups, blocks * per_block, dtype=torch.int32)
+    padded = torch.zeros(rows, groups, blocks * per_block, dtype=torch.int32, device=codes.device)
     padded[..., :length] = codes
     parts = padded.reshape(rows, groups, blocks, per_block // 16, 16)
     lanes = sum(parts[..., j, :] << (bits * j) for j in range(per_block // 16))
