@@ -99,7 +99,9 @@ def test_the_matmul_route_gives_int8_to_matmul_and_gemm_only(int4_file, digits):
                               for n in quantizers)  # symmetric int8 activations
 
 
-def test_the_w8a8_route_is_the_same_file_loaded_with_int8_activations(int4_file, digits, trained_lenet5, tmp_path):
+def test_the_w8a8_route_is_the_same_file_loaded_with_int8_activations(int4_file, digits, trained_lenet5, tmp_path,
+                                                                      int8mm_timed):
+    int8mm_timed(dense_ms=2.0, int8mm_ms=1.0)
     report = ts.deploy(int4_file, data=digits, routes=["torch-w8a8"], batch_sizes=[8], min_run_time=0.02)
     route = report.route("torch-w8a8")
     assert route.status == "ok" and "ts.load(path, runtime='w8a8')" in route.reason
@@ -110,6 +112,14 @@ def test_the_w8a8_route_is_the_same_file_loaded_with_int8_activations(int4_file,
     report = ts.deploy(grouped, data=digits, reference=trained_lenet5, routes=["torch", "torch-w8a8"],
                        batch_sizes=[1], min_run_time=0.02)
     assert report.route("torch-w8a8").status == "not applicable"
+
+
+def test_the_w8a8_route_does_not_apply_where_the_int8_product_is_slower(int4_file, digits, int8mm_timed):
+    int8mm_timed(dense_ms=1.0, int8mm_ms=37.0)
+    report = ts.deploy(int4_file, data=digits, routes=["torch", "torch-w8a8"], batch_sizes=[8], min_run_time=0.02)
+    route = report.route("torch-w8a8")
+    assert route.status == "not applicable" and "no layer takes the int8 product here" in route.reason
+    assert "the fp32 layer is faster here" in route.reason
 
 
 def test_a_route_over_the_accuracy_budget_is_rejected(int4_file, digits, monkeypatch):

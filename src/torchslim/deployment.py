@@ -62,7 +62,7 @@ from torchslim.measure.baseline import factory_baseline
 from torchslim.measure.latency import measure_latency
 from torchslim.models.onnx_graph import OnnxGraph
 from torchslim.onnx.convert import compare_outputs
-from torchslim.quantize.runtime import set_runtime_
+from torchslim.quantize.runtime import runtime_report, set_runtime_
 from torchslim.train import evaluate
 
 __all__ = ["DEFAULT_ROUTES", "ROUTES", "DeployConfig", "DeployReport", "RouteResult", "deploy"]
@@ -475,7 +475,14 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
     if name == "torch-w8a8":
         if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
             return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
-        return _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
+        result = _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
+        if result.status == "ok" and not any(row["paths"].get("rows") == "int8mm"
+                                             for row in runtime_report(result.module)):
+            reasons = sorted({row["reasons"].get("rows", "") for row in runtime_report(result.module)},
+                             key=lambda reason: "ms vs dense" not in reason)  # a measured layer's reason first
+            return RouteResult(name, "not applicable", "no layer takes the int8 product here (the same computation "
+                               f"as the torch route): {first_line(reasons[0], 160)}")
+        return result
     if name == "torch-compile":
         try:
             compiled = torch.compile(copy.deepcopy(module))

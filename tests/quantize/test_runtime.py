@@ -323,7 +323,38 @@ def test_int8_products_equal_the_weight_only_layer_up_to_activation_rounding(con
     assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999
 
 
-def test_w8a8_runs_several_rows_as_int8_products_and_one_row_as_auto(tmp_path):
+def test_w8a8_keeps_layers_dense_where_the_int8_product_measured_slower(int8mm_timed):
+    # torch._int_mm ran 37x slower than F.linear on an AVX2 CPU without VNNI: w8a8 must not pick it there
+    int8mm_timed(dense_ms=1.0, int8mm_ms=37.0)
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(model, "w8a8")
+    x = torch.randn(4, 576)
+    with torch.inference_mode():
+        got = model(x)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(x))  # not rounded: the fp32 path ran
+    set_runtime_(model, "w8a8")
+    with torch.inference_mode():
+        model(x)
+    row = runtime_report(model)[0]
+    assert row["paths"]["rows"] == "dense"
+    reason = "int8 x int8 37.000 ms vs dense 1.000 ms at 256 rows (0.03x); the fp32 layer is faster"
+    assert reason in row["reasons"]["rows"]
+    assert row["derived_bytes"] == 200 * 576 * 4  # the fp32 copy only: the int8 codes were dropped
+
+
+def test_w8a8_measures_whichever_path_is_faster_here():
+    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
+    set_runtime_(model, "w8a8")
+    with torch.inference_mode():
+        model(torch.randn(4, 576))
+    row = runtime_report(model)[0]
+    assert row["paths"]["rows"] in ("int8mm", "dense") and "ms vs dense" in row["reasons"]["rows"]
+
+
+def test_w8a8_runs_several_rows_as_int8_products_and_one_row_as_auto(tmp_path, int8mm_timed):
+    int8mm_timed(dense_ms=2.0, int8mm_ms=1.0)
     torch.manual_seed(0)
     model = ts.create_model("lenet300").eval()
     ts.quantize_(model, ts.IntQuant(bits=8, granularity="channel"))

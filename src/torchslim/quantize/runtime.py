@@ -21,10 +21,12 @@ The policy (``runtime``) says which paths a layer may take:
 - ``"compact"``: ``gemv`` where it applies, else ``reference``: no fp32 copy is ever made (memory first; may be
   slower, and :func:`runtime_report` says where);
 - ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere;
-- ``"w8a8"``: ``auto``, except that inputs of several rows run ``int8mm`` where it applies: the activations are
-  rounded to int8, so outputs differ from the weight-only model's (cosine >= 0.9999 on random layers; opt-in,
-  like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as the ``torch-w8a8`` route). Its
-  kernel is compiled once per number of input rows (1-2 s each), so it suits fixed serving shapes best.
+- ``"w8a8"``: ``auto``, except that inputs of several rows run ``int8mm`` where it applies and a
+  micro-benchmark at ``INT8MM_ROWS`` rows measured it faster than ``dense`` (``torch._int_mm`` is slow on CPUs
+  without VNNI): the activations are rounded to int8, so outputs differ from the weight-only model's (cosine >=
+  0.9999 on random layers; opt-in, like peers' "int8 dynamic activation" configs; ``torchslim deploy`` checks it as
+  the ``torch-w8a8`` route). Its kernel is compiled once per number of input rows (1-2 s each), so it suits fixed
+  serving shapes best.
 
 Sibling layers (a model's attention ``q_proj``/``k_proj``/``v_proj``, a gated FFN's ``gate_proj``/``up_proj``, BERT's
 ``query``/``key``/``value``: :data:`SIBLING_SETS`) that all take the ``gemv`` path run as one GEMV on their stacked
@@ -76,6 +78,7 @@ _MAX_COPIES = 256
 # 576 x 576 projections measured 2.6x fp32 on 48 rotating copies in a scratch run during development).
 MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
+INT8MM_ROWS = 256  # rows at which runtime='w8a8' times the int8 product against F.linear
 SPARSE_MIN_ZEROS = 0.8  # below this CSR lost to dense in every measured shape (benchmarks/sparse_cpu.py)
 _NO_GRAD_PATHS = ("gemv", "int8mm")  # kernels without autograd: a call that needs gradients takes dense
 # Children of one module that models call in turn on the same input. One GEMV on their stacked codes saves the
@@ -403,7 +406,7 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
         if reason is None:
             error = _int8mm_error(layer, state)
             if error is None:
-                return "int8mm", "runtime='w8a8': int8 activations (rounded per row) x int8 codes"
+                return _int8mm_choice(layer, state)
             reason = f"the compiled int8 product failed here ({error})"
         return "dense", f"{reason}; decoded once"
     reason = cpu_gemv.unsupported_reason(layer) if hasattr(layer, "codes") else (
@@ -442,6 +445,33 @@ def _int8mm_error(layer: nn.Module, state: _LayerState) -> str | None:
         state.int8 = None
         return first_line(exc, 200)
     return None
+
+
+def _int8mm_choice(layer: nn.Module, state: _LayerState) -> tuple[str, str]:
+    """("int8mm", why) where the int8 product measured faster than the fp32 layer at INT8MM_ROWS rows, else
+    ("dense", why) with the int8 codes dropped. ``torch._int_mm`` has no fast kernel on some CPUs: on an AVX2 CPU
+    without VNNI it ran a 4096 x 384 by 384 x 1536 product 37x slower than fp32 ``F.linear`` (2026-12-03)."""
+    out_features, in_features = layer.weight_shape
+    signature = (f"int8mm-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
+                 f"t{torch.get_num_threads()}-linear{out_features}x{in_features}-r{INT8MM_ROWS}")
+    timing = _MEASURED.get(signature) or _read_cache().get(signature)
+    if timing is None:
+        with torch.inference_mode():
+            x = torch.randn(INT8MM_ROWS, in_features, generator=torch.Generator().manual_seed(0))
+            weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(1))
+            run = cpu_int8mm.bind(state.int8)
+            run(x)  # compiled for this row count before timing
+            timing = {"dense_ms": sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1],
+                      "int8mm_ms": sorted(_timed(lambda: run(x)) for _ in range(3))[1]}
+        _write_cache(signature, timing)
+    _MEASURED[signature] = timing
+    speed = timing["dense_ms"] / timing["int8mm_ms"]
+    detail = (f"runtime='w8a8': int8 x int8 {timing['int8mm_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms at "
+              f"{INT8MM_ROWS} rows ({speed:.2f}x)")
+    if speed > 1.0:
+        return "int8mm", detail + "; int8 activations (rounded per row) x int8 codes"
+    state.int8 = None
+    return "dense", detail + "; the fp32 layer is faster here, decoded once"
 
 
 def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
