@@ -33,7 +33,8 @@ def _quantized(config, in_features=576, out_features=200):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.bits}b-{c.granularity}-{c.group_size}-{c.symmetric}")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "native"])
-@pytest.mark.parametrize(("in_features", "rows"), [(576, 1), (203, 3)], ids=["576x1", "odd-203x3"])
+@pytest.mark.parametrize(("in_features", "rows"), [(576, 1), (203, 3), (576, 9)],
+                         ids=["576x1", "odd-203x3", "576x9"])
 def test_integer_gemv_equals_the_dequantized_linear(config, compiled, in_features, rows):
     model = _quantized(config, in_features=in_features)
     layer = model[0]
@@ -90,11 +91,38 @@ def test_every_runtime_matches_the_reference_path(runtime, config, batch):
         assert row["reasons"][bucket]
         if runtime == "dense":
             assert path == "dense"
-        if runtime == "compact":
-            assert path == ("gemv" if batch == 1 else "reference")
-            assert row["derived_bytes"] < row["stored_bytes"] * 2 + 4 * 576 * 200 // 4  # no fp32 copy
+        if runtime == "compact":  # the GEMV takes a few rows too: no fp32 copy
+            assert path == "gemv"
+            assert row["derived_bytes"] < row["stored_bytes"] * 2 + 4 * 576 * 200 // 4
         if runtime == "auto":
-            assert path in ({"gemv", "dense"} if batch == 1 else {"dense"})
+            assert path in {"gemv", "dense"}
+
+
+@pytest.mark.parametrize("runtime", ["auto", "compact"])
+def test_inputs_longer_than_the_gemv_takes_run_dense_or_reference(runtime, monkeypatch):
+    from torchslim.quantize import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "MIN_MODEL_WEIGHTS", 0)  # a small model: time its layers all the same
+    monkeypatch.setattr(runtime_module, "MIN_GEMV_WEIGHTS", 0)
+    monkeypatch.setattr(runtime_module, "_measure", lambda layer, model_bytes, rows=1: {"gemv_ms": 1.0,
+                                                                                       "dense_ms": 2.0})
+    model = _quantized(ts.IntQuant(bits=4, granularity="group", group_size=64))
+    short, long = torch.randn(5, 576), torch.randn(runtime_module.GEMV_MAX_ROWS + 1, 576)
+    set_runtime_(model, "reference")
+    with torch.inference_mode():
+        want_short, want_long = model(short), model(long)
+    set_runtime_(model, runtime)
+    with torch.inference_mode():
+        got_short = model(short)
+        before = runtime_report(model)[0]["derived_bytes"]
+        got_long = model(long)
+    torch.testing.assert_close(got_short, want_short, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_long, want_long, atol=2e-4, rtol=1e-4)
+    row = runtime_report(model)[0]
+    assert row["paths"]["rows"] == "gemv" and f"more than {runtime_module.GEMV_MAX_ROWS} rows" in row["reasons"]["rows"]
+    assert before < 200 * 576  # the GEMV's codes only, half a byte a weight
+    fp32_copy = 200 * 576 * 4
+    assert (row["derived_bytes"] >= fp32_copy) == (runtime == "auto")  # compact never keeps an fp32 copy
 
 
 def test_auto_picks_by_measurement_and_caches_it(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ __all__ = ["LAYOUTS", "VERSION", "GemvPack", "bind", "gemv", "prepack", "referen
 
 # Bump when the kernel or how it is called changes: cached timings (torchslim.quantize.runtime) of older kernels
 # then no longer apply.
-VERSION = 6
+VERSION = 7
 
 LAYOUTS = ("bytes", "nibble-lanes", "byte-lanes")  # the kernel's layout numbers 0, 1, 2
 _LANE_CODES = {"nibble-lanes": (64, 4), "byte-lanes": (32, 8)}  # codes per block of 16 lanes, bits per code

@@ -7,7 +7,8 @@ fp32 ``F.linear``, where this loop (AVX2: 8 codes widened with one ``vpmovzxbd``
 in ~100 us on one thread (scratch runs, 2026-12-03, scripts not kept). Codes held in 16-bit lanes (four 4-bit or
 two 8-bit codes a lane, :mod:`torchslim.kernels.cpu_gemv`) are multiplied by the input rounded to 16 bits with
 ``vpmaddwd`` instead: 1536 x 576 int4 g128 35 vs 55 us, 49152 x 576 0.72-0.82 vs 1.4-1.9 ms at 2 threads, weights
-from memory (a C scratch benchmark, 2026-12-03, quiet machine). The source is compiled with ``cc -O3`` (AVX2
+from memory (a C scratch benchmark, 2026-12-03, quiet machine). Several input rows share each unpacked block
+(tiles of 4 rows), so a short prompt costs little more memory traffic than one token. The source is compiled with ``cc -O3`` (AVX2
 + FMA intrinsics where the CPU has them, a plain loop otherwise) into ``$TORCHSLIM_CACHE_DIR/native`` on first use
 and called through ``ctypes`` (which releases the GIL); the library name carries a hash of the source and flags.
 """
@@ -96,41 +97,13 @@ void gemv_u8(const float* x, int64_t m, int64_t k, const uint8_t* q, int64_t n, 
     free(sums);
 }
 
-#ifdef __AVX2__
-static int32_t hsum_i32(__m256i v) {
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-    return _mm_cvtsi128_si32(h);
-}
-#endif
-
-/* Integer dot products of 16-bit inputs x with codes held in 16-bit lanes, over whole blocks of 16 lanes.
-   Nibble lanes (codes of <= 4 bits): 64 codes a block, lane l holds codes l, 16+l, 32+l, 48+l in bits 0-3, 4-7,
-   8-11, 12-15. Byte lanes: 32 codes a block, lane l holds codes l and 16+l in its low and high byte. No shuffles:
-   a code is a shift and a mask away, and vpmaddwd multiplies 16 of them by 16 inputs. At most NIBBLE_CHUNK /
-   BYTE_CHUNK blocks per call, so that no 32-bit lane overflows (15 * 32767 * 2 per pair, 255 * 32767 * 2). */
-#define NIBBLE_CHUNK 512
-#define BYTE_CHUNK 64
+/* Codes held in 16-bit lanes, in blocks of 16 lanes. Nibble lanes (codes of <= 4 bits): 64 codes a block, lane l
+   holds codes l, 16+l, 32+l, 48+l in bits 0-3, 4-7, 8-11, 12-15. Byte lanes: 32 codes a block, lane l holds codes l
+   and 16+l in its low and high byte. A code is a shift and a mask away (no shuffles), and vpmaddwd multiplies 16
+   codes by 16 inputs rounded to 16 bits. Plain loops (CPUs without AVX2) sum in 64 bits. */
 static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) {
-    int64_t b = 0, total = 0;
-#ifdef __AVX2__
-    const __m256i m = _mm256_set1_epi16(0xF);
-    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-    for (; b < blocks; b++) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 16));
-        const int16_t* xb = x + b * 64;
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256((const __m256i*)xb)));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m),
-                                                    _mm256_loadu_si256((const __m256i*)(xb + 16))));
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), m),
-                                                    _mm256_loadu_si256((const __m256i*)(xb + 32))));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 12),
-                                                    _mm256_loadu_si256((const __m256i*)(xb + 48))));
-    }
-    total = hsum_i32(_mm256_add_epi32(a0, a1));
-#endif
-    for (; b < blocks; b++) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < blocks; b++) {
         const uint16_t* wb = w + b * 16;
         const int16_t* xb = x + b * 64;
         for (int l = 0; l < 16; l++) {
@@ -143,20 +116,8 @@ static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) 
 }
 
 static int64_t dot_bytes(const uint16_t* w, const int16_t* x, int64_t blocks) {
-    int64_t b = 0, total = 0;
-#ifdef __AVX2__
-    const __m256i m = _mm256_set1_epi16(0xFF);
-    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-    for (; b < blocks; b++) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 16));
-        const int16_t* xb = x + b * 32;
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256((const __m256i*)xb)));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_srli_epi16(v, 8),
-                                                    _mm256_loadu_si256((const __m256i*)(xb + 16))));
-    }
-    total = hsum_i32(_mm256_add_epi32(a0, a1));
-#endif
-    for (; b < blocks; b++) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < blocks; b++) {
         const uint16_t* wb = w + b * 16;
         const int16_t* xb = x + b * 32;
         for (int l = 0; l < 16; l++) total += (int64_t)(wb[l] & 255) * xb[l] + (int64_t)(wb[l] >> 8) * xb[16 + l];
@@ -164,17 +125,94 @@ static int64_t dot_bytes(const uint16_t* w, const int16_t* x, int64_t blocks) {
     return total;
 }
 
+/* One output row (codes `row`) against a tile of up to ROW_TILE quantized input rows (ldx apart): out[r] =
+   sum_g scale[g] * steps[r, g] * (codes_g . xq[r]_g). Each block of codes is loaded and unpacked once for every row
+   of the tile; a group's integer sums are scaled into float vectors, summed across lanes once per output row. At
+   most CHUNK blocks are summed in 32 bits before they are scaled (4 * 256 nibble or 2 * 32 byte pair sums a lane:
+   below 2^31 for any code and input). */
+#define ROW_TILE 4
+#define NIBBLE_CHUNK 256
+#define BYTE_CHUNK 32
+static void lanes_row(const uint16_t* row, const int16_t* xq, int64_t ldx, int rows, int nibbles, const float* scale,
+                      const float* steps, int64_t groups, int64_t group_blocks, int64_t last_blocks, float* out) {
+    const int64_t per_block = nibbles ? 64 : 32, stride = group_blocks * per_block;
+#ifdef __AVX2__
+    const int64_t chunk = nibbles ? NIBBLE_CHUNK : BYTE_CHUNK;
+    const __m256i m = _mm256_set1_epi16(nibbles ? 0xF : 0xFF);
+    __m256 f[ROW_TILE];
+    for (int r = 0; r < ROW_TILE; r++) f[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t blocks = g == groups - 1 ? last_blocks : group_blocks;
+        const uint16_t* wg = row + g * group_blocks * 16;
+        const int16_t* xg = xq + g * stride;
+        for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+            const int64_t end = blocks - b0 < chunk ? blocks : b0 + chunk;
+            __m256i a[ROW_TILE];
+            for (int r = 0; r < ROW_TILE; r++) a[r] = _mm256_setzero_si256();
+            for (int64_t b = b0; b < end; b++) {
+                __m256i v = _mm256_loadu_si256((const __m256i*)(wg + b * 16));
+                if (nibbles) {
+                    __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+                    __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m), c3 = _mm256_srli_epi16(v, 12);
+                    for (int r = 0; r < rows; r++) {
+                        const int16_t* xb = xg + r * ldx + b * 64;
+                        __m256i t = _mm256_add_epi32(
+                            _mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i*)xb)),
+                            _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i*)(xb + 16))));
+                        t = _mm256_add_epi32(t, _mm256_madd_epi16(c2, _mm256_loadu_si256((const __m256i*)(xb + 32))));
+                        t = _mm256_add_epi32(t, _mm256_madd_epi16(c3, _mm256_loadu_si256((const __m256i*)(xb + 48))));
+                        a[r] = _mm256_add_epi32(a[r], t);
+                    }
+                } else {
+                    __m256i lo = _mm256_and_si256(v, m), hi = _mm256_srli_epi16(v, 8);
+                    for (int r = 0; r < rows; r++) {
+                        const int16_t* xb = xg + r * ldx + b * 32;
+                        a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(
+                            _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)xb)),
+                            _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(xb + 16)))));
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(scale[g] * steps[r * groups + g]),
+                                       f[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(f[r]), _mm256_extractf128_ps(f[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = _mm_cvtss_f32(h);
+    }
+#else
+    for (int r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t blocks = g == groups - 1 ? last_blocks : group_blocks;
+            const uint16_t* wg = row + g * group_blocks * 16;
+            const int16_t* xg = xq + r * ldx + g * stride;
+            int64_t dot = nibbles ? dot_nibbles(wg, xg, blocks) : dot_bytes(wg, xg, blocks);
+            total += scale[g] * steps[r * groups + g] * (float)dot;
+        }
+        out[r] = total;
+    }
+#endif
+}
+
 /* y = x W^T + bias for codes in 16-bit lanes (layout 1: nibbles, 2: bytes), each input group rounded to 16 bits:
-   y[n] = sum_g scale[n, g] * step_g * (q[n, g] . round(x_g / step_g)) - scale_zero[n, g] * sum(x_g) + bias[n],
-   step_g = max|x_g| / 32767. Rows of q hold groups * group_blocks blocks (group_blocks covers group_len codes). */
+   y[r, n] = sum_g scale[n, g] * step[r, g] * (q[n, g] . round(x[r]_g / step[r, g])) - scale_zero[n, g] * sum(x[r]_g)
+   + bias[n], step[r, g] = max|x[r]_g| / 32767. Rows of q hold groups * group_blocks blocks (group_blocks covers
+   group_len codes). All input rows are rounded first; output rows are split across threads. */
 static void gemv_lanes(const uint16_t* q, int64_t n, int64_t ldq, int layout, const float* x, int64_t m, int64_t k,
                        const float* scale, const float* scale_zero, int64_t groups, int64_t group_len,
                        const float* bias, float* y, int threads) {
-    const int64_t per_block = layout == 1 ? 64 : 32, chunk = layout == 1 ? NIBBLE_CHUNK : BYTE_CHUNK;
+    const int64_t per_block = layout == 1 ? 64 : 32;
     const int64_t group_blocks = (group_len + per_block - 1) / per_block, stride = group_blocks * per_block;
-    float* sums = (float*)malloc(sizeof(float) * 2 * (size_t)groups);
-    float* steps = sums + groups;
-    int16_t* xq = (int16_t*)calloc((size_t)(groups * stride), sizeof(int16_t));  /* past a group's end: zeros */
+    const int64_t last_len = k - (groups - 1) * group_len, last_blocks = (last_len + per_block - 1) / per_block;
+    const int64_t ldx = groups * stride;  /* one rounded input row */
+    float* sums = (float*)malloc(sizeof(float) * 2 * (size_t)(groups * m));
+    float* steps = sums + groups * m;
+    int16_t* xq = (int16_t*)calloc((size_t)(ldx * m), sizeof(int16_t));  /* past a group's end: zeros */
     for (int64_t r = 0; r < m; r++) {
         const float* xr = x + r * k;
         for (int64_t g = 0; g < groups; g++) {
@@ -186,30 +224,25 @@ static void gemv_lanes(const uint16_t* q, int64_t n, int64_t ldq, int layout, co
                 largest = a > largest ? a : largest;
             }
             float step = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / step;
-            for (int64_t j = 0; j < len; j++) xq[g * stride + j] = (int16_t)lrintf(xr[start + j] * inverse);
-            sums[g] = total;
-            steps[g] = step;
+            for (int64_t j = 0; j < len; j++) xq[r * ldx + g * stride + j] = (int16_t)lrintf(xr[start + j] * inverse);
+            sums[r * groups + g] = total;
+            steps[r * groups + g] = step;
         }
-        float* yr = y + r * n;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            const uint16_t* row = q + i * ldq;
-            const float* s = scale + i * groups;
-            const float* sz = scale_zero + i * groups;
-            float acc = bias ? bias[i] : 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                int64_t start = g * group_len, len = k - start < group_len ? k - start : group_len;
-                int64_t blocks = (len + per_block - 1) / per_block, dot = 0;
-                const uint16_t* wg = row + g * group_blocks * 16;
-                const int16_t* xg = xq + g * stride;
-                for (int64_t b = 0; b < blocks; b += chunk) {
-                    int64_t count = blocks - b < chunk ? blocks - b : chunk;
-                    dot += layout == 1 ? dot_nibbles(wg + b * 16, xg + b * per_block, count)
-                                       : dot_bytes(wg + b * 16, xg + b * per_block, count);
-                }
-                acc += s[g] * steps[g] * (float)dot - sz[g] * sums[g];
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float* s = scale + i * groups;
+        const float* sz = scale_zero + i * groups;
+        for (int64_t r0 = 0; r0 < m; r0 += ROW_TILE) {  /* row i's codes stay in L1 across the tiles */
+            int rows = m - r0 < ROW_TILE ? (int)(m - r0) : ROW_TILE;
+            float out[ROW_TILE];
+            lanes_row(q + i * ldq, xq + r0 * ldx, ldx, rows, layout == 1, s, steps + r0 * groups, groups,
+                      group_blocks, last_blocks, out);
+            for (int r = 0; r < rows; r++) {
+                float zero = 0.0f;
+                for (int64_t g = 0; g < groups; g++) zero += sz[g] * sums[(r0 + r) * groups + g];
+                y[(r0 + r) * n + i] = out[r] - zero + (bias ? bias[i] : 0.0f);
             }
-            yr[i] = acc;
         }
     }
     free(xq);

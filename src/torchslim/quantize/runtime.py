@@ -7,7 +7,8 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
 - ``dense``: decode the weight once into an fp32 tensor kept beside the packed buffers (compute equals the fp32
   layer's; resident memory = an fp32 weight);
 - ``gemv``: the native (C, AVX2) integer matrix-vector product of :mod:`torchslim.kernels.cpu_gemv` on codes
-  derived at first use (one byte a weight; Linear layers with 1-8-bit codes, one input row);
+  derived at first use (half a byte or one byte a weight; Linear layers with 1-8-bit codes, one input row or up to
+  ``GEMV_MAX_ROWS`` rows: each block of codes is unpacked once for 4 rows at a time);
 - ``sparse``: CSR ``torch.sparse.mm`` for Linear layers with >= 80% zeros, only where measured faster than dense;
 - ``int8mm``: int8 x int8 products on inputs quantized per row at run time (:mod:`torchslim.kernels.cpu_int8mm`;
   Linear layers with 1-8-bit codes and one scale per output row, several input rows; ``runtime="w8a8"`` only).
@@ -15,9 +16,10 @@ A packed layer (``IntQuantLayer``, ``CodebookLayer``, ``HalfLayer``) can compute
 The policy (``runtime``) says which paths a layer may take:
 
 - ``"auto"`` (what :func:`torchslim.load` sets): one input row -> ``gemv`` where a micro-benchmark of this layer
-  shape on this machine measured it faster than ``dense``, else ``dense``; several rows and other layers ->
-  ``dense`` (an fp32 copy is made on the first call with several rows, e.g. an LLM's prompt). Never slower than
-  the fp32 layer (up to timing noise); memory up to fp32 for the layers that need it.
+  shape on this machine measured it faster than ``dense``, else ``dense``; several rows -> ``gemv`` where it
+  measured faster at ``GEMV_PROBE_ROWS`` rows, for inputs of up to ``GEMV_MAX_ROWS`` rows (e.g. an LLM's short
+  prompt); longer inputs and other layers -> ``dense`` (an fp32 copy is made on the first such call). Never slower
+  than the fp32 layer (up to timing noise); memory up to fp32 for the layers that need it.
 - ``"compact"``: ``gemv`` where it applies, else ``reference``: no fp32 copy is ever made (memory first; may be
   slower, and :func:`runtime_report` says where);
 - ``"dense"``: ``dense`` everywhere; ``"reference"``: ``reference`` everywhere;
@@ -78,6 +80,11 @@ _MAX_COPIES = 256
 # 576 x 576 projections measured 2.6x fp32 on 48 rotating copies in a scratch run during development).
 MIN_MODEL_WEIGHTS = 8 << 20
 MIN_GEMV_WEIGHTS = 1 << 19
+# Inputs of several rows (an LLM's short prompt) run the GEMV too, which reads each weight once for all rows, when
+# it measured faster than dense at GEMV_PROBE_ROWS rows; beyond GEMV_MAX_ROWS rows the fp32 product wins (SmolLM2
+# shapes, int4 g128, 2 threads: 1.1-1.8x dense at 16 rows, 0.6-1.1x at 32; scratch run 2026-12-03).
+GEMV_PROBE_ROWS = 16
+GEMV_MAX_ROWS = 16
 INT8MM_ROWS = 256  # rows at which runtime='w8a8' times the int8 product against F.linear
 SPARSE_MIN_ZEROS = 0.8  # below this CSR lost to dense in every measured shape (benchmarks/sparse_cpu.py)
 _NO_GRAD_PATHS = ("gemv", "int8mm")  # kernels without autograd: a call that needs gradients takes dense
@@ -320,11 +327,31 @@ def fast_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
     if path == "reference":
         return None
     fn = _build(layer, state, path)
+    if path == "gemv" and not one_row:
+        fn = _short_inputs_only(layer, state, fn)
     if x.dtype == torch.float32 and path == state.paths[bucket]:
         state.ready[one_row] = (fn, path in _NO_GRAD_PATHS)
     if path == "dense" and x.dtype != torch.float32:  # e.g. a float16 input: the weight is cast to it
         return layer.run(x, state.dense)
     return fn(x)
+
+
+def _short_inputs_only(layer: nn.Module, state: _LayerState, gemv: Callable[[Tensor], Tensor]
+                       ) -> Callable[[Tensor], Tensor]:
+    """``gemv`` for inputs of up to GEMV_MAX_ROWS rows; longer ones (a long prompt) take ``dense`` (decoded once,
+    when first needed) or, under ``compact``, the reference computation."""
+    in_features, longer = int(layer.weight_shape[1]), None
+
+    def run(x: Tensor) -> Tensor:
+        nonlocal longer
+        if x.numel() <= GEMV_MAX_ROWS * in_features:
+            return gemv(x)
+        if longer is None:
+            longer = (_build(layer, state, "dense") if state.policy != "compact"
+                      else lambda x: layer.run(x, _float_weight(layer)))
+        return longer(x)
+
+    return run
 
 
 def _build(layer: nn.Module, state: _LayerState, path: str) -> Callable[[Tensor], Tensor]:
@@ -411,8 +438,7 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
         return "dense", f"{reason}; decoded once"
     reason = cpu_gemv.unsupported_reason(layer) if hasattr(layer, "codes") else (
         f"{type(layer).__name__}: the integer GEMV takes integer codes")
-    if reason is None and bucket != "1 row":
-        reason = "several input rows: the GEMV is for one row"
+    rows = 1 if bucket == "1 row" else GEMV_PROBE_ROWS
     weights, model_weights = _fp32_bytes(layer) // 4, state.model_bytes // 4
     small = weights < MIN_GEMV_WEIGHTS and model_weights < MIN_MODEL_WEIGHTS
     if reason is None and state.policy in ("auto", "w8a8") and small:
@@ -424,15 +450,18 @@ def _choose(layer: nn.Module, state: _LayerState, bucket: str) -> tuple[str, str
     if reason is not None:
         return ("reference", f"{reason}; runtime='compact' keeps no fp32 copy") if state.policy == "compact" else (
             "dense", f"{reason}; decoded once")
-    timing = _measure(layer, state.model_bytes)  # also proves the kernel compiles here
+    timing = _measure(layer, state.model_bytes, rows)  # also proves the kernel compiles here
     if "error" in timing:
         fallback = "reference" if state.policy == "compact" else "dense"
         return fallback, f"the native GEMV failed here ({timing['error']}); {fallback} path"
+    longer = "" if rows == 1 else (f"; inputs of more than {GEMV_MAX_ROWS} rows: "
+                                   + ("reference" if state.policy == "compact" else "dense, decoded once"))
     if state.policy == "compact":
-        return "gemv", "runtime='compact'"
+        return "gemv", "runtime='compact'" + longer
     speed = timing["dense_ms"] / timing["gemv_ms"]
-    detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms ({speed:.2f}x)"
-    return ("gemv", detail) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
+    at = "" if rows == 1 else f" at {rows} rows"
+    detail = f"gemv {timing['gemv_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms{at} ({speed:.2f}x)"
+    return ("gemv", detail + longer) if speed > 1.0 else ("dense", detail + "; the fp32 layer is faster here")
 
 
 def _int8mm_error(layer: nn.Module, state: _LayerState) -> str | None:
@@ -533,22 +562,23 @@ def _write_cache(signature: str, timing: dict[str, float]) -> None:
         pass
 
 
-def _measure(layer: nn.Module, model_bytes: int) -> dict[str, Any]:
-    """Median ms of the GEMV and of the fp32 ``F.linear`` for this layer's shape, on rotating weight copies."""
+def _measure(layer: nn.Module, model_bytes: int, rows: int = 1) -> dict[str, Any]:
+    """Median ms of the GEMV and of the fp32 ``F.linear`` for this layer's shape at ``rows`` input rows, on rotating
+    weight copies."""
     layer_bytes = _fp32_bytes(layer)
     copies = max(1, min(_MAX_COPIES, min(model_bytes, _ROTATION_BYTES_CAP) // max(1, layer_bytes)))
-    signature = _signature(layer, copies)
+    signature = _signature(layer, copies) + (f"-r{rows}" if rows > 1 else "")
     if signature not in _MEASURED:
         cached = _read_cache().get(signature)
         if cached is None:
-            cached = _time_paths(layer, copies)
+            cached = _time_paths(layer, copies, rows)
             if "error" not in cached:
                 _write_cache(signature, cached)
         _MEASURED[signature] = cached
     return _MEASURED[signature]
 
 
-def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any]:
+def _time_paths(layer: nn.Module, copies: int, rows: int = 1, rounds: int = 5) -> dict[str, Any]:
     out_features, in_features = layer.weight_shape
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -559,7 +589,7 @@ def _time_paths(layer: nn.Module, copies: int, rounds: int = 5) -> dict[str, Any
 
         packs = [dataclasses.replace(template, codes=random_codes(template.codes)) for _ in range(copies)]
         weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
-        x = torch.randn(1, in_features, generator=generator)
+        x = torch.randn(rows, in_features, generator=generator)
         try:
             bound = [cpu_gemv.bind(pack) for pack in packs]  # builds the native kernel on first use
             for run in bound[:2]:
