@@ -221,8 +221,8 @@ def render(rows: list[dict], args: argparse.Namespace, setup: dict) -> str:
             f"{r['peak_rss'] / 2**20:.0f} | {rss:.2f}x | "
             f"{'n/a' if r.get('peak_anon') is None else round(r['peak_anon'] / 2**20)} |"
         )
-    lines += ["", "Embeddings stay fp32 in every variant (the tied `lm_head` is quantized); GPTQ ran "
-              f"`loop` = {next((r['loop'] for r in rows if 'loop' in r), ['n/a'])}.", ""]
+    lines += ["", "Embeddings stay fp32 except in the `-emb` variants (the tied `lm_head` is quantized in all); GPTQ "
+              f"ran `loop` = {next((r['loop'] for r in rows if 'loop' in r), ['n/a'])}.", ""]
     return "\n".join(lines)
 
 
