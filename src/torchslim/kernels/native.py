@@ -8,9 +8,10 @@ in ~100 us on one thread (scratch runs, 2026-12-03, scripts not kept). Codes hel
 two 8-bit codes a lane, :mod:`torchslim.kernels.cpu_gemv`) are multiplied by the input rounded to 16 bits with
 ``vpmaddwd`` instead: 1536 x 576 int4 g128 35 vs 55 us, 49152 x 576 0.72-0.82 vs 1.4-1.9 ms at 2 threads, weights
 from memory (a C scratch benchmark, 2026-12-03, quiet machine). Several input rows share each unpacked block
-(tiles of 4 rows), so a short prompt costs little more memory traffic than one token. The source is compiled with ``cc -O3`` (AVX2
-+ FMA intrinsics where the CPU has them, a plain loop otherwise) into ``$TORCHSLIM_CACHE_DIR/native`` on first use
-and called through ``ctypes`` (which releases the GIL); the library name carries a hash of the source and flags.
+(tiles of 4 rows), so a short prompt costs little more memory traffic than one token. The source is compiled
+with ``cc -O3`` (AVX2 + FMA intrinsics where the CPU has them, a plain loop otherwise) into
+``$TORCHSLIM_CACHE_DIR/native`` on first use and called through ``ctypes`` (which releases the GIL); the library
+name carries a hash of the source and flags.
 """
 
 from __future__ import annotations
