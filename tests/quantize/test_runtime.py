@@ -123,6 +123,10 @@ def test_inputs_longer_than_the_gemv_takes_run_dense_or_reference(runtime, monke
     assert before < 200 * 576  # the GEMV's codes only, half a byte a weight
     fp32_copy = 200 * 576 * 4
     assert (row["derived_bytes"] >= fp32_copy) == (runtime == "auto")  # compact never keeps an fp32 copy
+    with torch.inference_mode():  # a float16 input of many rows takes the same fallback, in float16
+        half = model[0](long.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), model[0](long), atol=5e-2, rtol=1e-2)
 
 
 def test_auto_picks_by_measurement_and_caches_it(tmp_path, monkeypatch):

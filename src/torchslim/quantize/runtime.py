@@ -346,9 +346,12 @@ def _short_inputs_only(layer: nn.Module, state: _LayerState, gemv: Callable[[Ten
         nonlocal longer
         if x.numel() <= GEMV_MAX_ROWS * in_features:
             return gemv(x)
-        if longer is None:
-            longer = (_build(layer, state, "dense") if state.policy != "compact"
-                      else lambda x: layer.run(x, _float_weight(layer)))
+        if longer is None:  # layer.run casts the weight to the input's dtype (e.g. a float16 input)
+            if state.policy == "compact":
+                longer = lambda x: layer.run(x, layer.dequantize_weight(x.dtype))  # noqa: E731
+            else:
+                _build(layer, state, "dense")
+                longer = lambda x: layer.run(x, state.dense)  # noqa: E731
         return longer(x)
 
     return run
