@@ -476,9 +476,9 @@ def _build(name: str, module: nn.Module, payload: bytes | None, data: Any, examp
         if all(unsupported_reason(m) is not None for m in module.modules() if hasattr(m, "weight_shape")):
             return RouteResult(name, "not applicable", "no packed Linear layer with one scale per output row")
         result = _runtime_route(name, module, payload, parity_inputs, "w8a8", "int8")
-        if result.status == "ok" and not any(row["paths"].get("rows") == "int8mm"
-                                             for row in runtime_report(result.module)):
-            reasons = sorted({row["reasons"].get("rows", "") for row in runtime_report(result.module)},
+        report = runtime_report(result.module) if result.status == "ok" else []
+        if report and not any(row["paths"].get("rows") == "int8mm" for row in report):
+            reasons = sorted({row["reasons"].get("rows", "") for row in report},
                              key=lambda reason: "ms vs dense" not in reason)  # a measured layer's reason first
             return RouteResult(name, "not applicable", "no layer takes the int8 product here (the same computation "
                                f"as the torch route): {first_line(reasons[0], 160)}")

@@ -355,9 +355,9 @@ def test_int8_products_equal_the_weight_only_layer_up_to_activation_rounding(con
     assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.9999
 
 
-def test_w8a8_keeps_layers_dense_where_the_int8_product_measured_slower(int8mm_timed):
-    # torch._int_mm ran 37x slower than F.linear on an AVX2 CPU without VNNI: w8a8 must not pick it there
-    int8mm_timed(dense_ms=1.0, int8mm_ms=37.0)
+def _w8a8_row_that_ran_fp32() -> dict:
+    """An int8 channel layer under w8a8 on 4 rows: asserts its outputs equal the reference (nothing rounded) and
+    returns its runtime_report row (read after a fresh w8a8 pass, so the reasons are the chosen path's)."""
     model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
     set_runtime_(model, "w8a8")
     x = torch.randn(4, 576)
@@ -369,7 +369,13 @@ def test_w8a8_keeps_layers_dense_where_the_int8_product_measured_slower(int8mm_t
     set_runtime_(model, "w8a8")
     with torch.inference_mode():
         model(x)
-    row = runtime_report(model)[0]
+    return runtime_report(model)[0]
+
+
+def test_w8a8_keeps_layers_dense_where_the_int8_product_measured_slower(int8mm_timed):
+    # torch._int_mm ran 37x slower than F.linear on an AVX2 CPU without VNNI: w8a8 must not pick it there
+    int8mm_timed(dense_ms=1.0, int8mm_ms=37.0)
+    row = _w8a8_row_that_ran_fp32()
     assert row["paths"]["rows"] == "dense"
     reason = "int8 x int8 37.000 ms vs dense 1.000 ms at 256 rows (0.03x); the fp32 layer is faster"
     assert reason in row["reasons"]["rows"]
@@ -424,18 +430,7 @@ def test_w8a8_without_a_compiler_falls_back_to_dense(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(cpu_int8mm, "compiled", no_compiler)
-    model = _quantized(ts.IntQuant(bits=8, granularity="channel"))
-    set_runtime_(model, "w8a8")
-    x = torch.randn(4, 576)
-    with torch.inference_mode():
-        got = model(x)
-    set_runtime_(model, "reference")
-    with torch.inference_mode():
-        torch.testing.assert_close(got, model(x))
-    set_runtime_(model, "w8a8")
-    with torch.inference_mode():
-        model(x)
-    row = runtime_report(model)[0]
+    row = _w8a8_row_that_ran_fp32()
     assert row["paths"]["rows"] == "dense"
     assert "int8 product failed here (no C++ compiler found)" in row["reasons"]["rows"]
 

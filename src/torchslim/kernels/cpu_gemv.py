@@ -14,9 +14,10 @@ in one of three layouts; the saved file does not change:
 - ``bytes`` (any other group length): one byte a code, products in float32.
 
 The two lane layouts multiply integer codes by the input rounded to 16 bits per group (step = the group's largest
-absolute input / 32767, so each input is off by at most 1/65534 of that): ``vpmaddwd`` takes 16 codes a cycle where
-the float loop widened 8 codes to floats, and half the bytes come from memory. Outputs differ from the float
-product by ~2e-5 of their largest value (tests bound it at 1e-4), far below the weights' own rounding.
+absolute input / 32767, so each input is off by at most 1/65534 of that): one ``vpmaddwd`` multiplies 16 codes
+where the float loop widened 8 codes to floats, and int4 reads half the bytes. Outputs differed from the float
+product by 2e-5 to 7e-5 of their largest value on the test layers (a scratch check; tests bound it at 1e-4), far
+below the weights' own rounding.
 """
 
 from __future__ import annotations

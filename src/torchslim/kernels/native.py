@@ -102,6 +102,7 @@ void gemv_u8(const float* x, int64_t m, int64_t k, const uint8_t* q, int64_t n, 
    holds codes l, 16+l, 32+l, 48+l in bits 0-3, 4-7, 8-11, 12-15. Byte lanes: 32 codes a block, lane l holds codes l
    and 16+l in its low and high byte. A code is a shift and a mask away (no shuffles), and vpmaddwd multiplies 16
    codes by 16 inputs rounded to 16 bits. Plain loops (CPUs without AVX2) sum in 64 bits. */
+#ifndef __AVX2__
 static int64_t dot_nibbles(const uint16_t* w, const int16_t* x, int64_t blocks) {
     int64_t total = 0;
     for (int64_t b = 0; b < blocks; b++) {
@@ -125,6 +126,7 @@ static int64_t dot_bytes(const uint16_t* w, const int16_t* x, int64_t blocks) {
     }
     return total;
 }
+#endif
 
 /* One output row (codes `row`) against a tile of up to ROW_TILE quantized input rows (ldx apart): out[r] =
    sum_g scale[g] * steps[r, g] * (codes_g . xq[r]_g). Each block of codes is loaded and unpacked once for every row

@@ -484,19 +484,16 @@ def _int8mm_choice(layer: nn.Module, state: _LayerState) -> tuple[str, str]:
     ("dense", why) with the int8 codes dropped. ``torch._int_mm`` has no fast kernel on some CPUs: on an AVX2 CPU
     without VNNI it ran a 4096 x 384 by 384 x 1536 product 37x slower than fp32 ``F.linear`` (2026-12-03)."""
     out_features, in_features = layer.weight_shape
-    signature = (f"int8mm-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
-                 f"t{torch.get_num_threads()}-linear{out_features}x{in_features}-r{INT8MM_ROWS}")
-    timing = _MEASURED.get(signature) or _read_cache().get(signature)
-    if timing is None:
+
+    def measure() -> dict[str, float]:
         with torch.inference_mode():
             x = torch.randn(INT8MM_ROWS, in_features, generator=torch.Generator().manual_seed(0))
             weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(1))
             run = cpu_int8mm.bind(state.int8)
             run(x)  # compiled for this row count before timing
-            timing = {"dense_ms": sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1],
-                      "int8mm_ms": sorted(_timed(lambda: run(x)) for _ in range(3))[1]}
-        _write_cache(signature, timing)
-    _MEASURED[signature] = timing
+            return {"dense_ms": _median_ms(lambda: F.linear(x, weight)), "int8mm_ms": _median_ms(lambda: run(x))}
+
+    timing = _cached_timing(_shape_signature("int8mm", out_features, in_features) + f"-r{INT8MM_ROWS}", measure)
     speed = timing["dense_ms"] / timing["int8mm_ms"]
     detail = (f"runtime='w8a8': int8 x int8 {timing['int8mm_ms']:.3f} ms vs dense {timing['dense_ms']:.3f} ms at "
               f"{INT8MM_ROWS} rows ({speed:.2f}x)")
@@ -520,27 +517,28 @@ def _sparse_choice(layer: nn.Module, bucket: str) -> tuple[str, str] | None:
         if zeros < SPARSE_MIN_ZEROS:
             return None
         rows = 1 if bucket == "1 row" else 32
-        signature = (f"sparse-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
-                     f"t{torch.get_num_threads()}-linear{weight.shape[0]}x{weight.shape[1]}-nz{nonzero}-r{rows}")
-        timing = _MEASURED.get(signature) or _read_cache().get(signature)
-        if timing is None:
-            csr = _to_csr(weight)
+
+        def measure() -> dict[str, float]:
+            run = _sparse_linear(_to_csr(weight), None)
             x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
-            run = _sparse_linear(csr, None)
-            timing = {"dense_ms": sorted(_timed(lambda: F.linear(x, weight)) for _ in range(3))[1],
-                      "sparse_ms": sorted(_timed(lambda: run(x)) for _ in range(3))[1]}
-            _write_cache(signature, timing)
-        _MEASURED[signature] = timing
+            return {"dense_ms": _median_ms(lambda: F.linear(x, weight)), "sparse_ms": _median_ms(lambda: run(x))}
+
+        signature = _shape_signature("sparse", *weight.shape) + f"-nz{nonzero}-r{rows}"
+        timing = _cached_timing(signature, measure)
     dense_ms, sparse_ms = timing["dense_ms"], timing["sparse_ms"]
     detail = f"{zeros:.1%} zeros: CSR {sparse_ms:.3f} ms vs dense {dense_ms:.3f} ms ({dense_ms / sparse_ms:.2f}x)"
     return ("sparse", detail) if sparse_ms < dense_ms else None
 
 
+def _shape_signature(kind: str, out_features: int, in_features: int) -> str:
+    """The cache key prefix of a timing: what was timed, on which torch, CPU and thread count, for which shape."""
+    return (f"{kind}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-t{torch.get_num_threads()}-"
+            f"linear{out_features}x{in_features}")
+
+
 def _signature(layer: nn.Module, copies: int) -> str:
-    out_features, in_features = layer.weight_shape
     group = layer.group_size if layer.granularity == "group" else layer.granularity
-    return (f"gemv{cpu_gemv.VERSION}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-"
-            f"t{torch.get_num_threads()}-linear{out_features}x{in_features}-b{layer.bits}-g{group}-c{copies}")
+    return _shape_signature(f"gemv{cpu_gemv.VERSION}", *layer.weight_shape) + f"-b{layer.bits}-g{group}-c{copies}"
 
 
 def _cache_path() -> Path:
@@ -571,14 +569,23 @@ def _measure(layer: nn.Module, model_bytes: int, rows: int = 1) -> dict[str, Any
     layer_bytes = _fp32_bytes(layer)
     copies = max(1, min(_MAX_COPIES, min(model_bytes, _ROTATION_BYTES_CAP) // max(1, layer_bytes)))
     signature = _signature(layer, copies) + (f"-r{rows}" if rows > 1 else "")
-    if signature not in _MEASURED:
-        cached = _read_cache().get(signature)
-        if cached is None:
-            cached = _time_paths(layer, copies, rows)
-            if "error" not in cached:
-                _write_cache(signature, cached)
-        _MEASURED[signature] = cached
-    return _MEASURED[signature]
+    return _cached_timing(signature, lambda: _time_paths(layer, copies, rows))
+
+
+def _cached_timing(signature: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The timing kept under ``signature`` in this process or in the cache file, else ``measure()``'s (kept; written
+    to the file unless it holds an ``"error"``, so a failed build is retried in the next process)."""
+    timing = _MEASURED.get(signature) or _read_cache().get(signature)
+    if timing is None:
+        timing = measure()
+        if "error" not in timing:
+            _write_cache(signature, timing)
+    _MEASURED[signature] = timing
+    return timing
+
+
+def _median_ms(fn: Callable[[], Any]) -> float:
+    return sorted(_timed(fn) for _ in range(3))[1]
 
 
 def _time_paths(layer: nn.Module, copies: int, rows: int = 1, rounds: int = 5) -> dict[str, Any]:
