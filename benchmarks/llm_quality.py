@@ -51,20 +51,21 @@ VARIANTS = {
     "fp32": None,
     "int8": ("rtn", {"bits": 8, "granularity": "channel"}),
     "rtn-int4-g128": ("rtn", {"bits": 4, "granularity": "group", "group_size": 128}),
+    # GPTQ's defaults: act-order (static groups) and each group's range picked by a Hessian-weighted search
     "gptq-int4-g128": ("gptq", {"bits": 4, "group_size": 128}),
+    "gptq-int4-g128-no-clip": ("gptq", {"bits": 4, "group_size": 128, "clip_search": False}),
+    # the paper's GPTQ: columns in order, plain min/max ranges
+    "gptq-int4-g128-plain": ("gptq", {"bits": 4, "group_size": 128, "act_order": False, "clip_search": False}),
     "rtn-int3-g128": ("rtn", {"bits": 3, "granularity": "group", "group_size": 128}),
     "gptq-int3-g128": ("gptq", {"bits": 3, "group_size": 128}),
-    "gptq-int4-g128-act-order": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
     # embeddings quantized too: the tied embedding shares lm_head's codes (RTN), or is quantized on its own after
     # GPTQ has quantized lm_head (GPTQ takes Linear layers only)
     "rtn-int4-g128-emb": ("rtn", {"bits": 4, "granularity": "group", "group_size": 128, "embeddings": True}),
     "gptq-int4-g128-emb": ("gptq", {"bits": 4, "group_size": 128}),
-    "gptq-int4-g128-act-order-emb": ("gptq", {"bits": 4, "group_size": 128, "act_order": True}),
     "awq-int4-g128": ("awq", {"bits": 4, "group_size": 128}),
     "awq-gptq-int4-g128": ("awq", {"bits": 4, "group_size": 128, "then": "gptq"}),
-    "awq-gptq-int4-g128-emb": ("awq", {"bits": 4, "group_size": 128, "then": "gptq"}),
 }
-DEFAULT_VARIANTS = "fp32,int8,rtn-int4-g128,gptq-int4-g128,rtn-int3-g128,gptq-int3-g128"
+DEFAULT_VARIANTS = "fp32,int8,rtn-int4-g128,gptq-int4-g128,gptq-int4-g128-plain,rtn-int3-g128,gptq-int3-g128"
 
 
 def docstrings(modules: tuple[str, ...]) -> list[str]:

@@ -27,13 +27,14 @@ def _error(capsys, *args: str) -> str:
 def test_quantize_hf_gptq_with_text_calibration(gpt2_dir, tmp_path, texts_file, capsys):
     out = tmp_path / "gptq.slim"
     summary = _run(capsys, "quantize", f"hf:{gpt2_dir}", "--mode", "gptq", "--bits", "4", "--granularity", "group",
-                   "--group-size", "32", "--act-order", "--text", str(texts_file), "--out", str(out))
+                   "--group-size", "32", "--no-clip-search", "--text", str(texts_file), "--out", str(out))
     weights = gpt2_dir / "model.safetensors"
     assert summary["input_bytes"] == weights.stat().st_size and summary["output_bytes"] == out.stat().st_size
     assert summary["output_bytes"] < 0.6 * summary["input_bytes"]
     assert 0.9 < summary["cosine"] < 1.0 and summary["top1_agreement"] > 0.5
     manifest = ts.read_manifest(out)
-    assert manifest["recipe"][-1]["config"]["act_order"] is True
+    config = manifest["recipe"][-1]["config"]
+    assert config["act_order"] is True and config["clip_search"] is False  # the default and the flag
     assert manifest["measurements"]["text_fidelity"]["cosine"] == summary["cosine"]
     model = ts.load(out)
     assert type(model.model.transformer.h[0].mlp.c_fc).__name__ == "IntQuantLayer"
@@ -63,6 +64,7 @@ def test_quantize_hf_int4_and_dynamic_int8(bert_dir, tmp_path, texts_file, capsy
         (["--mode", "int8-static"], "int8-static is invalid for a Hugging Face model"),
         (["--mode", "gptq", "--granularity", "tensor"], "--granularity = 'tensor' is invalid with --mode gptq"),
         (["--act-order"], "--act-order is invalid with --mode int"),
+        (["--no-clip-search"], "--clip-search is invalid with --mode int"),
         (["--sweep", "2,4"], "--sweep is invalid for hf:DIR"),
     ],
 )

@@ -37,12 +37,53 @@ def test_layerwise_reconstruction_beats_round_to_nearest(bits, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
+def test_clip_search_lowers_the_output_error_when_weights_have_outliers(act_order):
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 256)
+    with torch.no_grad():  # a few large weights stretch their groups' min/max ranges
+        layer.weight += (torch.rand_like(layer.weight) < 0.01) * torch.randn_like(layer.weight) * 0.5
+    # independent input channels of unequal scale (with low-rank correlated inputs GPTQ's own error compensation
+    # already recovers most of what clipping would, and the search can lose a little)
+    x = torch.randn(1024, 128, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.2, 3.0, 128)
+    reference = x @ layer.weight.detach().T
+    errors = {}
+    for clip in (False, True):
+        config = GPTQ(bits=4, group_size=32, act_order=act_order, clip_search=clip)
+        dequantized, scale, _ = gptq_quantize(layer.weight, layer_hessian(layer, x), config)
+        errors[clip] = float(((x @ dequantized.T - reference) ** 2).mean())
+        if clip:  # some ranges were shrunk: their scales are below the plain min/max ones
+            plain = gptq_quantize(layer.weight, layer_hessian(layer, x), config.replace(clip_search=False))[1]
+            assert bool((scale < plain).any())
+    assert errors[True] < 0.97 * errors[False]
+
+
+def test_clipped_params_never_raise_the_weighted_rounding_error():
+    from torchslim.quantize.affine import compute_qparams, dequantize_affine, quantize_affine
+    from torchslim.quantize.gptq import _clipped_qparams
+
+    torch.manual_seed(2)
+    columns = torch.randn(64, 32) * torch.rand(64, 1) + (torch.rand(64, 32) < 0.05) * 4.0
+    importance = torch.rand(32) + 0.1
+    grouped = columns.unsqueeze(1)
+
+    def error(s, z):
+        restored = dequantize_affine(quantize_affine(grouped, s, z, 3), s, z)
+        return ((restored - grouped) ** 2 * importance).sum(dim=(1, 2))
+
+    for symmetric in (False, True):
+        config = GPTQ(bits=3, group_size=32, symmetric=symmetric, clip_search=True)
+        clipped = error(*_clipped_qparams(columns, importance, config))
+        plain = error(*compute_qparams(grouped, 3, symmetric, torch.float16))
+        assert bool((clipped <= plain + 1e-6).all()) and bool((clipped < plain).any())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, None, 48])
 def test_codes_are_exactly_intquantlayer_format(act_order, group_size):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(100, 40))  # 100 % 32 != 0 and 100 % 48 != 0: a partial last group
     x = _correlated_inputs(512, 100)
-    config = GPTQ(bits=4, group_size=group_size, act_order=act_order, blocksize=16)
+    config = GPTQ(bits=4, group_size=group_size, act_order=act_order, blocksize=16, clip_search=not act_order)
     expected, scale, zero_point = gptq_quantize(model[0].weight, layer_hessian(model[0], x), config)
     report = gptq_(model, config, x)
     layer = model[0]
@@ -162,7 +203,8 @@ def test_gptq_on_a_model_with_nothing_to_quantize_raises_as_quantize_does():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"bits": 9}, "bits"), ({"group_size": 1}, "group_size"), ({"damp": 0.0}, "damp"),
-     ({"blocksize": 0}, "blocksize"), ({"scale_dtype": "int8"}, "scale_dtype")],
+     ({"blocksize": 0}, "blocksize"), ({"scale_dtype": "int8"}, "scale_dtype"),
+     ({"clip_search": "yes"}, "clip_search")],
 )
 def test_config_errors_name_field_and_value(kwargs, field):
     with pytest.raises(ConfigError, match=field) as info:

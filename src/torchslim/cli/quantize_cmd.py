@@ -120,7 +120,10 @@ def quantize(  # noqa: PLR0913 - Typer: each parameter is one command-line optio
     text: Path | None = typer.Option(
         None, "--text", help="hf:DIR models: texts, one per line, for calibration (gptq, int8) and fidelity."
     ),
-    act_order: bool = typer.Option(False, "--act-order", help="gptq: columns in order of decreasing activation."),
+    act_order: bool | None = typer.Option(None, "--act-order/--no-act-order", help="gptq: columns in order of "
+                                          "decreasing activation [default: on]."),
+    clip_search: bool | None = typer.Option(None, "--clip-search/--no-clip-search", help="gptq: each group's range "
+                                            "by a Hessian-weighted error search, or plain min/max [default: on]."),
     embeddings: bool = typer.Option(False, "--embeddings", help="int: quantize nn.Embedding tables too (a tied "
                                     "lm_head shares the embedding's codes, stored once)."),
 ) -> None:
@@ -128,7 +131,8 @@ def quantize(  # noqa: PLR0913 - Typer: each parameter is one command-line optio
     from torchslim.fileio import check_output_path
 
     given = {"bits": bits, "granularity": granularity, "group_size": group_size, "symmetric": symmetric,
-             "rounding": rounding, "observer": observer, "act_order": act_order or None,
+             "rounding": rounding, "observer": observer, "act_order": act_order,
+             "clip_search": clip_search,
              "embeddings": embeddings or None}
     request = QuantizeRequest(mode=mode, options={k: v for k, v in given.items() if v is not None},
                               overrides=tuple(override), data=data, calib=calib, qat=qat, kd=kd, epochs=epochs, lr=lr,

@@ -52,7 +52,8 @@ class AWQ(Config):
         group_size: input columns per scale/zero point (``None``: one per output channel).
         symmetric: fixed zero point ``2**(bits-1)`` instead of min/max.
         grid: exponents ``a`` tried in ``[0, 1)`` (``grid`` of them, evenly spaced).
-        then: ``"rtn"`` (round-to-nearest, the original AWQ) or ``"gptq"`` (GPTQ on the scaled model).
+        then: ``"rtn"`` (round-to-nearest, the original AWQ) or ``"gptq"`` (GPTQ on the scaled model, with GPTQ's
+            defaults, ``clip_search`` included).
         max_rows: activation rows per layer group used to score an exponent (a random subset when there are more).
         scale_dtype: storage dtype of the scales.
     """

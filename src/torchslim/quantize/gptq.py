@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.progress import task as progress_task
-from torchslim.quantize.affine import compute_qparams
+from torchslim.quantize.affine import compute_qparams, dequantize_affine, quantize_affine
 from torchslim.quantize.api import (
     _HANDLERS,
     QuantizeReport,
@@ -54,6 +54,7 @@ _CALIBRATION_LIMIT = 256  # samples taken from a Dataset / DataLoader / DataSpli
 _CALIBRATION_BATCH = 32
 _DAMP_RETRIES = 4
 _ROWS = 4096  # weight rows quantized at a time
+_CLIP_SHRINKS = torch.linspace(1.0, 0.5, 20).tolist()  # range factors clip_search tries
 
 
 @register_config("gptq")
@@ -64,13 +65,19 @@ class GPTQ(Config):
     Args:
         bits: code width, 2..8 (3 and 4 are the usual choices).
         group_size: input columns per scale/zero point (``None``: one per output channel).
-        act_order: quantize columns in order of decreasing Hessian diagonal (better at 3 bits).
+        act_order: quantize columns in order of decreasing Hessian diagonal (the most active inputs first, while the
+            most columns are left to absorb their error). Free at inference: groups keep their contiguous columns
+            (static groups), so the packed format is the same.
         true_sequential: inside a block, quantize q/k/v, then o, then gate/up, then down, each on the outputs of
             the layers quantized before it; False: all layers of a block on the block's float activations.
         damp: dampening added to the Hessian diagonal, as a fraction of its mean, in (0, 1].
         blocksize: columns per lazy-update block (speed only; the result is the same up to rounding).
         symmetric: fixed zero point ``2**(bits-1)`` (no zero points stored) instead of min/max.
         scale_dtype: storage dtype of the scales.
+        clip_search: each group's range is the min/max shrunk by the factor (1.0 down to 0.5 in 20 steps) that
+            gives the smallest rounding error weighted by the Hessian diagonal (how much each input column
+            matters), instead of the plain min/max: large outliers get clipped when that costs less than the
+            coarser grid they force on every other weight of the group. False: plain min/max (as the GPTQ paper).
     """
 
     stage = "quantize"
@@ -78,12 +85,13 @@ class GPTQ(Config):
 
     bits: int = 4
     group_size: int | None = 128
-    act_order: bool = False
+    act_order: bool = True
     true_sequential: bool = True
     damp: float = 0.01
     blocksize: int = 128
     symmetric: bool = False
     scale_dtype: str = "float16"
+    clip_search: bool = True
 
     def validate(self) -> None:
         self.check_int("bits", 2, 8)
@@ -95,6 +103,7 @@ class GPTQ(Config):
         self.check_int("blocksize", 1)
         self.check_choice("symmetric", (True, False))
         self.check_choice("scale_dtype", tuple(SCALE_DTYPES))
+        self.check_choice("clip_search", (True, False))
 
     @property
     def granularity(self) -> str:
@@ -147,6 +156,7 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    importance = torch.diag(H)  # clip_search weights each column's rounding error by it
     Hinv = _inverse_cholesky(H[perm][:, perm], config.damp)
     groups = math.ceil(cols / (config.group_size or cols))
     Q = torch.empty(rows, cols)
@@ -157,12 +167,16 @@ def gptq_quantize(
     for r in range(0, rows, _ROWS):
         chunk = W[r : r + _ROWS].clone()
         chunk[:, dead] = 0.0
-        Q[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = _quantize_rows(chunk, Hinv, perm, config)
+        rows_done = _quantize_rows(chunk, Hinv, perm, importance, config)
+        Q[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = rows_done
     return Q, scale, zero_point
 
 
-def _quantize_rows(W: Tensor, Hinv: Tensor, perm: Tensor, config: GPTQ) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ of some rows of a weight (changed in place) given the permuted inverse Hessian's Cholesky factor."""
+def _quantize_rows(
+    W: Tensor, Hinv: Tensor, perm: Tensor, importance: Tensor, config: GPTQ
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of some rows of a weight (changed in place) given the permuted inverse Hessian's Cholesky factor and
+    the Hessian diagonal in the original column order (``importance``, used by ``clip_search``)."""
     rows, cols = W.shape
     size = config.group_size or cols
     groups = math.ceil(cols / size)
@@ -177,7 +191,10 @@ def _quantize_rows(W: Tensor, Hinv: Tensor, perm: Tensor, config: GPTQ) -> tuple
     qmax = float((1 << config.bits) - 1)
 
     def set_params(group: int, columns: Tensor) -> None:
-        s, z = compute_qparams(columns.unsqueeze(1), config.bits, config.symmetric, dtype)
+        if config.clip_search:
+            s, z = _clipped_qparams(columns, importance[group * size : group * size + columns.shape[1]], config)
+        else:
+            s, z = compute_qparams(columns.unsqueeze(1), config.bits, config.symmetric, dtype)
         scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
         scale32[:, group] = s[:, 0].float()
         inv_scale[:, group] = 1.0 / s[:, 0].float()
@@ -219,6 +236,27 @@ def _quantize_rows(W: Tensor, Hinv: Tensor, perm: Tensor, config: GPTQ) -> tuple
     if config.act_order:
         Q = Q[:, torch.argsort(perm)]
     return Q, scale, zero_point
+
+
+def _clipped_qparams(columns: Tensor, importance: Tensor, config: GPTQ) -> tuple[Tensor, Tensor]:
+    """Per row, the scale/zero point of the shrunk min/max range with the least importance-weighted squared
+    rounding error over ``columns`` (``(rows, n)``; ``importance``: ``(n,)``). Returns ``(rows, 1)`` tensors as
+    ``compute_qparams`` does; the unshrunk range is one of the candidates, so the error is never larger."""
+    grouped = columns.unsqueeze(1)
+    dtype = SCALE_DTYPES[config.scale_dtype]
+    best_scale = best_zero = best_error = None
+    for shrink in _CLIP_SHRINKS:
+        s, z = compute_qparams(grouped * shrink, config.bits, config.symmetric, dtype)
+        codes = quantize_affine(grouped, s, z, config.bits)
+        error = ((dequantize_affine(codes, s, z) - grouped) ** 2 * importance).sum(dim=(1, 2))
+        if best_error is None:
+            best_scale, best_zero, best_error = s, z, error
+            continue
+        better = error < best_error
+        best_scale = torch.where(better.unsqueeze(1), s, best_scale)
+        best_zero = torch.where(better.unsqueeze(1), z, best_zero)
+        best_error = torch.minimum(error, best_error)
+    return best_scale, best_zero
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
