@@ -55,6 +55,28 @@ def test_integer_gemv_equals_the_dequantized_linear(config, compiled, in_feature
         assert pack.scale.shape == (200, groups) and pack.group_len == config.group_size
 
 
+@pytest.mark.parametrize(("config", "in_features"), [(ts.IntQuant(bits=8, granularity="channel"), 1100),
+                                                     (ts.IntQuant(bits=4, granularity="channel"), 16500)],
+                         ids=["byte-lanes-1100", "nibble-lanes-16500"])
+def test_one_row_sums_longer_than_a_chunk_equal_the_dequantized_linear(config, in_features):
+    # one group a row longer than what the kernel sums in 32 bits at a time (32 byte blocks, 256 nibble blocks):
+    # the one-row loop and the tile loop (3 rows) both scale partial sums
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, 24))
+    ts.quantize_(model, config)
+    layer = model[0]
+    pack = cpu_gemv.prepack(layer)
+    assert pack.layout == ("byte-lanes" if config.bits == 8 else "nibble-lanes") and pack.scale.shape[1] == 1
+    x = torch.randn(3, in_features) * 4.0
+    reference = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    with torch.inference_mode():
+        one = torch.cat([cpu_gemv.gemv(row[None], pack, layer.bias) for row in x])
+        tile = cpu_gemv.gemv(x, pack, layer.bias)
+    tolerance = 1e-4 * float(reference.abs().max())
+    torch.testing.assert_close(one, reference, atol=tolerance, rtol=1e-4)
+    torch.testing.assert_close(tile, reference, atol=tolerance, rtol=1e-4)
+
+
 def test_the_plain_c_loops_without_avx2_equal_the_dequantized_linear(tmp_path, monkeypatch):
     # CPUs without AVX2 (ARM, old x86) get the kernel's plain loops: built here by hiding AVX2 from the flags
     monkeypatch.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path))
