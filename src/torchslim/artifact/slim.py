@@ -66,7 +66,7 @@ from torchslim.artifact.io import (
 )
 from torchslim.config import Config
 from torchslim.errors import ArtifactError, ConfigError
-from torchslim.fileio import atomic_path
+from torchslim.fileio import atomic_write_bytes
 from torchslim.models.checks import check_finite_weights
 from torchslim.models.registry import FACTORY_ATTR, create_model, factory_of, is_allowlisted
 
@@ -157,16 +157,13 @@ def save(
         manifest["input"] = _checked_signature(signature, "save: input_signature")
     metadata = {MANIFEST_KEY: manifest_text(manifest)}
     try:
-        with atomic_path(path) as tmp:
-            try:  # straight from the tensors' memory to the file: no second copy of the model in memory
-                safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-            except OSError:
-                raise
-            except Exception as exc:  # safetensors raises several types; the cause is chained
-                raise ArtifactError(f"save({str(path)!r}): cannot serialise the tensors: {exc}") from exc
+        data = safetensors.torch.save(tensors, metadata=metadata)
+    except Exception as exc:  # safetensors raises several types; the cause is chained
+        raise ArtifactError(f"save({str(path)!r}): cannot serialise the tensors: {exc}") from exc
+    try:
+        return atomic_write_bytes(path, data)
     except OSError as exc:  # disk full, permissions...: the old file is untouched
         raise ArtifactError(f"save: cannot write {str(path)!r}: {exc.strerror or exc}") from exc
-    return Path(path)
 
 
 def input_signature(example: torch.Tensor) -> dict[str, Any]:
