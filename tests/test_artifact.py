@@ -699,13 +699,17 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     new = _model("lenet300", seed=2)
 
-    def refuse(*args, **kwargs):
+    def refuse(tensors, filename, metadata=None):  # fails half-way through its file
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
         raise RuntimeError("serialiser exploded")
 
-    monkeypatch.setattr(safetensors.torch, "save", refuse)
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
     with pytest.raises(ArtifactError, match="serialiser exploded"):
         save(new, path)
     monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.slim"]
 
     def disk_error(fd):  # fails after the temporary file was fully written
         raise OSError(28, "No space left on device")

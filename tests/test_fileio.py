@@ -10,6 +10,7 @@ from torchslim.errors import TorchSlimError
 from torchslim.fileio import (
     _host_tag,
     atomic_path,
+    atomic_private_path,
     atomic_write_bytes,
     atomic_write_text,
     check_output_path,
@@ -42,6 +43,33 @@ def test_atomic_path_keeps_the_suffix_writers_look_at(tmp_path):
         assert tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "plot.png").read_bytes() == b"x"
+
+
+def test_private_path_takes_the_writers_own_temp_files_and_leaves_nothing(tmp_path):
+    target = tmp_path / "model.slim"
+    target.write_bytes(b"precious")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_private_path(target) as tmp:
+            (tmp.parent / ".tmpABC123").write_bytes(b"half")  # what safetensors' save_file writes first
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"precious"
+    assert os.listdir(tmp_path) == ["model.slim"]
+    with atomic_private_path(target) as tmp:
+        assert tmp.name == "model.slim" and tmp.parent.parent == tmp_path
+        (tmp.parent / ".tmpABC123").write_bytes(b"new")
+        os.replace(tmp.parent / ".tmpABC123", tmp)
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["model.slim"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale temp files are cleaned on POSIX only")
+def test_next_write_removes_the_private_directory_of_a_killed_writer(tmp_path):
+    target = tmp_path / "model.slim"
+    stale = tmp_path / f".model.slim.{_host_tag()}-{_dead_pid()}.abcd_123.tmp"
+    stale.mkdir()
+    (stale / ".tmpXYZ").write_bytes(b"partial")
+    atomic_write_bytes(target, b"complete")
+    assert os.listdir(tmp_path) == ["model.slim"]
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):

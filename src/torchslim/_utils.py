@@ -6,6 +6,9 @@ The lowest layer beside ``errors``: it imports only torch and ``torchslim.errors
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,18 +18,21 @@ from torch import Tensor, nn
 
 from torchslim.errors import ModelError
 
-__all__ = ["device_of", "eval_mode", "first_line", "logits_of", "shift_images", "train_mode"]
+__all__ = [
+    "device_of", "eval_mode", "first_line", "logits_of", "release_free_memory", "shift_images", "train_mode",
+]
 
 
 @contextlib.contextmanager
 def _mode(models: tuple[nn.Module, ...], training: bool) -> Iterator[None]:
-    saved = [(module, module.training) for model in models for module in model.modules()]
+    # weak keys: a module replaced meanwhile (a quantized layer) is freed at once, not kept until the exit
+    saved = weakref.WeakKeyDictionary((module, module.training) for model in models for module in model.modules())
     for model in models:
         model.train(training)
     try:
         yield
     finally:
-        for module, was_training in saved:
+        for module, was_training in saved.items():
             module.training = was_training
 
 
@@ -78,6 +84,27 @@ def logits_of(output: Any, where: str = "model") -> Tensor:
         return output[0]
     raise ModelError(f"{where}: the model returns a {type(output).__name__}: expected logits (a tensor, an object "
                      "with a .logits tensor, or a tuple whose first element is a tensor)")
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free heap memory back to the operating system (glibc's ``malloc_trim``; a no-op
+    elsewhere).
+
+    glibc keeps freed blocks of its heap for reuse, so after a float layer is replaced by its quantized form the
+    process's resident memory often stays where it was; long layer-by-layer loops (GPTQ) call this between
+    layers so their peak follows what is alive.
+    """
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None  # glibc's malloc_trim once looked up (False: not available)
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

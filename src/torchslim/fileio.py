@@ -4,7 +4,9 @@ Every artifact, report and checkpoint is written to a temporary file in the dest
 flushed to disk and renamed over the destination (``os.replace`` is atomic on POSIX and Windows). A
 process killed mid-write (SIGKILL, power loss) can leave only its temporary file behind; those are
 named ``.NAME.HOST-PID.XXXXXXXX[SUFFIX].tmp`` and the next write of the same ``NAME`` from the same host
-removes the ones whose process is gone (POSIX only; files of live processes and of other hosts stay).
+removes the ones whose process is gone (POSIX only; files of live processes and of other hosts stay). Writers
+that make their own temporary files (safetensors' ``save_file``) write inside a private directory of that name
+instead (:func:`atomic_private_path`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -74,6 +77,9 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):  # atomic_private_path's directory
+                    shutil.rmtree(entry.path)
                     removed.append(Path(entry.path))
     return removed
 
@@ -148,6 +154,44 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def atomic_private_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``path``'s name inside a new private temporary directory beside ``path``; on success the file is
+    renamed over ``path`` and the directory removed.
+
+    For writers that make temporary files of their own next to the file they are given (safetensors'
+    ``save_file`` writes ``.tmpXXXXXX`` and renames it): those land inside the private directory, which carries
+    our temporary name, so a killed writer's leftovers are removed by the next write of ``path`` like
+    :func:`atomic_path`'s (see :func:`remove_stale_temp_files`). Same guarantees as :func:`atomic_path`.
+
+    Args:
+        path: final destination; its directory must exist.
+
+    Yields:
+        The temporary path to write to.
+
+    Raises:
+        TorchSlimError: if the destination directory does not exist.
+    """
+    final = Path(path)
+    directory = final.parent if str(final.parent) else Path(".")
+    if not directory.is_dir():
+        raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
+    remove_stale_temp_files(final)
+    private = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp",
+                                    dir=directory))
+    tmp = private / final.name
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _final_mode(final))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     _fsync_directory(directory)
 
 

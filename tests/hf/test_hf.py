@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import socket
 import subprocess
 import sys
@@ -37,6 +38,29 @@ def test_load_hf_offline_with_tokenizer(bert_dir, monkeypatch):
     }
     same = ts.create_model(f"hf:{bert_dir}")
     assert torch.equal(same(ids, mask), out)
+
+
+def test_load_hf_reads_the_weights_into_memory_with_the_directorys_settings(gpt2_dir, llama_dir, tmp_path):
+    import transformers
+
+    sharded = tmp_path / "sharded"
+    transformers.LlamaForCausalLM.from_pretrained(llama_dir).save_pretrained(sharded, max_shard_size="50KB")
+    transformers.GenerationConfig(max_new_tokens=7, eos_token_id=0).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ids = torch.tensor([[2, 5, 7, 9, 3]])
+    for directory, cls in ((gpt2_dir, transformers.GPT2LMHeadModel), (sharded, transformers.LlamaForCausalLM)):
+        model = ts.load_hf(directory)
+        if sys.platform.startswith("linux"):  # ordinary allocations, not views of a mapping of the weight files
+            gc.collect()
+            assert ".safetensors" not in open("/proc/self/maps").read()
+        reference = cls.from_pretrained(directory, attn_implementation="eager").eval()  # maps its files
+        torch.testing.assert_close(model(ids), reference(ids).logits)  # GPT-2: Conv1D made Linear (same values)
+        assert model.generation_config.to_dict() == reference.generation_config.to_dict()
+        hf = model.model
+        tied = reference.get_output_embeddings().weight is reference.get_input_embeddings().weight  # GPT-2's are
+        assert (hf.get_output_embeddings().weight is hf.get_input_embeddings().weight) == tied
+        del model, hf, reference
+    assert ts.load_hf(sharded).generation_config.max_new_tokens == 7
 
 
 def test_load_errors_name_the_directory(tmp_path):

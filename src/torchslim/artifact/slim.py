@@ -65,8 +65,8 @@ from torchslim.artifact.io import (
     read_header,
 )
 from torchslim.config import Config
-from torchslim.errors import ArtifactError, ConfigError
-from torchslim.fileio import atomic_write_bytes
+from torchslim.errors import ArtifactError, ConfigError, TorchSlimError
+from torchslim.fileio import atomic_private_path
 from torchslim.models.checks import check_finite_weights
 from torchslim.models.registry import FACTORY_ATTR, create_model, factory_of, is_allowlisted
 
@@ -157,13 +157,16 @@ def save(
         manifest["input"] = _checked_signature(signature, "save: input_signature")
     metadata = {MANIFEST_KEY: manifest_text(manifest)}
     try:
-        data = safetensors.torch.save(tensors, metadata=metadata)
-    except Exception as exc:  # safetensors raises several types; the cause is chained
-        raise ArtifactError(f"save({str(path)!r}): cannot serialise the tensors: {exc}") from exc
-    try:
-        return atomic_write_bytes(path, data)
+        # streamed from the tensors: no second copy of the whole file in memory
+        with atomic_private_path(path) as tmp:
+            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+    except TorchSlimError as exc:  # no such directory
+        raise ArtifactError(f"save: {exc}") from exc
     except OSError as exc:  # disk full, permissions...: the old file is untouched
         raise ArtifactError(f"save: cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # safetensors raises several types (also for write errors); the cause is chained
+        raise ArtifactError(f"save: cannot write {str(path)!r}: {first_line(exc)}") from exc
+    return Path(path)
 
 
 def input_signature(example: torch.Tensor) -> dict[str, Any]:

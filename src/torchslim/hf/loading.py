@@ -21,6 +21,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -364,7 +365,14 @@ def load_hf(
             shorten_config_(config, layers)  # build the shallower model directly
     try:
         with _quiet():
-            if weights:
+            state = _read_weights(directory, config) if weights else None
+            if state is not None:
+                hf = cls.from_pretrained(
+                    None, config=config, state_dict=state, dtype=torch.float32, attn_implementation="eager"
+                )
+                del state
+                _load_generation_config(transformers, hf, directory)
+            elif weights:
                 hf = cls.from_pretrained(
                     directory, config=config, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
                 )
@@ -390,6 +398,49 @@ def load_hf(
         kwargs["layers"] = list(layers)
     setattr(model, FACTORY_ATTR, {"name": HF_PREFIX + str(directory), "kwargs": kwargs})
     return model.eval()
+
+
+def _read_weights(directory: Path, config: Any) -> dict[str, Tensor] | None:
+    """The directory's safetensors weights read into the process's own memory, or None (other formats, or a
+    ``quantization_config`` that transformers must apply while loading: it then reads the files itself).
+
+    ``from_pretrained`` memory-maps the files: every weight stays a view of the mapping, whose pages count in the
+    process's resident memory once touched and stay there while any weight of the file lives, so replacing
+    layers (quantization, pruning) frees nothing. Weights read with ``pread`` are ordinary allocations, freed
+    with the layer that held them.
+    """
+    if getattr(config, "quantization_config", None) is not None:
+        return None
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"hf model {str(directory)!r}: cannot read {index.name}: {first_line(exc)}") from exc
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        return None
+    from safetensors import safe_open
+
+    state: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
+                for key in handle.keys():
+                    state[key] = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types; the cause is chained
+            raise ModelError(f"hf model {str(directory)!r}: cannot read {file.name}: {first_line(exc)}") from exc
+    return state
+
+
+def _load_generation_config(transformers: ModuleType, hf: nn.Module, directory: Path) -> None:
+    """Set ``generation_config`` from the directory's ``generation_config.json``, as ``from_pretrained(DIR)`` does."""
+    if not (directory / "generation_config.json").is_file() or not hasattr(hf, "generation_config"):
+        return
+    with contextlib.suppress(OSError, ValueError):  # from_pretrained(DIR) ignores an unreadable one too
+        hf.generation_config = transformers.GenerationConfig.from_pretrained(directory, local_files_only=True)
 
 
 def hf_factory(spec: str):

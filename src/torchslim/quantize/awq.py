@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchslim._utils import eval_mode
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, quantize_affine
@@ -141,35 +142,29 @@ def awq_scale_(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     runs = [(lambda b=tuple(t.to(device) for t in batch): model(*b)) for batch in batches]
     inside = {id(m) for m in blocks.modules()}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     results: dict[str, dict[str, Any]] = {}
     generator = torch.Generator().manual_seed(0)
-    try:
-        with torch.no_grad(), _without_kv_cache(model):
-            try:
-                captured = capture(model, blocks, runs, [m for m in linears if id(m) not in inside])
-            except Exception as exc:
-                raise DataError(f"awq_: the model fails on the calibration inputs: {exc}") from exc
-            if not isinstance(captured, Capture):
-                raise ConfigError(f"AWQ is invalid for {type(model).__name__}: {captured}")
-            names = {m: n for n, m in model.named_modules()}
-            xs = captured.inputs
-            for block, extra in zip(blocks, captured.extra, strict=True):
-                def run(x: Tensor, args: tuple, kwargs: dict, block: nn.Module = block) -> Tensor:
-                    out = block(*args, hidden_states=x, **kwargs) if captured.keyword else block(x, *args, **kwargs)
-                    return out if isinstance(out, Tensor) else out[0]
+    with eval_mode(model), torch.no_grad(), _without_kv_cache(model):
+        try:
+            captured = capture(model, blocks, runs, [m for m in linears if id(m) not in inside])
+        except Exception as exc:
+            raise DataError(f"awq_: the model fails on the calibration inputs: {exc}") from exc
+        if not isinstance(captured, Capture):
+            raise ConfigError(f"AWQ is invalid for {type(model).__name__}: {captured}")
+        names = {m: n for n, m in model.named_modules()}
+        xs = captured.inputs
+        for block, extra in zip(blocks, captured.extra, strict=True):
+            def run(x: Tensor, args: tuple, kwargs: dict, block: nn.Module = block) -> Tensor:
+                out = block(*args, hidden_states=x, **kwargs) if captured.keyword else block(x, *args, **kwargs)
+                return out if isinstance(out, Tensor) else out[0]
 
-                groups = _observe(block, [lambda x=x, e=e: run(x, *e) for x, e in zip(xs, extra, strict=True)],
-                                  linears)
-                for group in groups:
-                    key = ",".join(linears[m] for m in group.layers)
-                    results[key] = _scale_group(group, block, names, config, generator,
-                                                lambda x=xs[0], e=extra[0]: run(x, *e))
-                xs = [run(x, *e) for x, e in zip(xs, extra, strict=True)]
-    finally:
-        for m, training in modes.items():
-            m.training = training
+            groups = _observe(block, [lambda x=x, e=e: run(x, *e) for x, e in zip(xs, extra, strict=True)],
+                              linears)
+            for group in groups:
+                key = ",".join(linears[m] for m in group.layers)
+                results[key] = _scale_group(group, block, names, config, generator,
+                                            lambda x=xs[0], e=extra[0]: run(x, *e))
+            xs = [run(x, *e) for x, e in zip(xs, extra, strict=True)]
     return results
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim._utils import eval_mode, release_free_memory
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
 from torchslim.progress import task as progress_task
@@ -263,13 +264,17 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the dampening if needed."""
     H = H.double()
     mean = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(_DAMP_RETRIES):
-        try:
-            L = torch.linalg.cholesky(H + (damp * 10**attempt) * mean * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-        except torch.linalg.LinAlgError:
+        # one (cols, cols) float64 temporary at a time besides H: down_proj-sized Hessians are tens of MB each
+        damped = H.clone()
+        damped.diagonal().add_((damp * 10**attempt) * mean)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if int(info) != 0:
             continue
+        inverse = torch.cholesky_inverse(L)
+        del L
+        return torch.linalg.cholesky(inverse, upper=True).float()
     raise ModelError(
         f"gptq: the layer's input Hessian is not positive definite even with damp = {damp * 10 ** (_DAMP_RETRIES - 1)}"
         ": use more (or more varied) calibration inputs, or a larger GPTQ.damp"
@@ -431,61 +436,57 @@ def gptq_(
     # no list of the original layers is kept: each float layer is freed once it is quantized
     remaining = {module: (name, chosen) for name, module, chosen in plan if isinstance(chosen, GPTQ)}
     del plan
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), _without_kv_cache(model):
-            shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
-            route = _choose_loop(model, runs, remaining, loop, shapes)  # runs the model: a failure here changes nothing
-            for name, module, chosen in others:
-                _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
-                report.quantized[name] = chosen.to_dict()
-            del others
+    with eval_mode(model), torch.no_grad(), _without_kv_cache(model):
+        shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
+        route = _choose_loop(model, runs, remaining, loop, shapes)  # runs the model: a failure here changes nothing
+        release_free_memory()  # the float pass's activations
+        for name, module, chosen in others:
+            _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
+            report.quantized[name] = chosen.to_dict()
+        del others
 
-            def quantize(stage: dict[nn.Module, Hessian]) -> None:
-                groups: dict[tuple, list[nn.Module]] = {}  # layers sharing a Hessian and a config go together
-                for module, hessian in stage.items():
-                    groups.setdefault((id(hessian), remaining[module][1]), []).append(module)
-                for modules in groups.values():
-                    chosen = remaining[modules[0]][1]
-                    layers = _quantize_modules(modules, stage[modules[0]].matrices(), chosen)
-                    for module, layer in zip(modules, layers, strict=True):
-                        name, _ = remaining.pop(module)
-                        _replace(model, name, layer)
-                        report.quantized[name] = {**chosen.to_dict(), "method": "gptq", "loop": kind}
+        def quantize(stage: dict[nn.Module, Hessian]) -> None:
+            groups: dict[tuple, list[nn.Module]] = {}  # layers sharing a Hessian and a config go together
+            for module, hessian in stage.items():
+                groups.setdefault((id(hessian), remaining[module][1]), []).append(module)
+            for modules in groups.values():
+                chosen = remaining[modules[0]][1]
+                layers = _quantize_modules(modules, stage[modules[0]].matrices(), chosen)
+                for module, layer in zip(modules, layers, strict=True):
+                    name, _ = remaining.pop(module)
+                    _replace(model, name, layer)
+                    report.quantized[name] = {**chosen.to_dict(), "method": "gptq", "loop": kind}
+            release_free_memory()  # the layers replaced by earlier stages: their memory goes back to the system
 
-            if isinstance(route, tuple):
-                kind = "blocks"
-                (_, blocks), captured = route
-                with progress_task("gptq blocks", total=len(blocks), progress=progress) as bar:
+        if isinstance(route, tuple):
+            kind = "blocks"
+            (_, blocks), captured = route
+            with progress_task("gptq blocks", total=len(blocks), progress=progress) as bar:
 
-                    def on_block(index: int, layers: int) -> None:
-                        bar.advance()
-                        bar.line(f"block {index + 1}/{len(blocks)}: {layers} layers quantized")
+                def on_block(index: int, layers: int) -> None:
+                    bar.advance()
+                    bar.line(f"block {index + 1}/{len(blocks)}: {layers} layers quantized")
 
-                    outputs = quantize_blocks(blocks, captured, remaining, quantize,
-                                              true_sequential=config.true_sequential, on_block=on_block)
-                inside = {id(m) for m in blocks.modules()}
-                outside = [m for m in remaining if id(m) not in inside]
-                quantize_after_blocks(blocks, captured, outputs, runs, outside, quantize)
-                del outputs, captured
-            else:
-                kind = "staged"
-                while remaining:
-                    stage = collect_stage(runs, remaining)
-                    if not stage:
-                        break
-                    quantize(stage)
-            for module, (name, chosen) in list(remaining.items()):  # never reached by the calibration inputs
-                _replace(model, name, _round_to_nearest(module, chosen))
-                report.quantized[name] = {
-                    **chosen.to_dict(), "method": "round-to-nearest", "loop": kind,
-                    "reason": "not reached by the calibration inputs",
-                }
-            remaining.clear()
-    finally:
-        for m, training in modes.items():
-            m.training = training
+                outputs = quantize_blocks(blocks, captured, remaining, quantize,
+                                          true_sequential=config.true_sequential, on_block=on_block)
+            inside = {id(m) for m in blocks.modules()}
+            outside = [m for m in remaining if id(m) not in inside]
+            quantize_after_blocks(blocks, captured, outputs, runs, outside, quantize)
+            del outputs, captured
+        else:
+            kind = "staged"
+            while remaining:
+                stage = collect_stage(runs, remaining)
+                if not stage:
+                    break
+                quantize(stage)
+        for module, (name, chosen) in list(remaining.items()):  # never reached by the calibration inputs
+            _replace(model, name, _round_to_nearest(module, chosen))
+            report.quantized[name] = {
+                **chosen.to_dict(), "method": "round-to-nearest", "loop": kind,
+                "reason": "not reached by the calibration inputs",
+            }
+        remaining.clear()
     set_runtime_(model, "auto")  # as ts.load would (see quantize_)
     return report
 
