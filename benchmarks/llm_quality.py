@@ -10,7 +10,9 @@ round-to-nearest, ``ts.gptq_`` on ``--calib-samples`` windows of ``--calib-seq-l
 the saved ``.slim`` is loaded back and its perplexity measured (``ts.perplexity``, sliding window ``--seq-len`` /
 ``--stride`` over the first ``--eval-tokens`` evaluation tokens). Reported: perplexity, file bytes (fp32: the
 directory's ``model.safetensors``), quantize wall time (the quantize call alone) and the process's peak RSS up to
-the end of the save (``resource.getrusage``; it includes the Python/torch/transformers baseline, reported apart).
+the end of the save (``VmHWM``: every resident page, file-backed ones included), also counted above the
+process's baseline: its RSS with torch, transformers and the model's modelling code imported, before any weight
+is read (what any process using the model pays whatever its size).
 
     python benchmarks/llm_quality.py [--variants fp32,int8,rtn-int4-g128,...] [--calib-samples 32]
         [--calib-seq-len 256] [--eval-tokens 4096] [--seq-len 512] [--stride 256] [--threads N]
@@ -30,7 +32,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -98,35 +99,15 @@ def texts() -> tuple[list[str], list[str]]:
     return calibration, [p for p in docstrings(EVALUATION_MODULES) if p not in known]
 
 
-class AnonPeak:
-    """Peak anonymous resident memory (``RssAnon`` of ``/proc/self/status``), sampled every 20 ms by a thread.
-
-    ``ru_maxrss`` also counts the pages of the memory-mapped ``model.safetensors`` that transformers reads the weights
-    from (file-backed, dropped by the kernel under pressure); this counts only the process's own allocations.
-    """
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self.running = Path("/proc/self/status").is_file()
-        if self.running:
-            threading.Thread(target=self._sample, daemon=True).start()
-
-    def now(self) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+def rss(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in bytes, from ``/proc/self/status``; off Linux the
+    peak from ``getrusage`` for both."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-        return 0
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.02)
-
-    def stop(self) -> int | None:
-        if not self.running:
-            return None
-        self.running = False
-        return max(self.peak, self.now())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -139,19 +120,20 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    anon = AnonPeak()
-    baseline_anon = anon.now()
+    import transformers
+
     directory = Path(args.dir)
+    architecture = transformers.AutoConfig.from_pretrained(directory).architectures[0]
+    getattr(transformers, architecture)  # imports the modelling code, and what transformers imports with it
+    baseline_rss = rss("VmRSS")
     calibration, evaluation = texts()
     model = ts.load_hf(directory)
     eval_ids = token_stream(model, evaluation)[: args.eval_tokens]
-    row = {"variant": args.worker, "eval_tokens": int(eval_ids.numel()), "baseline_rss": baseline_rss,
-           "baseline_anon": baseline_anon}
+    row = {"variant": args.worker, "eval_tokens": int(eval_ids.numel()), "baseline_rss": baseline_rss}
     spec = VARIANTS[args.worker]
     if spec is None:
         row.update(file_bytes=(directory / "model.safetensors").stat().st_size, quantize_s=None,
-                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_anon=anon.stop())
+                   peak_rss=rss("VmHWM"))
         evaluated = model
     else:
         method, settings = spec
@@ -176,8 +158,7 @@ def worker(args: argparse.Namespace) -> dict:
         row["quantize_s"] = time.perf_counter() - start
         row["layers"] = len(report.quantized)
         path = ts.save(model, Path(args.scratch) / f"{args.worker}.slim")
-        row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        row["peak_anon"] = anon.stop()
+        row["peak_rss"] = rss("VmHWM")
         row["file_bytes"] = path.stat().st_size
         del model, report
         evaluated = ts.load(path)
@@ -202,25 +183,23 @@ def render(rows: list[dict], args: argparse.Namespace, setup: dict) -> str:
         f"{rows[0]['eval_tokens']} tokens, window {args.seq_len}, stride {args.stride}",
         f"- model: the fp32 de-quantization of the package's Q4_1 GGUF file ({setup['fp32_bytes']:,} bytes of "
         "safetensors), so fp32 here is that model",
-        f"- peak RSS includes the interpreter with torch and transformers imported: "
-        f"{setup['baseline_rss'] / 2**20:.0f} MiB before the model is loaded",
-        "- peak RSS (`ru_maxrss`) also counts the pages of the memory-mapped `model.safetensors` the weights are read "
-        "from; peak anon is the process's own memory (`RssAnon`, sampled every 20 ms): "
-        f"{setup['baseline_anon'] / 2**20:.0f} MiB before the model is loaded",
+        f"- peak RSS (`VmHWM`, file-backed pages included) counts the whole process; \"over baseline\" subtracts "
+        f"its RSS with torch, transformers and the model's code imported, before any weight is read: "
+        f"{setup['baseline_rss'] / 2**20:.0f} MiB",
         "",
         "| variant | perplexity | vs fp32 | file bytes | vs fp32 | quantize s | peak RSS MiB | peak RSS / fp32 bytes "
-        "| peak anon MiB |",
+        "| over baseline / fp32 bytes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = f"{(r['perplexity'] / fp32['perplexity'] - 1) * 100:+.1f}%" if fp32 else "n/a"
         size = f"{r['file_bytes'] / fp32['file_bytes']:.3f}x" if fp32 else "n/a"
         seconds = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
-        rss = r["peak_rss"] / setup["fp32_bytes"]
+        whole = r["peak_rss"] / setup["fp32_bytes"]
+        over = (r["peak_rss"] - r["baseline_rss"]) / setup["fp32_bytes"]
         lines.append(
             f"| {r['variant']} | {r['perplexity']:.2f} | {rel} | {r['file_bytes']:,} | {size} | {seconds} | "
-            f"{r['peak_rss'] / 2**20:.0f} | {rss:.2f}x | "
-            f"{'n/a' if r.get('peak_anon') is None else round(r['peak_anon'] / 2**20)} |"
+            f"{r['peak_rss'] / 2**20:.0f} | {whole:.2f}x | {over:.2f}x |"
         )
     lines += ["", "Embeddings stay fp32 except in the `-emb` variants (the tied `lm_head` is quantized in all); GPTQ "
               f"ran `loop` = {next((r['loop'] for r in rows if 'loop' in r), ['n/a'])}.", ""]
@@ -280,7 +259,6 @@ def main() -> None:
         "command": "python benchmarks/llm_quality.py " + " ".join(sys.argv[1:]),
         "fp32_bytes": (directory / "model.safetensors").stat().st_size,
         "baseline_rss": min(r["baseline_rss"] for r in rows),
-        "baseline_anon": min(r["baseline_anon"] for r in rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, args, setup))

@@ -262,7 +262,7 @@ def tensor_info(tensor: torch.Tensor) -> TensorInfo:
     if bits_dtype is None or flat.numel() == 0:
         return TensorInfo(flat, shape, None, 0)
     mask = flat.view(bits_dtype) != 0
-    return TensorInfo(flat, shape, mask, int(mask.sum()))
+    return TensorInfo(flat, shape, mask, int(torch.count_nonzero(mask)))  # sum() would make an int64 copy
 
 
 def choose_encoding(info: TensorInfo) -> list[Encoding]:

@@ -38,7 +38,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from torchslim._utils import first_line
+from torchslim._utils import first_line, release_free_memory
 from torchslim._version import __version__
 from torchslim.artifact.attributes import apply_changes_, module_changes
 from torchslim.artifact.codecs import codec_for, codec_named, registered_codecs
@@ -350,6 +350,7 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
     entries: dict[str, dict[str, Any]] = {}
     storages: set[int] = set()
     seen: dict[tuple, str] = {}  # the same memory seen under an earlier name
+    scanned = 0
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(
@@ -391,7 +392,15 @@ def _encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             "stored": stored,
             "sha256": parts_digest(tensors[key] for key in stored),
         }
+        del info, parts
+        scanned += value.numel() * value.element_size()
+        if scanned >= _TRIM_EVERY:  # the encoders' temporaries (masks, zlib buffers) fragment the heap
+            release_free_memory()
+            scanned = 0
     return tensors, entries
+
+
+_TRIM_EVERY = 64 * 2**20  # bytes of state encoded between two hand-backs of free heap memory
 
 
 ALIAS = "alias"  # a manifest entry naming the tensor it shares memory with (format_version 2)

@@ -50,7 +50,7 @@ def parameter_stats(model: nn.Module) -> dict[str, int]:
                 continue
             seen.add(id(param))
             totals["parameters"] += param.numel()
-            totals["nonzero"] += int((param.detach() != 0).sum())
+            totals["nonzero"] += int(torch.count_nonzero(param.detach()))
             totals["storage_bits"] += param.numel() * param.element_size() * 8
         for child_name, child in module.named_children():
             visit(child, f"{name}.{child_name}" if name else child_name)
