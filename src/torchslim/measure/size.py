@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from torchslim.artifact import save
