@@ -63,6 +63,22 @@ def test_load_hf_reads_the_weights_into_memory_with_the_directorys_settings(gpt2
     assert ts.load_hf(sharded).generation_config.max_new_tokens == 7
 
 
+def test_load_hf_memory_maps_with_a_safetensors_without_pread(llama_dir, monkeypatch):
+    import safetensors
+
+    ids = torch.tensor([[2, 5, 7, 9, 3]])
+    expected = ts.load_hf(llama_dir)(ids)
+    real = safetensors.safe_open
+
+    def old_safe_open(*args, **kwargs):
+        if "backend" in kwargs:
+            raise TypeError("safe_open.__new__() got an unexpected keyword argument 'backend'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", old_safe_open)
+    assert torch.equal(ts.load_hf(llama_dir)(ids), expected)
+
+
 def test_load_errors_name_the_directory(tmp_path):
     with pytest.raises(ModelError, match="is not a directory"):
         ts.load_hf(tmp_path / "missing")

@@ -143,3 +143,24 @@ def test_blocks_report_one_line_per_block_and_the_same_codes(capsys):
     assert "ETA" in lines[0] and "ETA" not in lines[1]
     for a, b in zip(silent.state_dict().values(), reported.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_each_float_layer_is_freed_once_its_block_is_quantized(monkeypatch):
+    # the float layers' memory must go while GPTQ runs (a mode dict once kept every original layer to the end)
+    import gc
+    import weakref
+
+    model = _llama(layers=3)
+    first_block = [weakref.ref(m) for m in model.model.layers[0].modules() if isinstance(m, nn.Linear)]
+    alive_in_last_block: list[int] = []
+    original = gptq_module._quantize_modules
+
+    def watch(modules, hessians, config):
+        if modules[0] in set(model.model.layers[2].modules()):
+            gc.collect()
+            alive_in_last_block.append(sum(ref() is not None for ref in first_block))
+        return original(modules, hessians, config)
+
+    monkeypatch.setattr(gptq_module, "_quantize_modules", watch)
+    gptq_(model, GPTQ(bits=4, group_size=32), _batches())
+    assert len(first_block) == 7 and alive_in_last_block and alive_in_last_block == [0] * len(alive_in_last_block)

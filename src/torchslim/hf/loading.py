@@ -427,10 +427,16 @@ def _read_weights(directory: Path, config: Any) -> dict[str, Tensor] | None:
     state: dict[str, Tensor] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
+            handle = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # a safetensors without the pread backend: transformers memory-maps the files
+            return None
+        except Exception as exc:  # safetensors raises its own error types; the cause is chained
+            raise ModelError(f"hf model {str(directory)!r}: cannot read {file.name}: {first_line(exc)}") from exc
+        try:
+            with handle:
                 for key in handle.keys():
                     state[key] = handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types; the cause is chained
+        except Exception as exc:
             raise ModelError(f"hf model {str(directory)!r}: cannot read {file.name}: {first_line(exc)}") from exc
     return state
 
