@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from torchslim._utils import cpu_has_int8_dot_product
+from torchslim.deployment import route_export_config
 from torchslim.export import ExportConfig, export, optimized_op_types
 from torchslim.fileio import atomic_write_text
 from torchslim.measure import measure_latency
@@ -300,7 +302,8 @@ def _run_cnn(runner: Runner, quick: bool, batch: int) -> None:
         ref = model(x)
     pruned = copy.deepcopy(model)
     ts.prune_(pruned, ts.ChannelPruning(amount=0.5, round_to=8), example_inputs=x)
-    static = ExportConfig(quant="int8-static", calibration_samples=calib.shape[0], min_agreement=0.0, min_cosine=0.9)
+    static = route_export_config("openvino-int8-static").replace(  # as deploy builds it on this CPU
+        calibration_samples=calib.shape[0], min_agreement=0.0, min_cosine=0.9)
     loose = ExportConfig(min_agreement=0.0)
     for label, module in (("fp32", model), ("50% channels pruned", pruned)):
         runner.torch_row(name, label, module, x, ref, _state_bytes(module))
@@ -347,8 +350,7 @@ def run_encoder(runner: Runner, quick: bool) -> None:
     static = export(model, None, ExportConfig(quant="int8-static", **loose), calib_data=x).graph
     runner.ort_row(name, "torchslim static int8", static, x, ref)
     _openvino_rows(runner, name, "torchslim static int8", static, x, ref)
-    matmul_only = ExportConfig(quant="int8-static", static_ops="matmul", symmetric_activations=True,
-                               observer="percentile", **loose)  # deploy's openvino-int8-matmul route
+    matmul_only = route_export_config("openvino-int8-matmul").replace(**loose)  # as deploy builds it on this CPU
     static_matmul = export(model, None, matmul_only, calib_data=x).graph
     ours = _openvino_rows(runner, name, OURS_ENCODER, static_matmul, x, ref)
     fused = export(model, None, ExportConfig(transformer_fusion=True, min_agreement=0.0), example_inputs=sample)
@@ -471,6 +473,9 @@ def render(rows: list[Row], duels: list[tuple[str, dict[str, float]]], threads: 
         "- latency: torchslim.measure.measure_latency (warm-up, median and p90 of timed blocks); ONNX graphs through "
         "OnnxGraph; speedup = fp32 PyTorch eager median / row median (same run)",
         "- file bytes: .onnx graph, or torch.save(state_dict) for eager rows",
+        "- torchslim's deployed int8 rows: " + ("8-bit weights (this CPU has an int8 dot product: VNNI/AMX)"
+                                               if cpu_has_int8_dot_product() else "7-bit weights (no VNNI/AMX)")
+        + ", activation ranges by mean-minmax, as `ts.deploy` builds them here (`route_export_config`)",
         "",
     ]
     for model in dict.fromkeys(r.model for r in rows):

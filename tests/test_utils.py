@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim._utils import device_of, eval_mode, first_line, logits_of, shift_images, train_mode
+from torchslim import _utils
+from torchslim._utils import (
+    cpu_has_int8_dot_product,
+    device_of,
+    eval_mode,
+    first_line,
+    logits_of,
+    shift_images,
+    train_mode,
+)
 from torchslim.distill.synthetic import shifted_views
 from torchslim.errors import ModelError
 from torchslim.quantize.api import IntQuant
@@ -26,6 +35,20 @@ def test_eval_mode_restores_each_modules_own_mode_even_after_an_error():
     with train_mode(model):
         assert all(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu avx2 fma avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True), ("fpu avx2 amx_int8", True),
+    ("fpu avx2 fma avx512f", False), (None, False),
+])
+def test_cpu_has_int8_dot_product_reads_the_cpu_flags(tmp_path, monkeypatch, flags, expected):
+    monkeypatch.setattr(_utils.platform, "machine", lambda: "x86_64")
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:  # None: the file cannot be read
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n")
+    assert cpu_has_int8_dot_product(str(cpuinfo)) is expected
+    monkeypatch.setattr(_utils.platform, "machine", lambda: "aarch64")
+    assert cpu_has_int8_dot_product(str(cpuinfo)) is True
 
 
 def test_device_of_reads_parameters_then_buffers_else_the_cpu():

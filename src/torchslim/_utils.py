@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 import sys
 import weakref
 from collections.abc import Iterator
@@ -105,6 +106,35 @@ def release_free_memory() -> None:
 
 
 _TRIM: Any = None  # glibc's malloc_trim once looked up (False: not available)
+
+
+_INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def cpu_has_int8_dot_product(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies int8 by int8 into 32-bit sums in one instruction (x86 VNNI or AMX; ARM).
+
+    Without it, ONNX Runtime's and oneDNN's x86 int8 kernels add pairs of uint8 x int8 products into 16-bit sums
+    that saturate at full 8-bit weights, which is why int8 weights default to 7 bits (``reduce_range``).
+
+    Args:
+        cpuinfo: the Linux file listing the CPU's flags (read on x86 only).
+
+    Returns:
+        True on ARM and on x86 CPUs whose flags list ``avx512_vnni``, ``avx_vnni`` or ``amx_int8``; False otherwise,
+        including when the flags cannot be read.
+    """
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return True
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(_INT8_DOT_FLAGS & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return False
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

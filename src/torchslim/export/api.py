@@ -110,6 +110,9 @@ class ExportConfig(Config):
         static_ops: int8-static: ``"all"`` (every node ONNX Runtime's quantizer takes) or ``"matmul"``
             (MatMul/Gemm only; see :class:`~torchslim.quantize.int8.StaticInt8`).
         symmetric_activations: int8-static: int8 activations with zero point 0 (else uint8, asymmetric).
+        reduce_range: int8 modes: weights rounded to 7 bits, for x86 CPUs without VNNI (see
+            :class:`~torchslim.quantize.int8.DynamicInt8`); False keeps all 8 bits, closer to fp32 where the graph
+            runs on a CPU with VNNI/AMX or on ARM (:func:`torchslim.deploy` chooses by the CPU it runs on).
         transformer_fusion: run ORT's transformer fusion (attention, LayerNorm, GELU) before quantizing.
         min_cosine: smallest allowed cosine similarity of the outputs vs PyTorch; None: the mode's default
             (fp32 0.9999, fp16 0.999, int8 0.98, int4 0.95).
@@ -127,6 +130,7 @@ class ExportConfig(Config):
     calibration_samples: int = 256
     static_ops: str = "all"
     symmetric_activations: bool = False
+    reduce_range: bool = True
     transformer_fusion: bool = False
     min_cosine: float | None = None
     min_agreement: float | None = None
@@ -138,7 +142,7 @@ class ExportConfig(Config):
             raise self.fail("precision", self.precision, "'fp32' with quant = " + repr(self.quant))
         if self.opset is not None:
             self.check_int("opset", 13, 21)
-        for flag in ("dynamic_batch", "symmetric", "symmetric_activations", "transformer_fusion"):
+        for flag in ("dynamic_batch", "symmetric", "symmetric_activations", "reduce_range", "transformer_fusion"):
             if not isinstance(getattr(self, flag), bool):
                 raise self.fail(flag, getattr(self, flag), "True or False")
         self.check_int("block_size", 16)
@@ -151,6 +155,8 @@ class ExportConfig(Config):
         if self.quant != "int8-static" and (self.static_ops != "all" or self.symmetric_activations):
             field = "static_ops" if self.static_ops != "all" else "symmetric_activations"
             raise self.fail(field, getattr(self, field), f"its default with quant = {self.quant!r} (int8-static only)")
+        if not self.reduce_range and self.family != "int8":
+            raise self.fail("reduce_range", False, f"its default (True) with quant = {self.quant!r} (int8 modes only)")
         if self.transformer_fusion and self.quant == "int8-static":
             raise self.fail("transformer_fusion", True, "False with quant = 'int8-static'")
         if self.min_cosine is not None:
@@ -347,7 +353,8 @@ def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, o
         notes.append(f"{len(packed)} packed IntQuantLayer(s) exported with their dequantized weights")
     if config.quant == "int8-static" and not config.transformer_fusion:
         static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples,
-                            ops=config.static_ops, symmetric_activations=config.symmetric_activations)
+                            ops=config.static_ops, symmetric_activations=config.symmetric_activations,
+                            reduce_range=config.reduce_range)
         agreement = STATIC_MIN_AGREEMENT if config.min_agreement is None else config.min_agreement
         graph = quantize_static(plain, calib, static, example_inputs=example, min_agreement=agreement)
         notes.extend(f"{name}: {reason}" for name, reason in graph.skipped.items())
@@ -362,7 +369,7 @@ def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, o
             proto = _to_fp16(proto)
         return proto.SerializeToString(), []
     if config.quant == "int8-dynamic":
-        return _dynamic_int8(proto, notes), []
+        return _dynamic_int8(proto, notes, config.reduce_range), []
     return _int4(proto, packed, config, notes, matmulnbits_reason)
 
 
@@ -398,7 +405,7 @@ def _root_warnings_off() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
+def _dynamic_int8(proto: Any, notes: list[str], reduce_range: bool) -> bytes:
     onnx = require_onnx()
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
@@ -412,7 +419,7 @@ def _dynamic_int8(proto: Any, notes: list[str]) -> bytes:
                 str(output),
                 op_types_to_quantize=["MatMul", "Attention"],
                 per_channel=True,
-                reduce_range=True,  # 7-bit weights: no saturated sums on CPUs without VNNI (see DynamicInt8)
+                reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )

@@ -256,8 +256,9 @@ def _observe_ranges(model: Any, inputs: Tensor, config: StaticInt8) -> dict[str,
         )
         for name in names
     }
-    for start in range(0, inputs.shape[0], _CALIBRATION_BATCH):
-        batch = inputs[start : start + _CALIBRATION_BATCH].numpy()
+    step = 1 if config.observer == "mean-minmax" else _CALIBRATION_BATCH  # it averages per-sample extremes
+    for start in range(0, inputs.shape[0], step):
+        batch = inputs[start : start + step].numpy()
         if input_name in observers:
             observers[input_name].update(batch)
         for name, value in zip(outputs, session.run(outputs, {input_name: batch}), strict=True):
@@ -386,12 +387,11 @@ def quantize_static(
             extra_options={"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True,
                            "TensorQuantOverrides": overrides},
         )
-        if STATIC_OPS[config.ops] is None:
-            int8 = output.read_bytes()
-        else:
-            proto = require_onnx().load(str(output))
+        proto = require_onnx().load(str(output))
+        _float_graph_outputs(proto)
+        if STATIC_OPS[config.ops] is not None:
             _float_consumers_read_float(proto, STATIC_OPS[config.ops])
-            int8 = proto.SerializeToString()
+        int8 = proto.SerializeToString()
     graph = OnnxGraph.from_bytes(int8, source_factory=factory_of(model), quantization=config.to_dict())
     try:
         graph.parity = check_parity(model, int8, inputs, atol=None, min_agreement=min_agreement)
@@ -402,6 +402,37 @@ def quantize_static(
         ) from exc
     graph.skipped = unquantized_nodes(int8)
     return graph
+
+
+def _float_graph_outputs(proto: Any) -> list[str]:
+    """Let the graph's outputs keep the float values their producers compute.
+
+    ORT's QDQ quantizer rounds a quantized op's output to int8 even when it is the graph's output: a ResNet-18's
+    logits went through a QuantizeLinear/DequantizeLinear pair (cosine to fp32 0.99995 by OpenVINO; 0.99997 without
+    the pair, NNCF's placement). The producer now writes the output directly and the pair is dropped.
+
+    Args:
+        proto: the QDQ ``onnx.ModelProto`` (changed in place).
+
+    Returns:
+        The names of the outputs that were un-rounded.
+    """
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    readers = collections.Counter(name for node in proto.graph.node for name in node.input)
+    freed = []
+    for output in proto.graph.output:
+        dequantize = producer.get(output.name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        quantize = producer.get(dequantize.input[0])
+        source = None if quantize is None or quantize.op_type != "QuantizeLinear" else producer.get(quantize.input[0])
+        if source is None or readers[quantize.input[0]] != 1 or readers[dequantize.input[0]] != 1:
+            continue  # the float tensor (or its int8 copy) is read elsewhere too: leave the pair
+        source.output[list(source.output).index(quantize.input[0])] = output.name
+        proto.graph.node.remove(dequantize)
+        proto.graph.node.remove(quantize)
+        freed.append(output.name)
+    return freed
 
 
 def _float_consumers_read_float(proto: Any, quantized_ops: list[str]) -> int:

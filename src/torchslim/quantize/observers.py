@@ -1,10 +1,12 @@
-"""Activation-range observers for calibration: min-max, percentile and MSE.
+"""Activation-range observers for calibration: min-max, mean min-max, percentile and MSE.
 
 An observer sees the values of one tensor over the calibration batches (:meth:`Observer.update`)
 and then proposes the real range ``(lo, hi)`` an 8-bit (or ``bits``-bit) quantizer should cover
 (:meth:`Observer.compute_range`):
 
 - ``MinMaxObserver``: the smallest and largest value seen (no clipping; outliers widen the steps).
+- ``MeanMinMaxObserver``: the mean over calibration samples of each sample's min and max (clips what only a few
+  samples reach; NNCF's default for per-tensor activations).
 - ``PercentileObserver``: the ``100 - p`` and ``p`` percentiles (clips the rarest outliers).
 - ``MSEObserver``: the clipping range that minimises the squared quantization error over a grid
   of candidate ranges, computed on the histogram: values inside cost their rounding error on the
@@ -26,7 +28,7 @@ import numpy as np
 
 from torchslim.errors import ConfigError, DataError
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "mean-minmax", "percentile", "mse")
 
 
 def _values(values: Any) -> np.ndarray:
@@ -99,6 +101,30 @@ class MinMaxObserver(Observer):
     """The smallest and largest value seen."""
 
     name = "minmax"
+
+
+class MeanMinMaxObserver(Observer):
+    """The mean, over :meth:`update` calls, of each call's smallest and largest value.
+
+    Feed it one calibration sample per call: the range is then the average sample's extremes, so an outlier only
+    one sample reaches widens it by 1/n of its excess instead of setting it.
+    """
+
+    name = "mean-minmax"
+
+    def __init__(self, *, symmetric: bool = False) -> None:
+        super().__init__(symmetric=symmetric)
+        self.updates = 0
+        self.min_sum = 0.0
+        self.max_sum = 0.0
+
+    def _update(self, array: np.ndarray) -> None:
+        self.updates += 1
+        self.min_sum += float(array.min())
+        self.max_sum += float(array.max())
+
+    def _range(self) -> tuple[float, float]:
+        return self.min_sum / self.updates, self.max_sum / self.updates
 
 
 class HistogramObserver(Observer):
@@ -333,7 +359,7 @@ def create_observer(
     """Build an observer by name.
 
     Args:
-        name: one of ``OBSERVERS`` (``"minmax"``, ``"percentile"``, ``"mse"``).
+        name: one of ``OBSERVERS`` (``"minmax"``, ``"mean-minmax"``, ``"percentile"``, ``"mse"``).
         symmetric: symmetric ranges.
         percentile: for ``"percentile"``.
         bits: quantizer width, for ``"mse"``.
@@ -347,6 +373,8 @@ def create_observer(
     """
     if name == "minmax":
         return MinMaxObserver(symmetric=symmetric)
+    if name == "mean-minmax":
+        return MeanMinMaxObserver(symmetric=symmetric)
     if name == "percentile":
         return PercentileObserver(percentile, bins=bins, symmetric=symmetric)
     if name == "mse":
