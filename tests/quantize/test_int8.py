@@ -157,8 +157,61 @@ def test_per_channel_and_symmetric_options_change_the_graph(lenet5, digits):
     activation_zero_points = [
         v for k, v in inits.items() if k.endswith("zero_point") and "weight" not in k and "bias" not in k
     ]
-    assert activation_zero_points and all(v.dtype == np.int8 and not v.any() for v in activation_zero_points)
+    # zero point 0 everywhere: int8 for signed tensors, uint8 for the ReLU outputs (see the lopsided test below)
+    assert activation_zero_points and not any(v.any() for v in activation_zero_points)
+    assert {v.dtype.name for v in activation_zero_points} == {"int8", "uint8"}
     assert evaluate(symmetric, digits.test) >= lenet5[1] - 0.01
+
+
+class _Attention(nn.Module):
+    """One attention head and a GELU MLP: signed, lopsided (GELU, Softmax) and activation x activation products."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = x + torch.softmax(q @ k.transpose(-1, -2) / 6.0, dim=-1) @ v
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def _activation_types(graph) -> dict[str, tuple[str, bool, str]]:
+    """For each MatMul/Gemm input that is a rounded activation: (its integer type, zero point == 0, source op)."""
+    model = onnx.load_from_string(graph.onnx_bytes()).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in model.initializer}
+    producer = {out: node for node in model.node for out in node.output}
+    found = {}
+    for node in model.node:
+        for slot, name in enumerate(node.input[:2]):
+            dq = producer.get(name)
+            if node.op_type in ("MatMul", "Gemm") and dq is not None and dq.op_type == "DequantizeLinear" \
+                    and dq.input[0] not in inits:
+                zero = inits[dq.input[2]]
+                source = producer.get(producer[dq.input[0]].input[0])
+                found[f"{node.name}:{slot}"] = (zero.dtype.name, not zero.any(), getattr(source, "op_type", "input"))
+    return found
+
+
+def test_symmetric_activations_give_lopsided_tensors_uint8_and_asymmetric_ones_int8_right_operands():
+    # int8 kernels multiply uint8 by int8; symmetric int8 wastes half its grid on GELU/Softmax outputs
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(64, 16, 32)
+    ops = {}
+    for symmetric in (True, False):
+        config = StaticInt8(ops="matmul", symmetric_activations=symmetric, calibration_samples=64)
+        graph = quantize_static(model, x, config, min_agreement=0.0)
+        ops[symmetric] = _activation_types(graph)
+        with torch.no_grad():
+            assert torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0) > 0.999
+    signed, gelu, softmax = "/fc1/MatMul:0", "/fc2/MatMul:0", "/MatMul_1:0"  # residual stream, GELU, Softmax
+    assert ops[True][signed][:2] == ("int8", True)
+    assert ops[True][gelu][:2] == ("uint8", False) and ops[True][softmax][:2] == ("uint8", True)
+    rights = [key for key in ops[True] if key.endswith(":1")]  # Q @ K^T and P @ V
+    assert len(rights) == 2 and all(ops[sym][key][:2] == ("int8", True) for key in rights for sym in (True, False))
+    assert all(ops[False][key][0] == "uint8" for key in ops[False] if key not in rights)  # asymmetric: uint8
 
 
 @pytest.mark.parametrize("observer", ["minmax", "mean-minmax", "percentile", "mse"])
