@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure", "progress"),
     ("distributed",),
     ("artifact", "kernels"),
-    ("config", "data", "models"),
+    ("config", "data", "models", "onload"),
     ("onnx",),
     ("fileio", "_utils", "_callable_module"),
     ("errors", "_version"),

@@ -69,6 +69,7 @@ from torchslim.errors import ArtifactError, ConfigError, TorchSlimError
 from torchslim.fileio import atomic_private_path
 from torchslim.models.checks import check_finite_weights
 from torchslim.models.registry import FACTORY_ATTR, create_model, factory_of, is_allowlisted
+from torchslim.onload import materialize_
 
 
 # --- save ---------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"save: model is a {type(model).__name__}, expected a torch.nn.Module")
+    materialize_(model)  # blocks of a lazily loaded model still in their file
     if not allow_nonfinite:
         check_finite_weights(model, f"save({str(path)!r})", hint=", or pass allow_nonfinite=True to keep it as is")
     if factory is None:

@@ -95,12 +95,13 @@ def is_hf_source(source: object) -> bool:
     return str(source).startswith("hf:")
 
 
-def load_model_source(source, *, trust_factory: bool = False) -> tuple[Any, list, int]:
+def load_model_source(source, *, trust_factory: bool = False, lazy: bool = False) -> tuple[Any, list, int]:
     """Load a ``.slim`` file or a ``hf:DIR`` model given on the command line.
 
     Args:
         source: the path of a ``.slim`` file, or ``hf:DIR``.
         trust_factory: allow a ``.slim`` model factory outside torchslim.
+        lazy: ``hf:DIR``: leave the decoder blocks in their file until needed (``load_hf(lazy=True)``).
 
     Returns:
         ``(model, recipe so far, input bytes)``; for ``hf:DIR`` the recipe is empty and the bytes are those of
@@ -112,7 +113,7 @@ def load_model_source(source, *, trust_factory: bool = False) -> tuple[Any, list
         from torchslim.hf import load_hf
         from torchslim.hf.loading import model_dir
 
-        model = load_hf(str(source))
+        model = load_hf(str(source), lazy=lazy)
         files = [f for pattern in ("*.safetensors", "*.bin") for f in model_dir(str(source)).glob(pattern)]
         return model, [], sum(f.stat().st_size for f in files)
     from torchslim.artifact import load, read_manifest

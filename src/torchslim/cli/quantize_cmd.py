@@ -148,7 +148,11 @@ def quantize(  # noqa: PLR0913 - Typer: each parameter is one command-line optio
         texts = read_texts(text)  # checked before the model is loaded
     method = request.method()
     overrides = request.method_overrides(method)
-    model, recipe_before, input_bytes = load_model_source(path, trust_factory=trust_factory)
+    # weight-only methods read a Hugging Face model's blocks one at a time (GPTQ, RTN): peak memory ~ one float block
+    from torchslim.quantize import GPTQ, IntQuant
+
+    lazy = isinstance(method, (GPTQ, IntQuant))
+    model, recipe_before, input_bytes = load_model_source(path, trust_factory=trust_factory, lazy=lazy)
     hf = is_hf_model(model)
     if hf:
         _check_hf(request, method, texts)

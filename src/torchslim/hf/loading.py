@@ -35,6 +35,7 @@ from torchslim._utils import first_line
 from torchslim.errors import MissingDependencyError, ModelError
 from torchslim.hf.layers import kept_layers, layer_list, parse_keep, shorten_, shorten_config_
 from torchslim.models.registry import FACTORY_ATTR, register_scheme
+from torchslim.onload import register
 
 __all__ = ["HFModel", "attention_modules", "drop_layers", "encode", "load_hf", "require_transformers", "sync_config_"]
 
@@ -324,6 +325,7 @@ def load_hf(
     heads: dict[str, int] | None = None,
     architecture: str | None = None,
     layers: list[int] | None = None,
+    lazy: bool = False,
 ) -> HFModel:
     """Load a local Hugging Face model directory, without network access, as an :class:`HFModel`.
 
@@ -335,6 +337,10 @@ def load_hf(
         architecture: a ``transformers`` class name (default: ``config.architectures[0]``, else ``AutoModel``).
         layers: keep only these transformer layers (indices into the directory's model; set by ``torchslim.load``
             for a model made by :func:`~torchslim.hf.layers.drop_layers`).
+        lazy: leave each decoder block's weights in the safetensors file until the block first runs (see
+            :mod:`torchslim.onload`): ``gptq_`` then holds one float block at a time, so quantizing needs about the
+            memory of the quantized model plus one block. Falls back to a whole load where the file's names do not
+            map onto the model (renamed checkpoints, GPT-2's ``Conv1D``, no block list, not safetensors).
 
     Returns:
         The wrapped model in eval mode, float32, with ``model.tokenizer`` (None when the directory has none)
@@ -363,10 +369,20 @@ def load_hf(
         layers = parse_keep([int(i) for i in layers], int(getattr(config, "num_hidden_layers", 0) or 0))
         if not weights:
             shorten_config_(config, layers)  # build the shallower model directly
+    lazy_model = None
     try:
         with _quiet():
-            state = _read_weights(directory, config) if weights else None
-            if state is not None:
+            files = _safetensors_files(directory, config) if lazy and weights and layers is None else None
+            if files:
+                from torchslim.hf.lazy import build_lazy  # imports quantize.blockwise: not at module load
+
+                config._attn_implementation = "eager"
+                lazy_model = build_lazy(cls, config, files)
+            state = _read_weights(directory, config) if weights and lazy_model is None else None
+            if lazy_model is not None:
+                hf = lazy_model[0]
+                _load_generation_config(transformers, hf, directory)
+            elif state is not None:
                 hf = cls.from_pretrained(
                     None, config=config, state_dict=state, dtype=torch.float32, attn_implementation="eager"
                 )
@@ -397,6 +413,8 @@ def load_hf(
     if layers is not None:
         kwargs["layers"] = list(layers)
     setattr(model, FACTORY_ATTR, {"name": HF_PREFIX + str(directory), "kwargs": kwargs})
+    if lazy_model is not None:
+        register(model, lazy_model[1])
     return model.eval()
 
 
@@ -409,18 +427,8 @@ def _read_weights(directory: Path, config: Any) -> dict[str, Tensor] | None:
     layers (quantization, pruning) frees nothing. Weights read with ``pread`` are ordinary allocations, freed
     with the layer that held them.
     """
-    if getattr(config, "quantization_config", None) is not None:
-        return None
-    index = directory / "model.safetensors.index.json"
-    if (directory / "model.safetensors").is_file():
-        files = [directory / "model.safetensors"]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"hf model {str(directory)!r}: cannot read {index.name}: {first_line(exc)}") from exc
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-    else:
+    files = _safetensors_files(directory, config)
+    if files is None:
         return None
     from safetensors import safe_open
 
@@ -439,6 +447,23 @@ def _read_weights(directory: Path, config: Any) -> dict[str, Tensor] | None:
         except Exception as exc:
             raise ModelError(f"hf model {str(directory)!r}: cannot read {file.name}: {first_line(exc)}") from exc
     return state
+
+
+def _safetensors_files(directory: Path, config: Any) -> list[Path] | None:
+    """The directory's safetensors files (one, or the shards of its index), or None (other formats, or a
+    ``quantization_config`` that transformers must apply while loading)."""
+    if getattr(config, "quantization_config", None) is not None:
+        return None
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"hf model {str(directory)!r}: cannot read {index.name}: {first_line(exc)}") from exc
+    return [directory / name for name in sorted(set(weight_map.values()))]
 
 
 def _load_generation_config(transformers: ModuleType, hf: nn.Module, directory: Path) -> None:

@@ -18,6 +18,7 @@ from torch.nn.utils import prune as torch_prune
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError
 from torchslim.models.checks import check_finite_weights, check_inputs_fit
+from torchslim.onload import materialize_
 from torchslim.prune import importance, unstructured
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -168,6 +169,7 @@ def prune_(
     if handler is None:
         raise ConfigError(f"config = {type(config).__name__} is invalid for prune_: expected one of "
                           f"{', '.join(c.__name__ for c in _HANDLERS)}")
+    materialize_(model)  # pruning reads every weight (a lazily loaded model is read whole)
     check_finite_weights(model, "prune_")
     if example_inputs is not None:
         check_inputs_fit(model, example_inputs, "prune_")

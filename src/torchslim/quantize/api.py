@@ -15,6 +15,7 @@ from torch import nn
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, ModelError
 from torchslim.models.checks import check_finite_weights
+from torchslim.onload import materialize_, onloader_of
 from torchslim.quantize.affine import GRANULARITIES, ROUNDINGS
 from torchslim.quantize.layers import (
     HALF_DTYPES,
@@ -257,8 +258,11 @@ def quantize_(
     tied = _tied_weights(plan)
     plan.reverse()
     first_of: dict[int, nn.Module] = {}
+    onloader = onloader_of(model)
     while plan:  # popped, so each float layer is freed once replaced (no second copy of the model builds up)
         name, module, chosen = plan.pop()
+        if onloader is not None:  # a lazily loaded model: read the layer's block now (one float block at a time)
+            onloader.load_for(module)
         new = _HANDLERS[type(chosen)](module, chosen)
         key = tied.get(name)
         if key is not None and key in first_of:  # the same weight as a layer done before: share its codes
@@ -271,6 +275,7 @@ def quantize_(
         _replace(model, name, new)
         report.quantized[name] = chosen.to_dict()
     del module
+    materialize_(model)  # blocks without a planned layer (a lazily loaded model)
     # run as ts.load would: the same paths, so the saved and the reloaded model compute the same bits
     set_runtime_(model, "auto")
     return report
@@ -359,7 +364,8 @@ def _tied_weights(plan: list[tuple[str, nn.Module, Config]]) -> dict[str, int]:
     """Layer name -> a key shared by the planned layers whose weights are one tensor (tied embeddings)."""
     names: dict[int, list[str]] = {}
     for name, module, _ in plan:
-        names.setdefault(module.weight.data_ptr(), []).append(name)
+        if module.weight.device.type != "meta":  # a lazily loaded block's weights are never tied (hf/lazy.py)
+            names.setdefault(module.weight.data_ptr(), []).append(name)
     return {name: key for key, group in names.items() if len(group) > 1 for name in group}
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchslim._utils import eval_mode
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError
+from torchslim.onload import materialize_
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, grouped_view, quantize_affine
 from torchslim.quantize.api import IntQuant, QuantizeReport, calibrated_handler, plan_layers, quantize_
 from torchslim.quantize.blockwise import Capture, capture, find_blocks
@@ -309,6 +310,7 @@ def awq_(
         ConfigError, DataError: as :func:`awq_scale_` (nothing is changed).
         ModelError: as the quantization that follows.
     """
+    materialize_(model)  # AWQ's search reads every block's weights (a lazily loaded model is read whole)
     scaled = awq_scale_(model, config, calib_inputs, filter_fn=filter_fn)
     exponent = {name: info["exponent"] for key, info in scaled.items() for name in key.split(",")}
     settings = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim._utils import eval_mode, release_free_memory
 from torchslim.config import Config, register_config
 from torchslim.errors import ConfigError, DataError, ModelError
+from torchslim.onload import materialize_, onloader_of
 from torchslim.progress import task as progress_task
 from torchslim.quantize.affine import compute_qparams, dequantize_affine, quantize_affine
 from torchslim.quantize.api import (
@@ -429,7 +430,8 @@ def gptq_(
     plan, report = plan_layers(model, config, filter_fn=filter_fn, overrides=overrides, check=check)
     if not plan:
         raise nothing_to_quantize(model, report, "gptq_")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    onloader = onloader_of(model)  # a lazily loaded model: blocks are read from their file one at a time
     batches = [tuple(t.to(device) for t in batch) for batch in batches]
     runs = [(lambda b=batch: model(*b)) for batch in batches]
     others = [(name, module, chosen) for name, module, chosen in plan if not isinstance(chosen, GPTQ)]
@@ -438,8 +440,12 @@ def gptq_(
     del plan
     with eval_mode(model), torch.no_grad(), _without_kv_cache(model):
         shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
-        route = _choose_loop(model, runs, remaining, loop, shapes)  # runs the model: a failure here changes nothing
+        # runs the model: a failure here changes nothing
+        with onloader.streaming() if onloader is not None else contextlib.nullcontext():
+            route = _choose_loop(model, runs, remaining, loop, shapes)
         release_free_memory()  # the float pass's activations
+        if others or not isinstance(route, tuple):  # other configs read weights directly; staged runs whole passes
+            materialize_(model)
         for name, module, chosen in others:
             _replace(model, name, _HANDLERS[type(chosen)](module, chosen))
             report.quantized[name] = chosen.to_dict()
@@ -487,6 +493,7 @@ def gptq_(
                 "reason": "not reached by the calibration inputs",
             }
         remaining.clear()
+    materialize_(model)  # blocks the calibration inputs never reached
     set_runtime_(model, "auto")  # as ts.load would (see quantize_)
     return report
 
