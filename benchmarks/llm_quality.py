@@ -5,7 +5,9 @@ Hugging Face directory by ``benchmarks/_smollm2.py``; the script says so and exi
 Calibration and evaluation texts are Python standard library docstrings from two disjoint sets of modules
 (paragraphs of the evaluation set that also occur in the calibration set are dropped).
 
-Every variant runs in its own process, as a user would: ``ts.load_hf`` -> quantize (``ts.quantize_`` for
+Every variant runs in its own process, as a user would: ``ts.load_hf`` (``lazy=True`` for the quantized variants:
+each decoder block is read from the file when the quantizer reaches it, as ``torchslim quantize hf:DIR`` does) ->
+quantize (``ts.quantize_`` for
 round-to-nearest, ``ts.gptq_`` on ``--calib-samples`` windows of ``--calib-seq-len`` tokens) -> ``ts.save``; then
 the saved ``.slim`` is loaded back and its perplexity measured (``ts.perplexity``, sliding window ``--seq-len`` /
 ``--stride`` over the first ``--eval-tokens`` evaluation tokens). Reported: perplexity, file bytes (fp32: the
@@ -127,10 +129,10 @@ def worker(args: argparse.Namespace) -> dict:
     getattr(transformers, architecture)  # imports the modelling code, and what transformers imports with it
     baseline_rss = rss("VmRSS")
     calibration, evaluation = texts()
-    model = ts.load_hf(directory)
+    spec = VARIANTS[args.worker]
+    model = ts.load_hf(directory, lazy=spec is not None)
     eval_ids = token_stream(model, evaluation)[: args.eval_tokens]
     row = {"variant": args.worker, "eval_tokens": int(eval_ids.numel()), "baseline_rss": baseline_rss}
-    spec = VARIANTS[args.worker]
     if spec is None:
         row.update(file_bytes=(directory / "model.safetensors").stat().st_size, quantize_s=None,
                    peak_rss=rss("VmHWM"))

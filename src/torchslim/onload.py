@@ -102,7 +102,11 @@ class Onloader:
         self._pending.discard(block)
         if self._streaming:
             self._streamed.add(block)
-        elif not self._pending:
+            return
+        # loaded for good: forget the sources, whose module references would keep replaced (quantized) layers and
+        # their float weights alive
+        self._sources[block] = []
+        if not self._pending:
             self.close()
 
     def unload(self, block: nn.Module) -> None:

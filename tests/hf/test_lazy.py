@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -44,6 +47,11 @@ def test_lazy_load_keeps_blocks_in_the_file_until_they_run(deep_llama_dir, llama
     assert torch.equal(ts.load_hf(llama_dir, lazy=True)(IDS[:, :4]), ts.load_hf(llama_dir)(IDS[:, :4]))
 
 
+def test_saving_a_lazy_model_reads_its_blocks_first(deep_llama_dir, tmp_path):
+    whole = ts.save(ts.load_hf(deep_llama_dir), tmp_path / "whole.slim").read_bytes()
+    assert ts.save(ts.load_hf(deep_llama_dir, lazy=True), tmp_path / "lazy.slim").read_bytes() == whole
+
+
 def test_streaming_holds_one_block_at_a_time(deep_llama_dir):
     lazy = ts.load_hf(deep_llama_dir, lazy=True)
     loader = onload.onloader_of(lazy)
@@ -64,6 +72,7 @@ def test_quantizing_a_lazy_model_gives_the_same_model_reading_one_block_at_a_tim
     results = []
     for lazy in (False, True):
         model = ts.load_hf(deep_llama_dir, lazy=lazy)
+        first = weakref.ref(model.model.model.layers[0].self_attn.q_proj)
         loaded: list[int] = []  # float block Linear layers in memory whenever a layer is replaced
 
         def spy(model_, name, new, model=model, loaded=loaded, original=ts.quantize.api._replace):
@@ -80,6 +89,8 @@ def test_quantizing_a_lazy_model_gives_the_same_model_reading_one_block_at_a_tim
                 ts.quantize_(model, config)
         if lazy:  # never more than one block's float Linear layers (7 per block) at once
             assert max(loaded) <= 7, loaded
+            gc.collect()
+            assert first() is None  # the replaced float layer is freed (the onloader keeps no reference)
         results.append((model(IDS), ts.save(model, tmp_path / f"{method}-{lazy}.slim").read_bytes()))
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]  # the same file, byte for byte

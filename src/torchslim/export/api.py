@@ -47,6 +47,7 @@ from torchslim.export.int4 import (
 )
 from torchslim.fileio import atomic_write_bytes
 from torchslim.models.onnx_graph import OnnxGraph
+from torchslim.onload import materialize_
 from torchslim.onnx.convert import DEFAULT_OPSET, check_parity, export_onnx
 from torchslim.onnx.runtime import graph_op_types, require_onnx, require_onnxruntime
 from torchslim.quantize.int8 import (
@@ -296,6 +297,7 @@ def export(
         else (calib[:_PARITY_SAMPLES] if calib is not None else example)
     )
     require_onnx()
+    materialize_(model)  # a lazily loaded model's blocks still in their file
     opset = config.opset if config.opset is not None else choose_opset()
     notes: list[str] = []
     packed_layers: list[str] = []

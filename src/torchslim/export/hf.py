@@ -36,6 +36,7 @@ from torchslim._utils import first_line
 from torchslim.errors import ConfigError, MissingDependencyError, ModelError, TorchSlimError
 from torchslim.export.int4 import dequantized_copy
 from torchslim.hf.loading import HFModel, _quiet, encode, sync_config_
+from torchslim.onload import materialize_
 from torchslim.onnx.convert import compare_outputs
 
 __all__ = ["HF_DTYPES", "HFExportReport", "export_hf"]
@@ -106,6 +107,7 @@ def export_hf(
     """
     if dtype not in HF_DTYPES:
         raise ConfigError(f"dtype = {dtype!r} is invalid: expected one of {', '.join(HF_DTYPES)}")
+    materialize_(model)  # a lazily loaded model's blocks still in their file
     if not isinstance(model, HFModel):
         raise ModelError(
             f"export_hf needs a Hugging Face model (load_hf('hf:DIR') or a .slim made from one), got "
