@@ -295,17 +295,26 @@ class IntQuantLayer(_DequantizingLayer):
         )
         if tuple(scale.shape) != tuple(layer.scale.shape):
             raise ConfigError(f"scale shape {tuple(scale.shape)} is invalid: expected {tuple(layer.scale.shape)}")
-        grouped = grouped_view(module.weight.detach().float(), granularity, group_size, pad=True)
+        weight = module.weight.detach().float()
+
+        def grouped(start: int, stop: int) -> torch.Tensor:  # rows [start, stop) grouped (a padded copy if need be)
+            if granularity == "tensor":  # one row: the whole tensor
+                return grouped_view(weight, granularity, group_size, pad=True)
+            return grouped_view(weight[start:stop], granularity, group_size, pad=True)
+
         scale = _clamp_to_dtype(scale.detach().to(SCALE_DTYPES[scale_dtype]))
         if symmetric:
             zero_point = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
         zero_point = zero_point.detach().round().clamp(0, (1 << bits) - 1).to(torch.int32)
         # Stored relative to the zero point (mod 2**bits): a zero weight is stored as code 0, so
         # pruned weights give zero bytes that the .slim file's sparse encodings compress.
-        stored = torch.empty(grouped.shape, dtype=torch.uint8, device=grouped.device)
-        step = max(1, _ROW_CHUNK // max(1, grouped[0].numel()))  # rows at a time: temporaries stay small
-        for r in range(0, grouped.shape[0], step):
-            codes = quantize_affine(grouped[r : r + step], scale[r : r + step], zero_point[r : r + step], bits,
+        row = grouped(0, 1)
+        rows = 1 if granularity == "tensor" else weight.shape[0]
+        stored = torch.empty((rows, *row.shape[1:]), dtype=torch.uint8, device=weight.device)
+        # rows at a time: temporaries (and a padded copy, when the group size does not divide a row) stay small
+        step = max(1, _ROW_CHUNK // max(1, row[0].numel()))
+        for r in range(0, rows, step):
+            codes = quantize_affine(grouped(r, r + step), scale[r : r + step], zero_point[r : r + step], bits,
                                     rounding)
             stored[r : r + step] = (codes.to(torch.int32) - zero_point[r : r + step].unsqueeze(-1)) % (1 << bits)
         layer.packed.copy_(pack(stored, bits))
