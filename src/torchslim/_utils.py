@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import platform
 import sys
 import weakref
@@ -94,12 +93,8 @@ def release_free_memory() -> None:
 
     glibc keeps freed blocks of its heap for reuse, so after a float layer is replaced by its quantized form the
     process's resident memory often stays where it was; long layer-by-layer loops (GPTQ) call this between
-    layers so their peak follows what is alive. Unreachable reference cycles are collected first.
+    layers so their peak follows what is alive.
     """
-    # calibration passes end by raising Stop from a hook: the traceback's frames form reference cycles that keep
-    # activations (and a lazily loaded block's weights) alive until the cyclic collector runs (GPTQ on SmolLM2-135M:
-    # peak RSS 1277 -> 1154 MiB)
-    gc.collect()
     global _TRIM
     if _TRIM is None:
         _TRIM = False
