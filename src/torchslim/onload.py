@@ -147,7 +147,7 @@ class Onloader:
         self.load(block)
 
     def _after(self, block: nn.Module, args: tuple, output: object) -> None:
-        if self._streaming:
+        if self._streaming and block in self._streamed:  # not a block loaded for good before the pass
             self.unload(block)
             self._streamed.discard(block)
 

@@ -39,6 +39,7 @@ def test_lazy_load_keeps_blocks_in_the_file_until_they_run(deep_llama_dir, llama
     whole = ts.load_hf(deep_llama_dir)
     lazy = ts.load_hf(deep_llama_dir, lazy=True)
     assert _meta_blocks(lazy) == [True] * 4
+    assert onload.onloader_of(lazy.model) is onload.onloader_of(lazy) is not None  # wrapper or transformers model
     hf = lazy.model
     assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight  # tied, and read
     assert hf.model.embed_tokens.weight.device.type == "cpu"
@@ -62,6 +63,10 @@ def test_streaming_holds_one_block_at_a_time(deep_llama_dir):
         out = lazy(IDS)
     assert seen == [1, 1, 1, 1] and _meta_blocks(lazy) == [True] * 4
     assert torch.equal(out, ts.load_hf(deep_llama_dir)(IDS))
+    loader.load(lazy.model.model.layers[0])  # loaded for good before a pass: the pass leaves it loaded
+    with loader.streaming():
+        lazy(IDS)
+    assert _meta_blocks(lazy) == [False, True, True, True]
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])

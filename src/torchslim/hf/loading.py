@@ -413,8 +413,9 @@ def load_hf(
     if layers is not None:
         kwargs["layers"] = list(layers)
     setattr(model, FACTORY_ATTR, {"name": HF_PREFIX + str(directory), "kwargs": kwargs})
-    if lazy_model is not None:
+    if lazy_model is not None:  # found from the wrapper and from the transformers model alike
         register(model, lazy_model[1])
+        register(hf, lazy_model[1])
     return model.eval()
 
 
