@@ -112,6 +112,28 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _prepare(path: str | os.PathLike) -> tuple[Path, Path, str]:
+    """``(final path, its directory, the temporary-name prefix)``, stale temporaries of ``path`` removed.
+
+    Raises:
+        TorchSlimError: if the destination directory does not exist.
+    """
+    final = Path(path)
+    directory = final.parent if str(final.parent) else Path(".")
+    if not directory.is_dir():
+        raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
+    remove_stale_temp_files(final)
+    return final, directory, f".{final.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync the written temporary, give it the replaced file's mode (mkstemp makes 0600) and rename it."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, _final_mode(final))
+    os.replace(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
@@ -132,24 +154,15 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     Raises:
         TorchSlimError: if the destination directory does not exist.
     """
-    final = Path(path)
-    directory = final.parent if str(final.parent) else Path(".")
-    if not directory.is_dir():
-        raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
-    remove_stale_temp_files(final)
+    final, directory, prefix = _prepare(path)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.",
-        suffix=(suffix if suffix is not None else final.suffix) + ".tmp",
-        dir=directory,
+        prefix=prefix, suffix=(suffix if suffix is not None else final.suffix) + ".tmp", dir=directory
     )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _final_mode(final))  # mkstemp creates 0600 files
-        os.replace(tmp, final)
+        _commit(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -176,20 +189,12 @@ def atomic_private_path(path: str | os.PathLike) -> Iterator[Path]:
     Raises:
         TorchSlimError: if the destination directory does not exist.
     """
-    final = Path(path)
-    directory = final.parent if str(final.parent) else Path(".")
-    if not directory.is_dir():
-        raise TorchSlimError(f"cannot write {str(final)!r}: directory {str(directory)!r} does not exist")
-    remove_stale_temp_files(final)
-    private = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp",
-                                    dir=directory))
+    final, directory, prefix = _prepare(path)
+    private = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=directory))
     tmp = private / final.name
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _final_mode(final))
-        os.replace(tmp, final)
+        _commit(tmp, final)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     _fsync_directory(directory)
