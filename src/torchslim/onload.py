@@ -68,10 +68,6 @@ class Onloader:
         for block in self._pending.intersection(self._owners.get(module, ())):
             self.load(block)
 
-    def pending(self, block: nn.Module) -> bool:
-        """Whether ``block`` is still on ``meta``."""
-        return block in self._pending
-
     @property
     def done(self) -> bool:
         """Every block is loaded."""

@@ -106,11 +106,12 @@ class ExportConfig(Config):
         block_size: int4-weight block (inputs per scale) for Linear layers ORT quantizes; a power of two >= 16.
         symmetric: int4-weight: zero point fixed at 8 for layers ORT quantizes.
         accuracy_level: ``MatMulNBits`` compute: 0 (unset), 1 fp32, 2 fp16, 3 bf16, 4 int8 (fastest on CPU).
-        observer: int8-static activation observer (``minmax``, ``percentile``, ``mse``).
+        observer: int8-static activation observer (``minmax``, ``mean-minmax``, ``percentile``, ``mse``).
         calibration_samples: int8-static calibration samples (>= 1).
         static_ops: int8-static: ``"all"`` (every node ONNX Runtime's quantizer takes) or ``"matmul"``
             (MatMul/Gemm only; see :class:`~torchslim.quantize.int8.StaticInt8`).
-        symmetric_activations: int8-static: int8 activations with zero point 0 (else uint8, asymmetric).
+        symmetric_activations: int8-static: as :class:`~torchslim.quantize.int8.StaticInt8`'s (zero point 0 but
+            uint8 for lopsided tensors; else asymmetric uint8).
         reduce_range: int8 modes: weights rounded to 7 bits, for x86 CPUs without VNNI (see
             :class:`~torchslim.quantize.int8.DynamicInt8`); False keeps all 8 bits, closer to fp32 where the graph
             runs on a CPU with VNNI/AMX or on ARM (:func:`torchslim.deploy` chooses by the CPU it runs on).

@@ -65,12 +65,14 @@ class StaticInt8(Config):
     """Static int8 (W8A8) post-training quantization, run by ONNX Runtime (QDQ).
 
     Args:
-        observer: how activation ranges are chosen from calibration data: ``"minmax"``,
-            ``"percentile"`` or ``"mse"``.
+        observer: how activation ranges are chosen from calibration data: ``"minmax"``, ``"mean-minmax"``
+            (the mean of each sample's extremes), ``"percentile"`` or ``"mse"``.
         percentile: the percentile for ``"percentile"``, in (50, 100].
         per_channel: int8 weights with one scale per output channel (else one per tensor).
         calibration_samples: how many samples of the calibration data to use (>= 1).
-        symmetric_activations: int8 activations with zero point 0 (else uint8, asymmetric).
+        symmetric_activations: int8 activations with zero point 0, except lopsided ones (ReLU, GELU, Softmax
+            outputs: uint8 over their own range); else uint8 asymmetric, except the right operand of an activation
+            x activation MatMul (int8, zero point 0). See ``_activation_overrides``.
         ops: which nodes get int8: ``"all"`` (every node ONNX Runtime's quantizer can take: Conv, MatMul/Gemm,
             pooling, Add ...) or ``"matmul"`` (MatMul/Gemm only, the placement NNCF's transformer preset uses:
             LayerNorm, Softmax, GELU and residual additions stay float and read float tensors; on a BERT-shaped
