@@ -115,3 +115,12 @@ def test_all_zero_weight_does_not_divide_by_zero():
     scale, zp = compute_qparams(grouped, 4, symmetric=False)
     restored = dequantize_affine(quantize_affine(grouped, scale, zp, 4), scale, zp)
     assert torch.equal(restored, grouped)
+
+
+def test_a_tiny_range_keeps_a_positive_float16_scale():
+    # 1e-9 / 15 underflows float16 to 0, and 1/0 would turn every code of the row into inf/nan
+    grouped = grouped_view(torch.tensor([[1e-9, -1e-9, 0.0, 5e-10], [1.0, -1.0, 0.5, 0.0]]), "channel")
+    scale, zp = compute_qparams(grouped, 4, symmetric=False, scale_dtype=torch.float16)
+    assert bool((scale > 0).all()) and bool(torch.isfinite(1.0 / scale.float()).all())
+    restored = dequantize_affine(quantize_affine(grouped, scale, zp, 4), scale, zp)
+    assert float((restored - grouped).abs().max()) < 0.1

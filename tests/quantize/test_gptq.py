@@ -239,3 +239,59 @@ def test_layers_reading_one_input_are_each_their_own_gptq():
     gptq_(model, config, x)
     for name, weight in expected.items():
         torch.testing.assert_close(getattr(model, name).dequantize_weight(), weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [nn.Linear(100, 24), nn.Conv2d(6, 8, 3, bias=False)], ids=["linear", "conv"])
+@pytest.mark.parametrize(("bits", "granularity", "group_size"),
+                         [(4, "group", 32), (3, "group", 16), (8, "channel", None)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_from_codes_writes_the_bytes_from_qparams_writes_for_the_weight_the_codes_stand_for(
+    module, bits, granularity, group_size, symmetric
+):
+    from torchslim.quantize.affine import compute_qparams, grouped_view
+
+    torch.manual_seed(0)
+    weight = module.weight.detach()
+    rows = weight.shape[0]
+    scale, zero_point = compute_qparams(grouped_view(weight, granularity, group_size, pad=True), bits, symmetric,
+                                        torch.float16)
+    fan_in = weight[0].numel()
+    size = group_size or fan_in
+    codes = torch.randint(0, 1 << bits, (rows, fan_in), dtype=torch.uint8)
+
+    def per_column(t):
+        return t.float().repeat_interleave(size, dim=1)[:, :fan_in]
+
+    stand_for = ((codes.float() - per_column(zero_point)) * per_column(scale)).reshape(weight.shape)
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        twin.weight.copy_(stand_for)
+    expected = IntQuantLayer.from_qparams(twin, scale, zero_point, bits, granularity, group_size, symmetric)
+    layer = IntQuantLayer.from_codes(module, codes, scale, zero_point, bits, granularity, group_size, symmetric)
+    for name, buffer in expected.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], buffer), name
+    x = torch.randn(2, *((100,) if isinstance(module, nn.Linear) else (6, 7, 7)))
+    assert torch.allclose(layer(x), twin(x), atol=1e-5)
+
+
+def test_from_codes_rejects_a_tensor_granularity_and_misshapen_codes():
+    layer = nn.Linear(16, 4)
+    scale, zero_point = torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.int32)
+    with pytest.raises(ConfigError, match="granularity = 'tensor' is invalid for from_codes"):
+        IntQuantLayer.from_codes(layer, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(1, 1), zero_point[:1],
+                                 4, "tensor", None, False)
+    with pytest.raises(ConfigError, match=r"codes shape \(4, 15\) is invalid: expected \(4, 16\)"):
+        IntQuantLayer.from_codes(layer, torch.zeros(4, 15, dtype=torch.uint8), scale, zero_point, 4, "channel",
+                                 None, False)
+
+
+def test_gptq_of_a_row_with_a_tiny_range_stays_finite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight[3] *= 1e-8  # its float16 min/max scale would underflow to 0
+    original = model[0].weight.detach().clone()
+    gptq_(model, GPTQ(bits=4, group_size=32), _correlated_inputs(256, 64))
+    restored = model[0].dequantize_weight()
+    assert bool(torch.isfinite(restored).all())
+    assert float((restored[3] - original[3]).abs().max()) < 1e-6

@@ -101,7 +101,8 @@ def compute_qparams(
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(-low / safe).clamp(0, qmax).to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
-    return scale, zero_point
+    info = torch.finfo(scale_dtype)  # tiny ranges underflow a float16 scale to 0: 1/scale would be inf
+    return scale.clamp(min=info.tiny, max=info.max), zero_point
 
 
 def quantize_affine(

@@ -150,6 +150,19 @@ def gptq_quantize(
     Raises:
         ModelError: the dampened Hessian is not positive definite even after raising the dampening.
     """
+    codes, scale, zero_point = _gptq_codes(weight, hessian, config)
+    size = config.group_size or codes.shape[1]
+
+    def columns(per_group: Tensor) -> Tensor:  # (rows, groups) -> one value per column
+        return per_group.float().repeat_interleave(size, dim=1)[:, : codes.shape[1]]
+
+    return (codes.float() - columns(zero_point)) * columns(scale), scale, zero_point
+
+
+def _gptq_codes(weight: Tensor, hessian: Tensor, config: GPTQ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of one weight matrix as codes: ``(codes, scale, zero_point)`` with uint8 codes ``(rows, cols)`` in
+    ``[0, 2**bits)`` standing for ``(codes - zero_point) * scale`` (see :func:`gptq_quantize`). Codes, not the
+    float result: an lm_head's float copy would be the largest allocation of the whole run."""
     W = weight.detach().float()
     rows, cols = W.shape
     if tuple(hessian.shape) != (cols, cols):
@@ -161,7 +174,7 @@ def gptq_quantize(
     importance = torch.diag(H)  # clip_search weights each column's rounding error by it
     Hinv = _inverse_cholesky(H[perm][:, perm], config.damp)
     groups = math.ceil(cols / (config.group_size or cols))
-    Q = torch.empty(rows, cols)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
     scale = torch.empty(rows, groups, dtype=SCALE_DTYPES[config.scale_dtype])
     zero_point = torch.empty(rows, groups, dtype=torch.int32)
     # rows are independent given the Hessian: a slice of rows at a time keeps the column updates in cache (an
@@ -169,16 +182,20 @@ def gptq_quantize(
     for r in range(0, rows, _ROWS):
         chunk = W[r : r + _ROWS].clone()
         chunk[:, dead] = 0.0
-        rows_done = _quantize_rows(chunk, Hinv, perm, importance, config)
-        Q[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = rows_done
-    return Q, scale, zero_point
+        codes[r : r + _ROWS], scale[r : r + _ROWS], zero_point[r : r + _ROWS] = _quantize_rows(
+            chunk, Hinv, perm, importance, config
+        )
+        del chunk
+        release_free_memory()  # each slice's temporaries: glibc would otherwise keep growing its heap
+    return codes, scale, zero_point
 
 
 def _quantize_rows(
     W: Tensor, Hinv: Tensor, perm: Tensor, importance: Tensor, config: GPTQ
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ of some rows of a weight (changed in place) given the permuted inverse Hessian's Cholesky factor and
-    the Hessian diagonal in the original column order (``importance``, used by ``clip_search``)."""
+    the Hessian diagonal in the original column order (``importance``, used by ``clip_search``); returns uint8
+    codes in the original column order, scales and zero points."""
     rows, cols = W.shape
     size = config.group_size or cols
     groups = math.ceil(cols / size)
@@ -209,11 +226,10 @@ def _quantize_rows(
     if config.act_order:
         W = W[:, perm]
     order = perm.tolist()
-    Q = torch.zeros_like(W)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
     for i1 in range(0, cols, config.blocksize):
         i2 = min(i1 + config.blocksize, cols)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         E1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -227,17 +243,15 @@ def _quantize_rows(
                     current = torch.cat([current, pending], dim=1)
                 set_params(group, current)
             w = W1[:, i]
-            codes = torch.floor(w * inv_scale[:, group] + offset[:, group]).clamp_(0, qmax)
-            q = (codes - (offset[:, group] - 0.5)) * scale32[:, group]
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
+            code = torch.floor(w * inv_scale[:, group] + offset[:, group]).clamp_(0, qmax)
+            codes[:, i1 + i] = code.to(torch.uint8)
+            err = (w - (code - (offset[:, group] - 0.5)) * scale32[:, group]) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             E1[:, i] = err
-        Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     if config.act_order:
-        Q = Q[:, torch.argsort(perm)]
-    return Q, scale, zero_point
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scale, zero_point
 
 
 def _clipped_qparams(columns: Tensor, importance: Tensor, config: GPTQ) -> tuple[Tensor, Tensor]:
@@ -284,27 +298,15 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
 
 def _quantize_module(module: nn.Module, hessians: list[Tensor], config: GPTQ) -> IntQuantLayer:
     """GPTQ one layer (each conv group on its own Hessian) into an ``IntQuantLayer``."""
-    weight = module.weight.detach().float()
-    rows = weight.shape[0]
-    matrix = weight.reshape(rows, -1).cpu()
-    per_group = rows // len(hessians)
+    matrix = module.weight.detach().float().cpu()
+    matrix = matrix.reshape(matrix.shape[0], -1)
+    per_group = matrix.shape[0] // len(hessians)
     parts = [
-        gptq_quantize(matrix[g * per_group : (g + 1) * per_group], h, config) for g, h in enumerate(hessians)
+        _gptq_codes(matrix[g * per_group : (g + 1) * per_group], h, config) for g, h in enumerate(hessians)
     ]
-    if len(parts) == 1:
-        (quantized, scale, zero_point), = parts
-        quantized = quantized.reshape(weight.shape)
-    else:
-        quantized = torch.cat([p[0] for p in parts]).reshape(weight.shape)
-        scale = torch.cat([p[1] for p in parts])
-        zero_point = torch.cat([p[2] for p in parts])
+    codes, scale, zero_point = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts, strict=True))
     del parts
-    stand_in = _with_weight(module, quantized.to(module.weight.device, module.weight.dtype))
-    # from_qparams re-quantizes the GPTQ values with the same scales: they sit on the grid, so the codes are exact
-    return IntQuantLayer.from_qparams(
-        stand_in, scale, zero_point, config.bits, config.granularity, config.group_size, config.symmetric,
-        "nearest", config.scale_dtype,
-    )
+    return _layer(module, codes, scale, zero_point, config)
 
 
 def _quantize_modules(modules: list[nn.Module], hessians: list[Tensor], config: GPTQ) -> list[IntQuantLayer]:
@@ -313,25 +315,21 @@ def _quantize_modules(modules: list[nn.Module], hessians: list[Tensor], config: 
     if len(modules) == 1 or len(hessians) != 1 or not all(isinstance(m, nn.Linear) for m in modules):
         return [_quantize_module(m, hessians, config) for m in modules]
     stacked = torch.cat([m.weight.detach().float().cpu() for m in modules])
-    quantized, scale, zero_point = gptq_quantize(stacked, hessians[0], config)
+    codes, scale, zero_point = _gptq_codes(stacked, hessians[0], config)
     del stacked
     layers, start = [], 0
     for m in modules:
         end = start + m.out_features
-        stand_in = _with_weight(m, quantized[start:end].to(m.weight.device, m.weight.dtype))
-        layers.append(IntQuantLayer.from_qparams(
-            stand_in, scale[start:end], zero_point[start:end], config.bits, config.granularity, config.group_size,
-            config.symmetric, "nearest", config.scale_dtype,
-        ))
+        layers.append(_layer(m, codes[start:end], scale[start:end], zero_point[start:end], config))
         start = end
     return layers
 
 
-def _with_weight(module: nn.Module, weight: Tensor) -> nn.Module:
-    clone = type(module).__new__(type(module))
-    clone.__dict__ = {**module.__dict__, "_parameters": dict(module._parameters)}
-    clone._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-    return clone
+def _layer(module: nn.Module, codes: Tensor, scale: Tensor, zero_point: Tensor, config: GPTQ) -> IntQuantLayer:
+    return IntQuantLayer.from_codes(
+        module, codes, scale, zero_point, config.bits, config.granularity, config.group_size, config.symmetric,
+        config.scale_dtype,
+    )
 
 
 # --- calibration data -------------------------------------------------------------------------------------------

@@ -249,11 +249,19 @@ class IntQuantLayer(_DequantizingLayer):
         scale_dtype: str = "float16",
     ) -> IntQuantLayer:
         """Quantize a Linear/Conv module's weight with min/max scales; the bias stays float32."""
-        # no reference kept to the (possibly padded) grouped copy: from_qparams makes its own
-        scale, zero_point = compute_qparams(
-            grouped_view(module.weight.detach().float(), granularity, group_size, pad=True), bits, symmetric,
-            SCALE_DTYPES[scale_dtype],
-        )
+        weight = module.weight.detach().float()
+        dtype = SCALE_DTYPES[scale_dtype]
+        if granularity == "tensor":
+            scale, zero_point = compute_qparams(grouped_view(weight, granularity), bits, symmetric, dtype)
+        else:  # rows at a time: no whole padded (or absolute-value) copy of an lm_head-sized weight
+            step = max(1, _ROW_CHUNK // max(1, weight[0].numel()))
+            parts = [
+                compute_qparams(grouped_view(weight[r : r + step], granularity, group_size, pad=True), bits,
+                                symmetric, dtype)
+                for r in range(0, weight.shape[0], step)
+            ]
+            scale, zero_point = (torch.cat(p) for p in zip(*parts, strict=True))
+            del parts
         return cls.from_qparams(
             module, scale, zero_point, bits, granularity, group_size, symmetric, rounding, scale_dtype
         )
@@ -285,16 +293,7 @@ class IntQuantLayer(_DequantizingLayer):
         Returns:
             The packed layer on the module's device.
         """
-        layer = cls(
-            **describe_layer(module),
-            bits=bits,
-            granularity=granularity,
-            group_size=group_size,
-            symmetric=symmetric,
-            scale_dtype=scale_dtype,
-        )
-        if tuple(scale.shape) != tuple(layer.scale.shape):
-            raise ConfigError(f"scale shape {tuple(scale.shape)} is invalid: expected {tuple(layer.scale.shape)}")
+        layer = cls._blank(module, scale, bits, granularity, group_size, symmetric, scale_dtype)
         weight = module.weight.detach().float()
 
         def grouped(start: int, stop: int) -> torch.Tensor:  # rows [start, stop) grouped (a padded copy if need be)
@@ -302,10 +301,7 @@ class IntQuantLayer(_DequantizingLayer):
                 return grouped_view(weight, granularity, group_size, pad=True)
             return grouped_view(weight[start:stop], granularity, group_size, pad=True)
 
-        scale = _clamp_to_dtype(scale.detach().to(SCALE_DTYPES[scale_dtype]))
-        if symmetric:
-            zero_point = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
-        zero_point = zero_point.detach().round().clamp(0, (1 << bits) - 1).to(torch.int32)
+        scale, zero_point = layer._checked_qparams(scale, zero_point)
         # Stored relative to the zero point (mod 2**bits): a zero weight is stored as code 0, so
         # pruned weights give zero bytes that the .slim file's sparse encodings compress.
         row = grouped(0, 1)
@@ -317,13 +313,96 @@ class IntQuantLayer(_DequantizingLayer):
             codes = quantize_affine(grouped(r, r + step), scale[r : r + step], zero_point[r : r + step], bits,
                                     rounding)
             stored[r : r + step] = (codes.to(torch.int32) - zero_point[r : r + step].unsqueeze(-1)) % (1 << bits)
-        layer.packed.copy_(pack(stored, bits))
-        layer.scale.copy_(scale)
-        if not symmetric:
-            layer.zero_point.copy_(pack(zero_point, bits))
+        return layer._filled(module, stored, scale, zero_point)
+
+    @classmethod
+    def from_codes(
+        cls,
+        module: nn.Module,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        granularity: str,
+        group_size: int | None,
+        symmetric: bool,
+        scale_dtype: str = "float16",
+    ) -> IntQuantLayer:
+        """A Linear/Conv module's replacement from codes computed elsewhere (GPTQ's), without a float copy.
+
+        Args:
+            module: the float layer (its shape and bias are read; its weight is not).
+            codes: ``(rows, fan_in)`` integer codes in ``[0, 2**bits)``; the weight they stand for is
+                ``(codes - zero_point) * scale`` group by group.
+            scale, zero_point: ``(rows, groups)``, as in :meth:`from_qparams`.
+            bits, granularity, group_size, symmetric, scale_dtype: as in ``IntQuant`` (``"channel"`` or
+                ``"group"``).
+
+        Returns:
+            The packed layer on the module's device: the same bytes :meth:`from_qparams` gives for the weight the
+            codes stand for.
+
+        Raises:
+            ConfigError: ``granularity = "tensor"``, or codes or scales whose shape does not match the module.
+        """
+        if granularity == "tensor":
+            raise ConfigError("granularity = 'tensor' is invalid for from_codes: expected 'channel' or 'group'")
+        layer = cls._blank(module, scale, bits, granularity, group_size, symmetric, scale_dtype)
+        rows, groups, group_len = layer._grouped_shape()
+        fan_in = layer.numel // rows
+        if tuple(codes.shape) != (rows, fan_in):
+            raise ConfigError(f"codes shape {tuple(codes.shape)} is invalid: expected {(rows, fan_in)}")
+        scale, zero_point = layer._checked_qparams(scale, zero_point)
+        stored = torch.empty((rows, groups, group_len), dtype=torch.uint8, device=codes.device)
+        # (codes - zero point) mod 2**bits in uint8, whose wrap-around (mod 256) keeps it exact: byte-sized
+        # temporaries, a few rows at a time
+        zero_bytes, mask = zero_point.to(torch.uint8), (1 << bits) - 1
+        step = max(1, _ROW_CHUNK // 4 // (groups * group_len))
+        for r in range(0, rows, step):
+            column_zero = zero_bytes[r : r + step].repeat_interleave(group_len, dim=1)[:, :fan_in]
+            shifted = (codes[r : r + step].to(torch.uint8) - column_zero).bitwise_and_(mask)
+            stored[r : r + step] = grouped_view(shifted, granularity, group_size, pad=True)
+        return layer._filled(module, stored, scale, zero_point)
+
+    @classmethod
+    def _blank(
+        cls, module: nn.Module, scale: torch.Tensor, bits: int, granularity: str, group_size: int | None,
+        symmetric: bool, scale_dtype: str,
+    ) -> IntQuantLayer:
+        """An empty layer shaped for ``module``; raises ConfigError when ``scale`` does not fit it."""
+        layer = cls(
+            **describe_layer(module),
+            bits=bits,
+            granularity=granularity,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+        )
+        if tuple(scale.shape) != tuple(layer.scale.shape):
+            raise ConfigError(f"scale shape {tuple(scale.shape)} is invalid: expected {tuple(layer.scale.shape)}")
+        return layer
+
+    def _checked_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales in the storage dtype (positive, finite) and int32 zero points in range (``2**(bits-1)`` when
+        symmetric)."""
+        scale = _clamp_to_dtype(scale.detach().to(SCALE_DTYPES[self.scale_dtype]))
+        if self.symmetric:
+            zero_point = torch.full(scale.shape, 1 << (self.bits - 1), dtype=torch.int32)
+        zero_point = zero_point.detach().round().clamp(0, (1 << self.bits) - 1).to(torch.int32)
+        return scale, zero_point
+
+    def _filled(
+        self, module: nn.Module, stored: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> IntQuantLayer:
+        """Write the stored codes (relative to the zero point), scales, zero points and the module's bias; returns
+        the layer on the module's device."""
+        self.packed.copy_(pack(stored, self.bits))
+        self.scale.copy_(scale)
+        if not self.symmetric:
+            self.zero_point.copy_(pack(zero_point, self.bits))
         if getattr(module, "bias", None) is not None:  # an nn.Embedding has none
-            layer.bias.data.copy_(module.bias.detach().float())
-        return layer.to(module.weight.device)
+            self.bias.data.copy_(module.bias.detach().float())
+        return self.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":
