@@ -90,6 +90,7 @@ def test_the_matmul_route_gives_int8_to_matmul_and_gemm_only(int4_file, digits):
     report = ts.deploy(int4_file, data=digits, routes=["openvino-int8-matmul"], batch_sizes=[1], min_run_time=0.02)
     route = report.route("openvino-int8-matmul")
     assert route.status == "ok" and route.parity["cosine"] > 0.98
+    assert "SmoothQuant alpha 0.8" in route.reason
     proto = onnx.load_from_string(route.payload)
     producer = {output: node.op_type for node in proto.graph.node for output in node.output}
     computing = [n for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]

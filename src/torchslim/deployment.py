@@ -159,7 +159,7 @@ _ROUTE_EXPORT = {
     "openvino-fp32": ExportConfig(),
     "openvino-int8-static": ExportConfig(quant="int8-static", observer="mean-minmax"),
     "openvino-int8-matmul": ExportConfig(quant="int8-static", static_ops="matmul", symmetric_activations=True,
-                                         observer="percentile"),
+                                         observer="percentile", smooth_quant=0.8),
 }
 _PARITY_SAMPLES = 64
 
@@ -551,7 +551,7 @@ def _onnx_route(name: str, module: nn.Module, data: Any, example: Tensor, parity
     except TorchSlimError as exc:
         return RouteResult(name, "rejected", first_line(exc, 300))
     graph = OnnxGraph.from_bytes(report.graph)
-    reason = "; ".join([*_weight_bits(config), *report.notes[:2]])
+    reason = "; ".join([*_int8_notes(config), *report.notes[:2]])
     return RouteResult(name, "ok", reason, parity=dict(report.parity), module=graph,
                        payload=report.graph, artifact_bytes=len(report.graph))
 
@@ -576,7 +576,7 @@ def _openvino_route(name: str, module: nn.Module, data: Any, example: Tensor, pa
             want, got = module(parity_inputs), graph(parity_inputs)
     except Exception as exc:  # noqa: BLE001 - export or OpenVINO compile failures vary; reported, not fatal
         return RouteResult(name, "rejected", first_line(exc, 300))
-    reason = "; ".join(["the ONNX graph, run by OpenVINO", *_weight_bits(config)])
+    reason = "; ".join(["the ONNX graph, run by OpenVINO", *_int8_notes(config)])
     result = RouteResult(name, "ok", reason, module=graph, payload=report.graph,
                          artifact_bytes=len(report.graph))
     return _check_outputs(result, want, got, "fp32" if quant == "none" else "int8")
@@ -605,13 +605,17 @@ def route_export_config(name: str) -> ExportConfig:
     return config
 
 
-def _weight_bits(config: ExportConfig) -> list[str]:
-    """A note on the int8 weights' width (empty for other modes)."""
+def _int8_notes(config: ExportConfig) -> list[str]:
+    """Notes on the int8 weights' width and SmoothQuant (empty for other modes)."""
     if config.family != "int8":
         return []
     if config.reduce_range:
-        return ["7-bit int8 weights (this CPU has no int8 dot product: VNNI/AMX)"]
-    return ["8-bit int8 weights (this CPU has an int8 dot product)"]
+        notes = ["7-bit int8 weights (this CPU has no int8 dot product: VNNI/AMX)"]
+    else:
+        notes = ["8-bit int8 weights (this CPU has an int8 dot product)"]
+    if config.smooth_quant is not None:
+        notes.append(f"SmoothQuant alpha {config.smooth_quant:g}")
+    return notes
 
 
 def _has_linear(module: nn.Module) -> bool:

@@ -217,6 +217,8 @@ def test_transformer_fusion_then_dynamic_int8_quantizes_fused_attention(block, t
         ({"quant": "int8-static", "static_ops": "conv"}, "static_ops = 'conv'.*'all', 'matmul'"),
         ({"static_ops": "matmul"}, "static_ops = 'matmul'.*int8-static only"),
         ({"quant": "int8-dynamic", "symmetric_activations": True}, "symmetric_activations = True.*int8-static only"),
+        ({"quant": "int8-dynamic", "smooth_quant": 0.5}, "smooth_quant = 0.5.*int8-static only"),
+        ({"quant": "int8-static", "smooth_quant": 2}, r"smooth_quant = 2 is invalid: expected a number in \(0, 1\]"),
         ({"quant": "int4-weight", "reduce_range": False}, "reduce_range = False.*int8 modes only"),
         ({"quant": "int8-dynamic", "reduce_range": 0}, "reduce_range = 0.*True or False"),
     ],

@@ -206,11 +206,11 @@ def test_symmetric_activations_give_lopsided_tensors_uint8_and_asymmetric_ones_i
         ops[symmetric] = _activation_types(graph)
         with torch.no_grad():
             assert torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0) > 0.999
-    signed, gelu, softmax = "/fc1/MatMul:0", "/fc2/MatMul:0", "/MatMul_1:0"  # residual stream, GELU, Softmax
+    signed, gelu = "/fc1/MatMul:0", "/fc2/MatMul:0"  # residual stream, GELU (P @ V stays float: see below)
     assert ops[True][signed][:2] == ("int8", True)
-    assert ops[True][gelu][:2] == ("uint8", False) and ops[True][softmax][:2] == ("uint8", True)
-    rights = [key for key in ops[True] if key.endswith(":1")]  # Q @ K^T and P @ V
-    assert len(rights) == 2 and all(ops[sym][key][:2] == ("int8", True) for key in rights for sym in (True, False))
+    assert ops[True][gelu][:2] == ("uint8", False)
+    rights = [key for key in ops[True] if key.endswith(":1")]  # Q @ K^T
+    assert rights == ["/MatMul:1"] and all(ops[sym]["/MatMul:1"][:2] == ("int8", True) for sym in (True, False))
     assert all(ops[False][key][0] == "uint8" for key in ops[False] if key not in rights)  # asymmetric: uint8
 
 
@@ -293,6 +293,69 @@ def test_matmul_only_static_int8_rounds_the_matmul_inputs_and_nothing_else():
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0)
     assert cosine >= 0.9995
+
+
+def test_matmul_only_static_int8_leaves_the_attention_probabilities_product_float():
+    # NNCF's transformer placement: P @ V reads float probabilities and values; Q @ K^T is int8
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(64, 16, 32)
+    graph = quantize_static(model, x, StaticInt8(ops="matmul", symmetric_activations=True, calibration_samples=64),
+                            min_agreement=0.0)
+    rounded = _activation_types(graph)
+    assert "/MatMul_1:0" not in rounded and "/MatMul_1:1" not in rounded  # P @ V
+    assert {"/MatMul:0", "/MatMul:1", "/fc1/MatMul:0", "/fc2/MatMul:0"} <= set(rounded)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0) > 0.999
+
+
+class _OutlierChannels(nn.Module):
+    """A pre-norm MLP whose LayerNorm gives 3 of 64 channels 40x the others' scale (as in LLMs), and a Linear
+    that reads a tensor a residual addition reads too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.norm.weight[:3] = 40.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+        return h + self.fc3(h)
+
+
+def test_smooth_quant_flattens_outlier_channels_and_keeps_the_float_graph_exact():
+    from torchslim.onnx.convert import export_onnx
+    from torchslim.onnx.runtime import ort_session
+    from torchslim.quantize.smoothquant import smooth_graph
+
+    torch.manual_seed(0)
+    model = _OutlierChannels().eval()
+    x = torch.randn(32, 16, 64)
+    proto = onnx.load_from_string(export_onnx(model, x[:1]))
+    before = ort_session(proto.SerializeToString()).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    muls = sum(n.op_type == "Mul" for n in proto.graph.node)
+    done = smooth_graph(proto, x, alpha=0.8, step=8)
+    after = ort_session(proto.SerializeToString()).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    assert np.allclose(after, before, rtol=1e-4, atol=1e-4)
+    assert sorted(done.values()) == [1, 1, 1]  # fc1, fc2 and fc3 each read one smoothed activation
+    # the LayerNorm absorbs its division (only fc1 reads it); fc3's input is also the residual: a Mul for it, and
+    # one for fc2's input (a Relu output)
+    assert sum(n.op_type == "Mul" for n in proto.graph.node) == muls + 2
+    norm = next(n for n in proto.graph.node if n.op_type == "LayerNormalization")
+    weight = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == norm.input[1]))
+    assert weight[:3].max() / weight[3:].max() < 40 / 2  # the outlier channels' scale moved into fc1's weight
+
+    cosines = {}
+    for alpha in (None, 0.8):
+        config = StaticInt8(ops="matmul", symmetric_activations=True, observer="minmax", calibration_samples=32,
+                            smooth_quant=alpha)
+        graph = quantize_static(model, x, config, min_agreement=0.0)
+        with torch.no_grad():
+            cosines[alpha] = float(torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(),
+                                                                         dim=0))
+    assert 1 - cosines[0.8] < 0.5 * (1 - cosines[None])
 
 
 def test_static_int8_rejects_bad_inputs_before_any_work(lenet5, monkeypatch):
@@ -423,6 +486,8 @@ def test_dynamic_int8_needs_a_linear_layer():
         (lambda: StaticInt8(per_channel="yes"), r"StaticInt8.per_channel = 'yes' is invalid: expected True or False"),
         (lambda: StaticInt8(symmetric_activations=1), r"symmetric_activations = 1 is invalid"),
         (lambda: StaticInt8(reduce_range=0), r"StaticInt8.reduce_range = 0 is invalid: expected True or False"),
+        (lambda: StaticInt8(smooth_quant=0), r"StaticInt8.smooth_quant = 0 is invalid: expected a number in \(0, 1\]"),
+        (lambda: StaticInt8(smooth_quant=1.5), r"StaticInt8.smooth_quant = 1.5 is invalid"),
         (lambda: DynamicInt8(per_channel=None), r"DynamicInt8.per_channel = None is invalid"),
         (lambda: DynamicInt8(reduce_range="no"), r"DynamicInt8.reduce_range = 'no' is invalid: expected True or False"),
     ],

@@ -112,6 +112,8 @@ class ExportConfig(Config):
             (MatMul/Gemm only; see :class:`~torchslim.quantize.int8.StaticInt8`).
         symmetric_activations: int8-static: as :class:`~torchslim.quantize.int8.StaticInt8`'s (zero point 0 but
             uint8 for lopsided tensors; else asymmetric uint8).
+        smooth_quant: int8-static: SmoothQuant's alpha in (0, 1], or None (off); see
+            :class:`~torchslim.quantize.int8.StaticInt8`.
         reduce_range: int8 modes: weights rounded to 7 bits, for x86 CPUs without VNNI (see
             :class:`~torchslim.quantize.int8.DynamicInt8`); False keeps all 8 bits, closer to fp32 where the graph
             runs on a CPU with VNNI/AMX or on ARM (:func:`torchslim.deploy` chooses by the CPU it runs on).
@@ -132,6 +134,7 @@ class ExportConfig(Config):
     calibration_samples: int = 256
     static_ops: str = "all"
     symmetric_activations: bool = False
+    smooth_quant: float | None = None
     reduce_range: bool = True
     transformer_fusion: bool = False
     min_cosine: float | None = None
@@ -154,8 +157,12 @@ class ExportConfig(Config):
         self.check_choice("observer", OBSERVERS)
         self.check_int("calibration_samples", 1)
         self.check_choice("static_ops", tuple(STATIC_OPS))
-        if self.quant != "int8-static" and (self.static_ops != "all" or self.symmetric_activations):
-            field = "static_ops" if self.static_ops != "all" else "symmetric_activations"
+        if self.smooth_quant is not None:
+            self.check_float("smooth_quant", 0, 1, lo_inclusive=False)
+        static_only = {"static_ops": "all", "symmetric_activations": False, "smooth_quant": None}
+        changed = [field for field, default in static_only.items() if getattr(self, field) != default]
+        if self.quant != "int8-static" and changed:
+            field = changed[0]
             raise self.fail(field, getattr(self, field), f"its default with quant = {self.quant!r} (int8-static only)")
         if not self.reduce_range and self.family != "int8":
             raise self.fail("reduce_range", False, f"its default (True) with quant = {self.quant!r} (int8 modes only)")
@@ -357,7 +364,7 @@ def _build(model, config: ExportConfig, example: Tensor, calib: Tensor | None, o
     if config.quant == "int8-static" and not config.transformer_fusion:
         static = StaticInt8(observer=config.observer, calibration_samples=config.calibration_samples,
                             ops=config.static_ops, symmetric_activations=config.symmetric_activations,
-                            reduce_range=config.reduce_range)
+                            reduce_range=config.reduce_range, smooth_quant=config.smooth_quant)
         agreement = STATIC_MIN_AGREEMENT if config.min_agreement is None else config.min_agreement
         graph = quantize_static(plain, calib, static, example_inputs=example, min_agreement=agreement)
         notes.extend(f"{name}: {reason}" for name, reason in graph.skipped.items())

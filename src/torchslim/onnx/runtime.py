@@ -11,6 +11,7 @@ import collections
 import importlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -99,6 +100,38 @@ def ort_session(
         raise TorchSlimError(
             f"onnxruntime cannot load the ONNX graph ({len(onnx_bytes)} bytes): {first_line(exc)}"
         ) from exc
+
+
+def exposed_values(model: Any, names: list[str], inputs: Any, step: int) -> Iterator[dict[str, Any]]:
+    """Run an fp32 ONNX graph on ``inputs``, ``step`` samples at a time, with the named tensors made outputs.
+
+    Args:
+        model: the ``ModelProto`` (not changed: a copy gets the extra outputs).
+        names: tensors to expose (the graph input may be one of them).
+        inputs: the samples, batch first (a CPU tensor).
+        step: samples per run.
+
+    Returns:
+        An iterator of ``{name: numpy array}`` per run, for the names the graph has.
+    """
+    onnx = require_onnx()
+    from onnx import helper
+
+    input_name = model.graph.input[0].name
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    present = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name != input_name and name not in present:
+            augmented.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort_session(augmented.SerializeToString(), optimization="basic")
+    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
+    for start in range(0, inputs.shape[0], step):
+        batch = inputs[start : start + step].numpy()
+        values = dict(zip(outputs, session.run(outputs, {input_name: batch}), strict=True))
+        if input_name in names:
+            values[input_name] = batch
+        yield values
 
 
 def graph_op_types(onnx_bytes: bytes) -> collections.Counter:

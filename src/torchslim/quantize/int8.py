@@ -40,8 +40,9 @@ from torchslim.errors import ConfigError, DataError, ModelError, TorchSlimError
 from torchslim.models.onnx_graph import OnnxGraph
 from torchslim.models.registry import factory_of
 from torchslim.onnx.convert import check_parity, export_onnx
-from torchslim.onnx.runtime import ort_session, require_onnx, require_onnxruntime
+from torchslim.onnx.runtime import exposed_values, require_onnx, require_onnxruntime
 from torchslim.quantize.observers import OBSERVERS, create_observer
+from torchslim.quantize.smoothquant import smooth_graph
 
 __all__ = ["DynamicInt8", "StaticInt8", "quantize_dynamic", "quantize_static", "quantize_to_graph"]
 
@@ -75,11 +76,16 @@ class StaticInt8(Config):
             x activation MatMul (int8, zero point 0). See ``_activation_overrides``.
         ops: which nodes get int8: ``"all"`` (every node ONNX Runtime's quantizer can take: Conv, MatMul/Gemm,
             pooling, Add ...) or ``"matmul"`` (MatMul/Gemm only, the placement NNCF's transformer preset uses:
-            LayerNorm, Softmax, GELU and residual additions stay float and read float tensors; on a BERT-shaped
-            encoder run by OpenVINO it was faster and closer to fp32 than ``"all"``).
+            LayerNorm, Softmax, GELU and residual additions stay float and read float tensors, and so does
+            attention's probabilities x values product; on a BERT-shaped encoder run by OpenVINO it was faster and
+            closer to fp32 than ``"all"``).
         reduce_range: weights rounded to 7 bits, as in :class:`DynamicInt8` (ONNX Runtime's int8 products saturate
             16-bit sums on x86 CPUs without VNNI): on such a CPU a ResNet-18's cosine to fp32 went from 0.99968 to
             0.99989 at the same speed (scratch run, 2026-12-03). Set False only for CPUs with VNNI or ARM.
+        smooth_quant: SmoothQuant's migration strength alpha in (0, 1] (see
+            :mod:`~torchslim.quantize.smoothquant`): each MatMul/Gemm input is divided per channel by
+            ``max|x|^alpha / max|W|^(1-alpha)`` and the weight multiplied by it before calibration; None (default)
+            leaves the graph as exported. Pays on transformers, whose LayerNorm outputs have outlier channels.
     """
 
     stage = "quantize"
@@ -93,6 +99,7 @@ class StaticInt8(Config):
     symmetric_activations: bool = False
     ops: str = "all"
     reduce_range: bool = True
+    smooth_quant: float | None = None
 
     def validate(self) -> None:
         self.check_choice("observer", OBSERVERS)
@@ -102,6 +109,8 @@ class StaticInt8(Config):
         _check_bool(self, "symmetric_activations")
         self.check_choice("ops", STATIC_OPS)
         _check_bool(self, "reduce_range")
+        if self.smooth_quant is not None:
+            self.check_float("smooth_quant", 0, 1, lo_inclusive=False)
 
 
 @register_config("int8-dynamic")
@@ -257,19 +266,7 @@ _LOPSIDED = 1.5
 
 def _observe_ranges(model: Any, inputs: Tensor, config: StaticInt8) -> dict[str, _Range]:
     """Run the fp32 graph with every float activation exposed; return each one's observed range."""
-    onnx = require_onnx()
-    from onnx import helper
-
     names = list(_float_tensors(model))
-    input_name = model.graph.input[0].name
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    present = {o.name for o in augmented.graph.output}
-    for name in names:
-        if name != input_name and name not in present:
-            augmented.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort_session(augmented.SerializeToString(), optimization="basic")
-    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
     observers = {
         name: create_observer(
             config.observer, symmetric=config.symmetric_activations, percentile=config.percentile
@@ -277,11 +274,8 @@ def _observe_ranges(model: Any, inputs: Tensor, config: StaticInt8) -> dict[str,
         for name in names
     }
     step = 1 if config.observer == "mean-minmax" else _CALIBRATION_BATCH  # it averages per-sample extremes
-    for start in range(0, inputs.shape[0], step):
-        batch = inputs[start : start + step].numpy()
-        if input_name in observers:
-            observers[input_name].update(batch)
-        for name, value in zip(outputs, session.run(outputs, {input_name: batch}), strict=True):
+    for values in exposed_values(model, names, inputs, step):
+        for name, value in values.items():
             observers[name].update(value)
     ranges = {name: _range_of(observer) for name, observer in observers.items() if observer.count}
     # ORT gives a Relu/Clip's input the range of its output (the activation is folded into the
@@ -339,12 +333,26 @@ def _activation_overrides(model: Any, ranges: dict[str, _Range], config: StaticI
     return overrides
 
 
-def _activation_matmul_right_inputs(model: Any) -> list[str]:
-    """The second inputs of MatMuls whose both inputs are activations (attention's ``Q @ K^T`` and ``P @ V``)."""
+def _activation_matmuls(model: Any) -> list[Any]:
+    """MatMul nodes whose both inputs are activations (attention's ``Q @ K^T`` and ``P @ V``)."""
     constants = {init.name for init in model.graph.initializer}
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-    return [node.input[1] for node in model.graph.node
-            if node.op_type == "MatMul" and not (set(node.input[:2]) & constants)]
+    return [node for node in model.graph.node if node.op_type == "MatMul" and not (set(node.input[:2]) & constants)]
+
+
+def _activation_matmul_right_inputs(model: Any) -> list[str]:
+    """The second inputs of :func:`_activation_matmuls`."""
+    return [node.input[1] for node in _activation_matmuls(model)]
+
+
+def _probability_products(model: Any) -> list[str]:
+    """Names of the activation MatMuls whose left input is a Softmax output (attention's ``P @ V``).
+
+    ``ops="matmul"`` leaves them float, as NNCF's transformer preset does: the probabilities' int8 grid is coarse
+    where they matter (a BERT-shaped encoder by OpenVINO, SmoothQuant 0.8: cosine 0.9999779 -> 0.9999783).
+    """
+    softmax = {out for node in model.graph.node if node.op_type == "Softmax" for out in node.output}
+    return [node.name for node in _activation_matmuls(model) if node.name and node.input[0] in softmax]
 
 
 def _reader(inputs: Tensor, input_name: str) -> Any:
@@ -443,12 +451,15 @@ def quantize_static(
     with tempfile.TemporaryDirectory(prefix="torchslim-int8-") as name:
         directory = Path(name)
         prepared = _preprocess(fp32, directory)
+        if config.smooth_quant is not None:
+            smooth_graph(prepared, inputs, config.smooth_quant, _CALIBRATION_BATCH)
         overrides = _activation_overrides(prepared, _observe_ranges(prepared, inputs, config), config)
         output = directory / "int8.onnx"
         ort_quantize_static(
             prepared, str(output), _reader(inputs, prepared.graph.input[0].name),
             quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
             op_types_to_quantize=STATIC_OPS[config.ops],
+            nodes_to_exclude=_probability_products(prepared) if config.ops == "matmul" else None,
             activation_type=QuantType.QInt8 if config.symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True,
