@@ -127,8 +127,8 @@ def quantize_affine(
         raise ConfigError(f"rounding = {rounding!r} is invalid: expected one of {', '.join(ROUNDINGS)}")
     k = 1.0 / scale.float().unsqueeze(-1)
     b = zero_point.float().unsqueeze(-1) + (0.5 if rounding == "nearest" else 0.0)
-    codes = torch.floor(grouped.detach().float() * k + b)
-    return codes.clamp(0, qmax_of(bits)).to(torch.uint8)
+    codes = grouped.detach().float() * k  # one temporary, then in place: an lm_head-sized chunk is tens of MB
+    return codes.add_(b).floor_().clamp_(0, qmax_of(bits)).to(torch.uint8)
 
 
 def dequantize_affine(

@@ -26,7 +26,7 @@ from torchslim.quantize.runtime import fast_forward, rebind_, set_runtime_
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_ROW_CHUNK = 1 << 22  # weights quantized per step in from_qparams (bounds the float temporaries)
+_ROW_CHUNK = 1 << 20  # weights quantized per step in from_float/from_qparams (bounds the float temporaries)
 
 
 def describe_layer(module: nn.Module) -> dict[str, Any]:
@@ -309,10 +309,11 @@ class IntQuantLayer(_DequantizingLayer):
         stored = torch.empty((rows, *row.shape[1:]), dtype=torch.uint8, device=weight.device)
         # rows at a time: temporaries (and a padded copy, when the group size does not divide a row) stay small
         step = max(1, _ROW_CHUNK // max(1, row[0].numel()))
+        zero_bytes, mask = zero_point.to(torch.uint8).unsqueeze(-1), (1 << bits) - 1  # uint8 wrap-around: exact
         for r in range(0, rows, step):
             codes = quantize_affine(grouped(r, r + step), scale[r : r + step], zero_point[r : r + step], bits,
                                     rounding)
-            stored[r : r + step] = (codes.to(torch.int32) - zero_point[r : r + step].unsqueeze(-1)) % (1 << bits)
+            stored[r : r + step] = codes.sub_(zero_bytes[r : r + step]).bitwise_and_(mask)
         return layer._filled(module, stored, scale, zero_point)
 
     @classmethod
@@ -357,7 +358,7 @@ class IntQuantLayer(_DequantizingLayer):
         # (codes - zero point) mod 2**bits in uint8, whose wrap-around (mod 256) keeps it exact: byte-sized
         # temporaries, a few rows at a time
         zero_bytes, mask = zero_point.to(torch.uint8), (1 << bits) - 1
-        step = max(1, _ROW_CHUNK // 4 // (groups * group_len))
+        step = max(1, _ROW_CHUNK // (groups * group_len))
         for r in range(0, rows, step):
             column_zero = zero_bytes[r : r + step].repeat_interleave(group_len, dim=1)[:, :fan_in]
             shifted = (codes[r : r + step].to(torch.uint8) - column_zero).bitwise_and_(mask)
