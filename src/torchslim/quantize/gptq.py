@@ -450,6 +450,7 @@ def gptq_(
         del others
 
         def quantize(stage: dict[nn.Module, Hessian]) -> None:
+            release_free_memory()  # the collecting pass's activations, before the inverse Hessians' temporaries
             groups: dict[tuple, list[nn.Module]] = {}  # layers sharing a Hessian and a config go together
             for module, hessian in stage.items():
                 groups.setdefault((id(hessian), remaining[module][1]), []).append(module)
