@@ -36,7 +36,8 @@ def smooth_graph(model: Any, inputs: Tensor, alpha: float, step: int) -> dict[st
         step: samples per ONNX Runtime run.
 
     Returns:
-        ``{activation name: number of layers smoothed}`` for each activation that got a ``Mul``.
+        ``{activation name: number of layers smoothed}`` for each activation smoothed (its division folded into a
+        LayerNorm or a ``Mul``).
     """
     groups = _smoothable(model)
     if not groups:
