@@ -149,8 +149,9 @@ _ROUNDS = 5  # interleaved timing rounds (see _time_interleaved)
 TARGETS = ("cpu",)
 # how each ONNX-graph route exports. All-ops int8 graphs (CNNs) calibrate activation ranges as the mean of the
 # calibration samples' extremes (NNCF's default); the MatMul-only graph has symmetric int8 activations (uint8 for
-# lopsided ones) with percentile ranges: a BERT-shaped encoder by OpenVINO, cosine 0.999974 (NNCF 0.999965) at NNCF's
-# speed, where asymmetric activations gave 0.999973 but ran 10-15% slower (scratch, 2026-12-04)
+# lopsided ones) with percentile ranges and SmoothQuant 0.8: the BERT-shaped encoder of benchmarks/cpu_speed.py by
+# OpenVINO, cosine 0.9999783 vs NNCF's 0.9999780 at NNCF's speed (2026-12-04 19:06 UTC run); asymmetric activations
+# ran 10-15% slower there (scratch)
 _ROUTE_EXPORT = {
     "onnxruntime-fp32": ExportConfig(),
     "onnxruntime-int8-dynamic": ExportConfig(quant="int8-dynamic"),
