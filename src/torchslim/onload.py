@@ -149,20 +149,40 @@ class Onloader:
 
 
 def _current(source: Source) -> Tensor:
-    if source.name in source.module._parameters:
-        return source.module._parameters[source.name]
-    return source.module._buffers[source.name]
+    return current_tensor(source.module, source.name)
 
 
 def _assign(source: Source, value: Tensor) -> None:
-    current = _current(source)
+    assign_tensor(source.module, source.name, source.key, value)
+
+
+def current_tensor(module: nn.Module, name: str) -> Tensor:
+    """The module's parameter or buffer ``name``."""
+    return module._parameters[name] if name in module._parameters else module._buffers[name]
+
+
+def assign_tensor(module: nn.Module, name: str, key: str, value: Tensor) -> Tensor:
+    """Put ``value`` (read from the file under ``key``) in place of the module's parameter or buffer ``name``.
+
+    A parameter gets a new ``nn.Parameter`` unless ``value`` already is one (tied names then share it).
+
+    Returns:
+        What was assigned.
+
+    Raises:
+        ModelError: the shapes differ (the message names the key and both shapes).
+    """
+    current = current_tensor(module, name)
     if tuple(value.shape) != tuple(current.shape):
-        raise ModelError(f"{source.key}: the file holds shape {tuple(value.shape)}, the model expects "
+        raise ModelError(f"{key}: the file holds shape {tuple(value.shape)}, the model expects "
                          f"{tuple(current.shape)}")
-    if source.name in source.module._parameters:
-        source.module._parameters[source.name] = nn.Parameter(value, requires_grad=current.requires_grad)
+    if name in module._parameters:
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value.to(current.dtype), requires_grad=current.requires_grad)
+        module._parameters[name] = value
     else:
-        source.module._buffers[source.name] = value
+        module._buffers[name] = value
+    return value
 
 
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, Onloader] = weakref.WeakKeyDictionary()

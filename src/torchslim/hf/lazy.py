@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.errors import ModelError
-from torchslim.onload import Onloader, Source
+from torchslim.onload import Onloader, Source, assign_tensor
 from torchslim.quantize.blockwise import find_blocks
 
 __all__ = ["build_lazy"]
@@ -129,13 +128,5 @@ def _load_now(entries: list[tuple[str, list[tuple[str, nn.Module, str]]]], keys:
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as handle:
             for key, names in items:
                 value = handle.get_tensor(key)
-                _, first, attr = names[0]
-                is_parameter = attr in first._parameters
-                old = (first._parameters if is_parameter else first._buffers)[attr]
-                if tuple(value.shape) != tuple(old.shape):
-                    raise ModelError(f"{key}: the file holds shape {tuple(value.shape)}, the model expects "
-                                     f"{tuple(old.shape)}")
-                if is_parameter:
-                    value = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
-                for _, module, name in names:
-                    (module._parameters if is_parameter else module._buffers)[name] = value
+                for _, module, name in names:  # the first assignment's tensor is shared by the other names
+                    value = assign_tensor(module, name, key, value)
